@@ -1,0 +1,23 @@
+# make demo | make test | make bench: each creates .venv when missing and installs mmdgen[dev] into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test bench
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(VENV)/bin/mmdgen demo
+
+# The Triton kernels run on CPU through the interpreter in tests.
+test: $(INSTALLED)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench: $(INSTALLED)
+	$(PY) bench/mmd.py

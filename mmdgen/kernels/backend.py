@@ -1,0 +1,61 @@
+"""Which implementation a fused op runs: the Triton kernels or the PyTorch path.
+
+``backend="auto"`` picks Triton for CUDA tensors when triton imports, the PyTorch path otherwise.
+The environment variable ``MMDGEN_BACKEND=triton|torch`` overrides ``"auto"``; an explicit
+``backend=`` argument overrides both. Triton also runs on CPU tensors through its interpreter when
+``TRITON_INTERPRET=1`` was set before triton was imported (that is how the tests exercise it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "MMDGEN_BACKEND"
+
+try:
+    import triton  # noqa: F401
+    from triton import knobs as _triton_knobs
+
+    TRITON_IMPORT_ERROR: str | None = None
+    TRITON_INTERPRETED = bool(_triton_knobs.runtime.interpret)
+except Exception as error:  # triton is absent on macOS/Windows/ARM wheels, or broken
+    TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+    TRITON_INTERPRETED = False
+
+
+def triton_unusable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    if TRITON_IMPORT_ERROR is not None:
+        return f"triton does not import ({TRITON_IMPORT_ERROR})"
+    if device.type == "cuda" and not TRITON_INTERPRETED:
+        return None
+    if device.type == "cpu" and TRITON_INTERPRETED:
+        return None
+    if TRITON_INTERPRETED:
+        return f"the triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors only, got a {device.type} tensor"
+    return (
+        f"the triton kernels need CUDA tensors, got a {device.type} tensor "
+        "(set TRITON_INTERPRET=1 before importing mmdgen to run them on CPU through the interpreter)"
+    )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for a tensor on ``device``; ValueError when impossible."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip().lower()
+        if forced not in ("", "auto", "triton", "torch"):
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; expected triton, torch or auto")
+        backend = forced if forced in ("triton", "torch") else "auto"
+    if backend == "torch":
+        return "torch"
+    reason = triton_unusable_reason(device)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend 'triton' was requested but cannot run: {reason}")
+        return "triton"
+    return "triton" if reason is None and device.type == "cuda" else "torch"

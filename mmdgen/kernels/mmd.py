@@ -1,0 +1,637 @@
+"""The independence-promoting loss: MMD^2 with a sum of Gaussian kernels, fused and memory-linear.
+
+Maths. For joint samples ``x`` and product-of-marginals samples ``y``, both ``[N, F]``, and the kernel
+``k(u, v) = sum_a exp(-|u - v|^2 / (2 a))`` over the bandwidths ``a`` (variances)::
+
+    unbiased (U-statistic):  S'_xx / (N (N-1)) + S'_yy / (N (N-1)) - 2 S_xy / N^2
+    biased   (V-statistic):  (S_xx + S_yy - 2 S_xy) / N^2
+
+where ``S_ab = sum_ij k(a_i, b_j)`` and ``S'`` leaves out the diagonal ``i == j``. With
+``W(u, v) = sum_a exp(-|u - v|^2 / (2 a)) / a`` the gradient of ``k(u, v)`` in ``u`` is
+``W(u, v) (v - u)``, so::
+
+    dL/dx_i = 2 c_s sum_j W(x_i, x_j) (x_j - x_i) - 2 c_xy sum_j W(x_i, y_j) (y_j - x_i)
+
+and symmetrically for ``y``. Both are ``(W @ Z)_i - rowsum(W)_i x_i``: one extra tile matmul.
+
+Implementation. Neither path ever holds an ``N x N`` matrix. Pairs are visited in tiles; squared
+distances come from tile dot products and row norms; every bandwidth is evaluated per tile and the
+three kernel sums are accumulated (fp32 within a tile, fp64 across tiles). When a gradient is needed
+the forward pass also produces it (the exponentials are shared), so backward is a scale.
+
+- Triton (CUDA, or CPU through ``TRITON_INTERPRET=1``): one program per row block; the forward-only
+  kernel visits the upper triangle of the ``xx``/``yy`` pairs (symmetry), the value-and-gradient
+  kernel visits every pair of its rows and accumulates ``W @ Z`` tile by tile.
+  Inputs fp32, bf16 or fp16; dot products accumulate in fp32 (fp32 inputs use 3xTF32 for fp32
+  accuracy); kernel values and sums in fp32.
+- PyTorch: the same maths over fixed ``TORCH_TILE x TORCH_TILE`` tiles with preallocated buffers and
+  in-place ops, the symmetric halves visited once. Computes in fp32 (fp64 for fp64 inputs).
+
+Memory: O(N F) for the inputs, norms and gradients, plus O(tile^2) scratch; never O(N^2).
+
+Distributed: ``independence_loss`` gathers the samples of every rank (the permutation spans ranks),
+splits the pair tiles across ranks, all-reduces the kernel sums and sums the partial gradients in
+the gather's backward. Every rank gets the global loss and the exact gradient of its own samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, TRITON_INTERPRETED, resolve_backend
+
+DEFAULT_BANDWIDTHS = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0)
+TORCH_TILE = 512
+TRITON_BLOCK = 64
+TRITON_BLOCK_F = 64
+STANDARDIZE_EPS = 1e-8
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's share of the pair tiles when the samples are spread over a process group."""
+
+    rank: int
+    world: int
+    group: object = None
+
+
+_SINGLE = _Shard(rank=0, world=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_bandwidths(bandwidths: Sequence[float]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(a) for a in bandwidths)
+    except TypeError as error:
+        raise ValueError(f"bandwidths must be a sequence of positive numbers, got {bandwidths!r}") from error
+    if not values:
+        raise ValueError("bandwidths is empty; expected at least one positive bandwidth")
+    bad = [a for a in values if not (math.isfinite(a) and a > 0)]
+    if bad:
+        raise ValueError(f"bandwidths must be finite and positive, got {bad} in {values}")
+    return values
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        count = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} holds {count} non-finite values (NaN or inf); expected finite numbers")
+
+
+def _check_samples(x: torch.Tensor, y: torch.Tensor) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape [N, F], got {tuple(t.shape)} ({t.dim()} dimensions)")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape [N, F], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ValueError(f"x and y must share dtype and device, got {x.dtype}/{x.device} and {y.dtype}/{y.device}")
+    if x.shape[0] < 2:
+        raise ValueError(f"the MMD needs at least 2 samples, got N={x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError(f"samples need at least one feature, got F={x.shape[1]}")
+    _check_finite("x", x)
+    _check_finite("y", y)
+
+
+def _gammas(bandwidths: tuple[float, ...]) -> tuple[float, ...]:
+    """exp(-d / (2a)) = exp(-gamma d) with gamma = 1 / (2a)."""
+    return tuple(1.0 / (2.0 * a) for a in bandwidths)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch path
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _distance_operands(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [a, |a|^2, 1] and [-2a, 1, |a|^2]: their product is |a_i - a_j|^2 in one matmul."""
+    norms = values.square().sum(dim=1, keepdim=True)
+    ones = torch.ones_like(norms)
+    return torch.cat([values, norms, ones], dim=1), torch.cat([-2.0 * values, ones, norms], dim=1)
+
+
+def _tile_tasks(num_blocks: int) -> list[tuple[str, int, int]]:
+    """Every tile of the three pair sets: the upper triangle of xx and yy, all of xy."""
+    upper = [(i, j) for i in range(num_blocks) for j in range(i, num_blocks)]
+    full = [(i, j) for i in range(num_blocks) for j in range(num_blocks)]
+    return [("xx", i, j) for i, j in upper] + [("yy", i, j) for i, j in upper] + [("xy", i, j) for i, j in full]
+
+
+def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None):
+    """Kernel sums (S'_xx, S'_yy, S_xy) as fp64 [3] and, if asked, dL/dx and dL/dy (fp32/fp64).
+
+    ``coef_self`` / ``coef_cross`` are the factors of ``sum_j W_ij (z_j - a_i)`` in the gradient
+    (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) plus three ``tile x tile`` buffers.
+    """
+    tile = tile or TORCH_TILE
+    n = x.shape[0]
+    dtype = _compute_dtype(x.dtype)
+    values = {"x": x.to(dtype), "y": y.to(dtype)}
+    left, right = {}, {}
+    for name, v in values.items():
+        left[name], right[name] = _distance_operands(v)
+    blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
+    scratch = torch.empty(3, tile * tile, dtype=dtype, device=x.device)
+    sums = {pair: torch.zeros((), dtype=torch.float64, device=x.device) for pair in ("xx", "yy", "xy")}
+    grads = {name: torch.zeros_like(v) for name, v in values.items()} if with_grad else None
+    row_weights = {name: v.new_zeros(n) for name, v in values.items()} if with_grad else None
+
+    for index, (pair, i, j) in enumerate(_tile_tasks(len(blocks))):
+        if index % shard.world != shard.rank:
+            continue
+        a, b = pair[0], pair[1]
+        (r0, r1), (c0, c1) = blocks[i], blocks[j]
+        rows, cols = r1 - r0, c1 - c0
+        d2, e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
+        torch.mm(left[a][r0:r1], right[b][c0:c1].T, out=d2)
+        on_diagonal = a == b and i == j
+        if on_diagonal:
+            d2.diagonal().fill_(math.inf)  # exp(-gamma * inf) = 0 drops i == j from every sum
+        coef = coef_self if a == b else coef_cross
+        for k, gamma in enumerate(gammas):
+            torch.mul(d2, -gamma, out=e)
+            e.exp_()
+            sums[pair].add_(e.sum(), alpha=1.0 if (a != b or on_diagonal) else 2.0)
+            if with_grad:
+                if k == 0:
+                    torch.mul(e, 2.0 * gamma * coef, out=w)
+                else:
+                    w.add_(e, alpha=2.0 * gamma * coef)
+        if with_grad:
+            grads[a][r0:r1].addmm_(w, values[b][c0:c1])
+            row_weights[a][r0:r1] += w.sum(dim=1)
+            if not on_diagonal:
+                grads[b][c0:c1].addmm_(w.T, values[a][r0:r1])
+                row_weights[b][c0:c1] += w.sum(dim=0)
+
+    total = torch.stack([sums["xx"], sums["yy"], sums["xy"]])
+    if not with_grad:
+        return total, None, None
+    gx = grads["x"].sub_(row_weights["x"][:, None] * values["x"])
+    gy = grads["y"].sub_(row_weights["y"][:, None] * values["y"])
+    return total, gx, gy
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------------
+
+if TRITON_IMPORT_ERROR is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr):
+        """acc + a @ b with fp32 accumulation. PRECISION "upcast" serves the interpreter, whose bf16 dot is
+        wrong in triton 3.8: fp32 operands give the same products, since bf16 products are exact in fp32."""
+        if PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _squared_distances(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, rows, cols, n, f_dim, stride_a, stride_c,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        """|a_i - c_j|^2 for a [BLOCK_M, BLOCK_N] tile from F-chunked dot products and row norms."""
+        dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for f_start in range(0, f_dim, BLOCK_F):
+            feats = f_start + tl.arange(0, BLOCK_F)
+            a = tl.load(a_ptr + rows[:, None] * stride_a + feats[None, :],
+                        mask=(rows[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
+            c = tl.load(c_ptr + cols[:, None] * stride_c + feats[None, :],
+                        mask=(cols[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
+            dots = _dot(a, tl.trans(c), dots, PRECISION)
+        a_norm = tl.load(a_norm_ptr + rows, mask=rows < n, other=0.0)
+        c_norm = tl.load(c_norm_ptr + cols, mask=cols < n, other=0.0)
+        return tl.maximum(a_norm[:, None] + c_norm[None, :] - 2.0 * dots, 0.0)
+
+    @triton.jit
+    def _kernel_and_weight(d2, gamma_ptr, NUM_BW: tl.constexpr):
+        """k = sum_a exp(-gamma_a d2) and W = sum_a 2 gamma_a exp(-gamma_a d2).
+
+        ``gamma_ptr`` holds gamma_a * log2(e) (for exp2) then 2 gamma_a.
+        """
+        k = tl.zeros_like(d2)
+        w = tl.zeros_like(d2)
+        for i in tl.static_range(NUM_BW):
+            e = tl.exp2(-tl.load(gamma_ptr + i) * d2)
+            k += e
+            w += tl.load(gamma_ptr + NUM_BW + i) * e
+        return k, w
+
+    @triton.jit
+    def _row_block_kernel_sum(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, gamma_ptr, rows, row_block, n, f_dim,
+                              stride_a, stride_c, SYMMETRIC: tl.constexpr, NUM_BW: tl.constexpr,
+                              BLOCK: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+        """Per-row kernel sums of one row block; SYMMETRIC visits the upper triangle and doubles it."""
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        col_begin = row_block * BLOCK if SYMMETRIC else 0
+        for col_start in range(col_begin, n, BLOCK):
+            cols = col_start + tl.arange(0, BLOCK)
+            d2 = _squared_distances(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, rows, cols, n, f_dim, stride_a,
+                                    stride_c, BLOCK, BLOCK, BLOCK_F, PRECISION)
+            k, _ = _kernel_and_weight(d2, gamma_ptr, NUM_BW)
+            valid = (rows[:, None] < n) & (cols[None, :] < n)
+            if SYMMETRIC:
+                valid = valid & (rows[:, None] != cols[None, :])
+                pair_weight = tl.where(col_start == col_begin, 1.0, 2.0)
+            else:
+                pair_weight = 1.0
+            acc += tl.sum(tl.where(valid, k, 0.0), axis=1) * pair_weight
+        return acc
+
+    @triton.jit
+    def _mmd_forward_kernel(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, gamma_ptr, partial_ptr, n, f_dim,
+                            stride_x, stride_y, shard_rank, shard_world, NUM_BW: tl.constexpr,
+                            BLOCK: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+        """partial[pid] = (S'_xx, S'_yy, S_xy) restricted to the rows of this program's block."""
+        pid = tl.program_id(0)
+        row_block = shard_rank + pid * shard_world
+        rows = row_block * BLOCK + tl.arange(0, BLOCK)
+        s_xx = _row_block_kernel_sum(x_ptr, x_ptr, x_norm_ptr, x_norm_ptr, gamma_ptr, rows, row_block, n, f_dim,
+                                     stride_x, stride_x, True, NUM_BW, BLOCK, BLOCK_F, PRECISION)
+        s_yy = _row_block_kernel_sum(y_ptr, y_ptr, y_norm_ptr, y_norm_ptr, gamma_ptr, rows, row_block, n, f_dim,
+                                     stride_y, stride_y, True, NUM_BW, BLOCK, BLOCK_F, PRECISION)
+        s_xy = _row_block_kernel_sum(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, gamma_ptr, rows, row_block, n, f_dim,
+                                     stride_x, stride_y, False, NUM_BW, BLOCK, BLOCK_F, PRECISION)
+        tl.store(partial_ptr + pid * 3 + 0, tl.sum(s_xx))
+        tl.store(partial_ptr + pid * 3 + 1, tl.sum(s_yy))
+        tl.store(partial_ptr + pid * 3 + 2, tl.sum(s_xy))
+
+    @triton.jit
+    def _row_block_gradient(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, gamma_ptr, out_ptr, rows, n, f_dim,
+                            stride_a, stride_c, stride_o, coef, EXCLUDE_DIAGONAL: tl.constexpr,
+                            NUM_BW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        """out[rows] += coef * W @ c over every column block; returns per-row sums of k and coef * W."""
+        k_rows = tl.zeros((BLOCK,), dtype=tl.float32)
+        w_rows = tl.zeros((BLOCK,), dtype=tl.float32)
+        for col_start in range(0, n, BLOCK):
+            cols = col_start + tl.arange(0, BLOCK)
+            d2 = _squared_distances(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, rows, cols, n, f_dim, stride_a,
+                                    stride_c, BLOCK, BLOCK, BLOCK_F, PRECISION)
+            k, w = _kernel_and_weight(d2, gamma_ptr, NUM_BW)
+            valid = (rows[:, None] < n) & (cols[None, :] < n)
+            if EXCLUDE_DIAGONAL:
+                valid = valid & (rows[:, None] != cols[None, :])
+            k = tl.where(valid, k, 0.0)
+            w = tl.where(valid, w, 0.0)
+            k_rows += tl.sum(k, axis=1)
+            w_rows += tl.sum(w, axis=1)
+            # coef is applied after the dot: folded into W it would underflow fp16 at large N.
+            w_operand = w.to(c_ptr.dtype.element_ty)
+            for f_start in range(0, f_dim, BLOCK_F):
+                feats = f_start + tl.arange(0, BLOCK_F)
+                c = tl.load(c_ptr + cols[:, None] * stride_c + feats[None, :],
+                            mask=(cols[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
+                update = _dot(w_operand, c, tl.zeros((BLOCK, BLOCK_F), dtype=tl.float32), PRECISION) * coef
+                out_ptrs = out_ptr + rows[:, None] * stride_o + feats[None, :]
+                out_mask = (rows[:, None] < n) & (feats[None, :] < f_dim)
+                tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + update, mask=out_mask)
+        return k_rows, w_rows * coef
+
+    @triton.jit
+    def _mmd_gradient_kernel(a_ptr, b_ptr, a_norm_ptr, b_norm_ptr, gamma_ptr, out_ptr, row_weight_ptr,
+                             partial_ptr, n, f_dim, stride_a, stride_b, stride_o, coef_self, coef_cross,
+                             shard_rank, shard_world, NUM_BW: tl.constexpr, BLOCK: tl.constexpr,
+                             BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+        """For the rows of a: out = coef_self W_aa @ a + coef_cross W_ab @ b, row_weight = the row sums
+        of those scaled W, partial[pid] = (S'_aa, S_ab) of these rows. dL/da = out - row_weight * a."""
+        pid = tl.program_id(0)
+        row_block = shard_rank + pid * shard_world
+        rows = row_block * BLOCK + tl.arange(0, BLOCK)
+        k_self, w_self = _row_block_gradient(a_ptr, a_ptr, a_norm_ptr, a_norm_ptr, gamma_ptr, out_ptr, rows, n,
+                                             f_dim, stride_a, stride_a, stride_o, coef_self, True, NUM_BW, BLOCK,
+                                             BLOCK_F, PRECISION)
+        k_cross, w_cross = _row_block_gradient(a_ptr, b_ptr, a_norm_ptr, b_norm_ptr, gamma_ptr, out_ptr, rows, n,
+                                               f_dim, stride_a, stride_b, stride_o, coef_cross, False, NUM_BW,
+                                               BLOCK, BLOCK_F, PRECISION)
+        tl.store(row_weight_ptr + rows, w_self + w_cross, mask=rows < n)
+        tl.store(partial_ptr + pid * 2 + 0, tl.sum(k_self))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(k_cross))
+
+
+def _triton_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None):
+    """Same contract as ``_torch_pass``, on the Triton kernels. Memory: O(N F)."""
+    if x.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the triton MMD kernels take float32, bfloat16 or float16, got {x.dtype}")
+    block = tile or TRITON_BLOCK
+    n, f_dim = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    x_norm = x.float().square().sum(dim=1)
+    y_norm = y.float().square().sum(dim=1)
+    log2e = 1.0 / math.log(2.0)
+    gamma_table = torch.tensor([g * log2e for g in gammas] + [2.0 * g for g in gammas],
+                               dtype=torch.float32, device=x.device)
+    precision = "upcast" if TRITON_INTERPRETED else ("tf32x3" if x.dtype == torch.float32 else "tf32")
+    programs = len(range(shard.rank, triton.cdiv(n, block), shard.world))
+    meta = dict(NUM_BW=len(gammas), BLOCK=block, BLOCK_F=TRITON_BLOCK_F, PRECISION=precision)
+    if not with_grad:
+        partial = torch.zeros(max(programs, 1), 3, dtype=torch.float32, device=x.device)
+        if programs:
+            _mmd_forward_kernel[(programs,)](x, y, x_norm, y_norm, gamma_table, partial, n, f_dim, x.stride(0),
+                                             y.stride(0), shard.rank, shard.world, **meta)
+        return partial.double().sum(dim=0), None, None
+
+    def rows_of(a, b, a_norm, b_norm):
+        out = torch.zeros(n, f_dim, dtype=torch.float32, device=x.device)
+        row_weight = torch.zeros(n, dtype=torch.float32, device=x.device)
+        partial = torch.zeros(max(programs, 1), 2, dtype=torch.float32, device=x.device)
+        if programs:
+            _mmd_gradient_kernel[(programs,)](a, b, a_norm, b_norm, gamma_table, out, row_weight, partial, n, f_dim,
+                                              a.stride(0), b.stride(0), out.stride(0), coef_self, coef_cross,
+                                              shard.rank, shard.world, **meta)
+        grad = out.sub_(row_weight[:, None] * a.float())
+        return grad, partial.double().sum(dim=0)
+
+    gx, x_sums = rows_of(x, y, x_norm, y_norm)
+    gy, y_sums = rows_of(y, x, y_norm, x_norm)
+    return torch.stack([x_sums[0], y_sums[0], x_sums[1]]), gx, gy
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the public functions
+# ----------------------------------------------------------------------------------------------
+
+
+class _RBFMMDFunction(torch.autograd.Function):
+    """MMD^2 whose forward also produces the gradient when one is needed; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, x, y, gammas, unbiased, backend, shard, with_grad, cross_pairs):
+        n = x.shape[0]
+        c_self = 1.0 / (n * (n - 1)) if unbiased else 1.0 / (n * n)
+        c_cross = 1.0 / cross_pairs
+        run = _triton_pass if backend == "triton" else _torch_pass
+        sums, gx, gy = run(x, y, gammas, 2.0 * c_self, -2.0 * c_cross, with_grad, shard)
+        if shard.world > 1:
+            dist.all_reduce(sums, group=shard.group)
+        s_xx, s_yy, s_xy = sums.unbind()
+        if not unbiased:  # k(a, a) = number of bandwidths on each left-out diagonal term
+            s_xx = s_xx + n * len(gammas)
+            s_yy = s_yy + n * len(gammas)
+        value = c_self * (s_xx + s_yy) - 2.0 * c_cross * s_xy
+        if with_grad:
+            ctx.save_for_backward(gx, gy)
+            ctx.input_dtype = x.dtype
+        return value.to(_compute_dtype(x.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        gx, gy = ctx.saved_tensors
+        scale = grad_output.to(gx.dtype)
+        grad_x = (gx * scale).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_y = (gy * scale).to(ctx.input_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_y, None, None, None, None, None, None
+
+
+def _rbf_mmd(x, y, bandwidths, unbiased, backend, shard, cross_pairs=None):
+    """rbf_mmd without input checks; ``cross_pairs`` (default N^2) divides the xy kernel sum."""
+    gammas = _gammas(_check_bandwidths(bandwidths))
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "triton" and x.dtype == torch.float64 and backend == "auto":
+        chosen = "torch"  # the kernels are for fp32/bf16/fp16; fp64 (gradcheck, references) stays exact
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    cross_pairs = cross_pairs or x.shape[0] ** 2
+    return _RBFMMDFunction.apply(x, y, gammas, bool(unbiased), chosen, shard, with_grad, cross_pairs)
+
+
+def rbf_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+            unbiased: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Squared MMD between samples ``x`` and ``y`` (both ``[N, F]``) with ``sum_a exp(-|u-v|^2 / (2a))``.
+
+    ``unbiased=True`` gives the U-statistic (diagonals left out of the ``xx``/``yy`` sums, divided by
+    ``N(N-1)``; ``xy`` divided by ``N^2``), ``False`` the V-statistic. Differentiable in ``x`` and ``y``.
+    Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N F): no ``N x N`` matrix is formed.
+    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``MMDGEN_BACKEND``), ``"triton"``,
+    ``"torch"``.
+    """
+    _check_samples(x, y)
+    return _rbf_mmd(x, y, bandwidths, unbiased, backend, _SINGLE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independence loss over codec latents
+# ----------------------------------------------------------------------------------------------
+
+
+def joint_samples(latents: torch.Tensor, delay: bool = False) -> torch.Tensor:
+    """[B, K, D, T] per-stage latents -> [N, K, D] joint samples, N = B * T (or B * (T - K + 1)).
+
+    With ``delay`` the sample at step t groups stage k at frame t - k, i.e. exactly the codes the delay
+    pattern predicts in one step; frames where a stage would be padded are cropped.
+    """
+    batch, stages, dim, frames = latents.shape
+    if delay:
+        if frames < stages:
+            raise ValueError(f"delay alignment of {stages} stages needs at least {stages} frames, got T={frames}")
+        kept = frames - stages + 1
+        latents = torch.stack([latents[:, k, :, stages - 1 - k: stages - 1 - k + kept] for k in range(stages)], 1)
+    return latents.permute(0, 3, 1, 2).reshape(-1, stages, dim)
+
+
+def standardize(samples: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per feature over the N samples (unbiased variance, eps 1e-8)."""
+    mean = samples.mean(dim=0, keepdim=True)
+    var = samples.var(dim=0, keepdim=True)
+    return (samples - mean) / torch.sqrt(var + STANDARDIZE_EPS)
+
+
+def codebook_permutations(num_samples: int, stages: int, generator: torch.Generator | None,
+                          device: torch.device) -> torch.Tensor:
+    """[K, N] independent permutations of the N samples, one per codebook."""
+    if generator is not None:
+        perms = [torch.randperm(num_samples, generator=generator, device=generator.device) for _ in range(stages)]
+    else:
+        perms = [torch.randperm(num_samples, device=device) for _ in range(stages)]
+    return torch.stack(perms).to(device)
+
+
+def product_of_marginals(samples: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """y[n, k] = samples[perms[k, n], k]: the codebooks decoupled, each marginal kept."""
+    return torch.stack([samples[perms[k], k] for k in range(samples.shape[1])], dim=1)
+
+
+def shared_pairs(perms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j) where the joint sample x_i lent a codebook to y_j (i = perms[k, j] for some k).
+
+    Such a pair holds the same vector twice, so its kernel value is larger than that of two independent
+    draws: kept in the xy average, it biases the estimate below zero by O(K/N), as large as its
+    standard deviation at any N. Each pair appears once even when several codebooks came from x_i.
+    """
+    sources, _ = perms.T.sort(dim=1)  # [N, K]: the samples y_j drew its codebooks from
+    first = torch.ones_like(sources, dtype=torch.bool)
+    first[:, 1:] = sources[:, 1:] != sources[:, :-1]
+    cols = torch.arange(sources.shape[0], device=perms.device)[:, None].expand_as(sources)
+    return sources[first], cols[first]
+
+
+def _pair_kernel_sum(a: torch.Tensor, b: torch.Tensor, gammas: tuple[float, ...]) -> torch.Tensor:
+    """sum_p k(a_p, b_p) over row pairs, from exact differences."""
+    sq_dist = (a - b).square().sum(dim=1)
+    return sum(torch.exp(-gamma * sq_dist).sum() for gamma in gammas)
+
+
+class _AllReduceValue(torch.autograd.Function):
+    """The sum over ranks in forward; the gradient of this rank's own term in backward (the
+    ranks' partial gradients are summed by the gather's backward)."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        total = local.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _active_group(process_group):
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _GatherSamples(torch.autograd.Function):
+    """All ranks' samples concatenated in rank order; backward sums the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        world = dist.get_world_size(group)
+        count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        counts = [int(c) for c in counts]
+        padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.group, ctx.counts, ctx.rank = group, counts, dist.get_rank(group)
+        return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start: start + ctx.counts[ctx.rank]], None
+
+
+def independence_loss(latents: torch.Tensor, *, delay: bool = False,
+                      bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, unbiased: bool = True,
+                      normalize: bool = True, generator: torch.Generator | None = None, backend: str = "auto",
+                      exclude_shared: bool = True, process_group=None) -> torch.Tensor:
+    """L_inde: MMD^2 between the joint distribution of the K per-stage latents and the product of marginals.
+
+    ``latents``: ``[B, K, D, T]``, the quantized latents of each RVQ stage. Steps: delay-align
+    (optional), flatten batch and time to N samples of ``K * D``, standardise each feature over the N
+    samples (optional), draw the product-of-marginals sample by an independent permutation of the
+    samples per codebook (seeded by ``generator``), return ``rbf_mmd``. The gradient reaches
+    ``latents`` through both samples.
+
+    ``exclude_shared`` (default): the xy average leaves out the pairs (x_i, y_j) where y_j took a
+    codebook from x_i (at most K per j, see ``shared_pairs``), dividing by the number of pairs kept.
+    With it the unbiased estimate is exactly unbiased for independent codebooks; without it (the
+    public reference's form, ``rbf_mmd`` on the two samples as they are) it sits about K/N below.
+
+    Distributed: when torch.distributed is initialised with more than one rank (``process_group`` or
+    the world), the samples of every rank form one global batch, rank 0 draws the permutations, the
+    pair work is split across ranks, and each rank gets the global loss with the exact gradient for
+    its own latents. Every rank must call this (and backward) collectively. DDP averages parameter
+    gradients over ranks, so under DDP multiply this loss by the world size to get dL/dtheta.
+    """
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must have shape [B, K, D, T], got {shape}")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be floating point, got {latents.dtype}")
+    _check_finite("latents", latents)
+    bandwidths = _check_bandwidths(bandwidths)
+    resolve_backend(backend, latents.device)  # a bad backend fails before any collective
+    stages = latents.shape[1]
+    samples = joint_samples(latents, delay)
+    group = _active_group(process_group)
+    if group is not None:
+        samples = _GatherSamples.apply(samples, group)
+    num_samples = samples.shape[0]
+    if num_samples < 2:
+        raise ValueError(f"the independence loss needs at least 2 samples (B * T after delay), got {num_samples}")
+    if normalize:
+        samples = standardize(samples)
+    perms = codebook_permutations(num_samples, stages, generator, samples.device)
+    if group is not None:
+        dist.broadcast(perms, group=group, group_src=0)
+    marginals = product_of_marginals(samples, perms)
+    shard = _SINGLE if group is None else _Shard(dist.get_rank(group), dist.get_world_size(group), group)
+    x = samples.reshape(num_samples, -1)
+    y = marginals.reshape(num_samples, -1)
+    if not exclude_shared:
+        return _rbf_mmd(x, y, bandwidths, unbiased, backend, shard)
+    rows, cols = shared_pairs(perms)
+    cross_pairs = num_samples * num_samples - rows.numel()
+    value = _rbf_mmd(x, y, bandwidths, unbiased, backend, shard, cross_pairs=cross_pairs)
+    mine = cols % shard.world == shard.rank
+    dtype = _compute_dtype(x.dtype)
+    shared = _pair_kernel_sum(x[rows[mine]].to(dtype), y[cols[mine]].to(dtype), _gammas(bandwidths))
+    if shard.world > 1:
+        shared = _AllReduceValue.apply(shared, shard.group)
+    return value + (2.0 / cross_pairs) * shared.to(value.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The materialising baseline
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_sum(sq_dist: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return torch.exp((-0.5 / bandwidth) * sq_dist).sum()
+
+
+def naive_rbf_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+                  unbiased: bool = True) -> torch.Tensor:
+    """The estimator as commonly written: three N x N distance matrices, memory O(N^2).
+
+    Kept as the baseline for benchmarks and the demo (it checkpoints each exponential, as the public
+    reference does, so its backward stores the distance matrices only). Same value as ``rbf_mmd``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = x.shape[0]
+    xx, yy, xy = x @ x.T, y @ y.T, x @ y.T
+    rx, ry = xx.diagonal(), yy.diagonal()
+    d_xx = rx[:, None] + rx[None, :] - 2.0 * xx
+    d_yy = ry[:, None] + ry[None, :] - 2.0 * yy
+    d_xy = rx[:, None] + ry[None, :] - 2.0 * xy
+    c_self = 1.0 / (n * (n - 1)) if unbiased else 1.0 / (n * n)
+    diagonal = n if unbiased else 0  # k(a, a) = 1 per bandwidth on the diagonal
+    total = x.new_zeros(())
+    for a in bandwidths:
+        k_xx = checkpoint(_kernel_sum, d_xx, a, use_reentrant=False)
+        k_yy = checkpoint(_kernel_sum, d_yy, a, use_reentrant=False)
+        k_xy = checkpoint(_kernel_sum, d_xy, a, use_reentrant=False)
+        total = total + c_self * (k_xx - diagonal + k_yy - diagonal) - 2.0 * k_xy / (n * n)
+    return total
