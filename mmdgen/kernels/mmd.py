@@ -131,6 +131,12 @@ def _distance_operands(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([values, norms, ones], dim=1), torch.cat([-2.0 * values, ones, norms], dim=1)
 
 
+# CPU exp takes a slow path (about 100x) for arguments that underflow, so arguments are clamped here:
+# kernel values below e^-80 (fp32; e^-700 in fp64) count as that floor. Every sum moves by at most
+# N^2 * len(bandwidths) * 1.8e-35, and the floored weights stay normal numbers (no denormal slow path).
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+
+
 def _tile_tasks(num_blocks: int) -> list[tuple[str, int, int]]:
     """Every tile of the three pair sets: the upper triangle of xx and yy, all of xy."""
     upper = [(i, j) for i in range(num_blocks) for j in range(i, num_blocks)]
@@ -153,6 +159,7 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None
         left[name], right[name] = _distance_operands(v)
     blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
     scratch = torch.empty(3, tile * tile, dtype=dtype, device=x.device)
+    floor = _EXP_FLOOR[dtype]
     sums = {pair: torch.zeros((), dtype=torch.float64, device=x.device) for pair in ("xx", "yy", "xy")}
     grads = {name: torch.zeros_like(v) for name, v in values.items()} if with_grad else None
     row_weights = {name: v.new_zeros(n) for name, v in values.items()} if with_grad else None
@@ -166,24 +173,24 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None
         d2, e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
         torch.mm(left[a][r0:r1], right[b][c0:c1].T, out=d2)
         on_diagonal = a == b and i == j
-        if on_diagonal:
-            d2.diagonal().fill_(math.inf)  # exp(-gamma * inf) = 0 drops i == j from every sum
-        coef = coef_self if a == b else coef_cross
         for k, gamma in enumerate(gammas):
             torch.mul(d2, -gamma, out=e)
-            e.exp_()
+            e.clamp_(min=floor).exp_()
+            if on_diagonal:
+                e.diagonal().zero_()  # the U-statistic leaves out i == j
             sums[pair].add_(e.sum(), alpha=1.0 if (a != b or on_diagonal) else 2.0)
             if with_grad:
                 if k == 0:
-                    torch.mul(e, 2.0 * gamma * coef, out=w)
+                    torch.mul(e, 2.0 * gamma, out=w)
                 else:
-                    w.add_(e, alpha=2.0 * gamma * coef)
+                    w.add_(e, alpha=2.0 * gamma)
         if with_grad:
-            grads[a][r0:r1].addmm_(w, values[b][c0:c1])
-            row_weights[a][r0:r1] += w.sum(dim=1)
+            coef = coef_self if a == b else coef_cross  # applied after the matmul: folded into w it is denormal
+            grads[a][r0:r1].addmm_(w, values[b][c0:c1], alpha=coef)
+            row_weights[a][r0:r1].add_(w.sum(dim=1), alpha=coef)
             if not on_diagonal:
-                grads[b][c0:c1].addmm_(w.T, values[a][r0:r1])
-                row_weights[b][c0:c1] += w.sum(dim=0)
+                grads[b][c0:c1].addmm_(w.T, values[a][r0:r1], alpha=coef)
+                row_weights[b][c0:c1].add_(w.sum(dim=0), alpha=coef)
 
     total = torch.stack([sums["xx"], sums["yy"], sums["xy"]])
     if not with_grad:
