@@ -262,7 +262,7 @@ def test_optimizer_steps_reduce_dependence():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
     assert (coupling.detach() * mask).abs().max() < 0.45
 
