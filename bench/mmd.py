@@ -56,6 +56,7 @@ def _inputs(n: int, f: int, device: torch.device):
 
 
 def _run_once(method: str, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One estimate; in forward+backward mode x and y are leaves whose gradients are reset first."""
     from mmdgen import naive_rbf_mmd, rbf_mmd
 
     fn = naive_rbf_mmd if method == "naive" else rbf_mmd
@@ -63,8 +64,8 @@ def _run_once(method: str, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.no_grad():
             fn(x, y)
     else:
-        xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
-        fn(xa, ya).backward()
+        x.grad = y.grad = None
+        fn(x, y).backward()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -74,8 +75,9 @@ def _synchronize(device: torch.device) -> None:
 
 def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.device) -> dict:
     """Median seconds and peak extra bytes of one case, in this process."""
-    x, y = _inputs(n, f, device)
-    small_x, small_y = _inputs(64, f, device)
+    backward = mode != "forward"
+    x, y = (t.requires_grad_(backward) for t in _inputs(n, f, device))
+    small_x, small_y = (t.requires_grad_(backward) for t in _inputs(64, f, device))
     _run_once(method, mode, small_x, small_y)  # load kernels (and compile them on CUDA) outside the timing
     _synchronize(device)
     if device.type == "cuda":

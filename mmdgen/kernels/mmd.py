@@ -124,11 +124,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _distance_operands(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [a, |a|^2, 1] and [-2a, 1, |a|^2]: their product is |a_i - a_j|^2 in one matmul."""
-    norms = values.square().sum(dim=1, keepdim=True)
-    ones = torch.ones_like(norms)
-    return torch.cat([values, norms, ones], dim=1), torch.cat([-2.0 * values, ones, norms], dim=1)
+def _squared_distances_into(out, a, a_norm, c, c_norm):
+    """out = |a_i - c_j|^2 = |a_i|^2 + |c_j|^2 - 2 a_i . c_j, in place in one matmul and one add."""
+    torch.addmm(c_norm[None, :], a, c.T, beta=1.0, alpha=-2.0, out=out)
+    out.add_(a_norm[:, None])
 
 
 # CPU exp takes a slow path (about 100x) for arguments that underflow, so arguments are clamped here:
@@ -154,9 +153,7 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None
     n = x.shape[0]
     dtype = _compute_dtype(x.dtype)
     values = {"x": x.to(dtype), "y": y.to(dtype)}
-    left, right = {}, {}
-    for name, v in values.items():
-        left[name], right[name] = _distance_operands(v)
+    norms = {name: v.square().sum(dim=1) for name, v in values.items()}
     blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
     scratch = torch.empty(3, tile * tile, dtype=dtype, device=x.device)
     floor = _EXP_FLOOR[dtype]
@@ -171,7 +168,7 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None
         (r0, r1), (c0, c1) = blocks[i], blocks[j]
         rows, cols = r1 - r0, c1 - c0
         d2, e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
-        torch.mm(left[a][r0:r1], right[b][c0:c1].T, out=d2)
+        _squared_distances_into(d2, values[a][r0:r1], norms[a][r0:r1], values[b][c0:c1], norms[b][c0:c1])
         on_diagonal = a == b and i == j
         for k, gamma in enumerate(gammas):
             torch.mul(d2, -gamma, out=e)
@@ -576,9 +573,9 @@ def independence_loss(latents: torch.Tensor, *, delay: bool = False,
         raise ValueError(f"latents must have shape [B, K, D, T], got {shape}")
     if not latents.is_floating_point():
         raise ValueError(f"latents must be floating point, got {latents.dtype}")
-    _check_finite("latents", latents)
-    bandwidths = _check_bandwidths(bandwidths)
     resolve_backend(backend, latents.device)  # a bad backend fails before any collective
+    bandwidths = _check_bandwidths(bandwidths)
+    _check_finite("latents", latents)
     stages = latents.shape[1]
     samples = joint_samples(latents, delay)
     group = _active_group(process_group)
