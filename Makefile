@@ -20,4 +20,5 @@ test: $(INSTALLED)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 bench: $(INSTALLED)
+	$(PY) -m pytest -q bench/test_mmd_micro.py --benchmark-only
 	$(PY) bench/mmd.py

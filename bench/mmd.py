@@ -32,20 +32,13 @@ METHODS = ("naive", "mmdgen")
 MODES = ("forward", "forward+backward")
 
 
-def _meminfo_bytes(field: str) -> int:
-    with open("/proc/meminfo") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    """A "<field>: <n> kB" line of /proc/meminfo or /proc/self/status, in bytes."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _self_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    raise KeyError(f"{field} not in {path}")
 
 
 def _inputs(n: int, f: int, device: torch.device):
@@ -84,7 +77,7 @@ def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _self_status_bytes("VmRSS")
+        base = _proc_bytes("/proc/self/status", "VmRSS")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -100,8 +93,8 @@ def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.
 
 def _child(spec: dict) -> None:
     """Run one CPU case under an address-space limit; print its result as JSON on the last line."""
-    headroom = int(0.9 * _meminfo_bytes("MemAvailable"))
-    limit = _self_status_bytes("VmSize") + headroom
+    headroom = int(0.9 * _proc_bytes("/proc/meminfo", "MemAvailable"))
+    limit = _proc_bytes("/proc/self/status", "VmSize") + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         result = measure(spec["method"], spec["mode"], spec["n"], spec["f"], spec["repeats"], torch.device("cpu"))
@@ -139,13 +132,19 @@ def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    return _meminfo_bytes("MemAvailable")
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    model = platform.machine()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def _fmt_time(result: dict) -> str:
