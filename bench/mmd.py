@@ -41,11 +41,11 @@ def _proc_bytes(path: str, field: str) -> int:
     raise KeyError(f"{field} not in {path}")
 
 
-def _inputs(n: int, f: int, device: torch.device):
+def _inputs(n: int, f: int, device: torch.device, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, f, generator=gen)
     y = torch.randn(n, f, generator=gen)
-    return x.to(device), y.to(device)
+    return x.to(device, dtype), y.to(device, dtype)
 
 
 def _run_once(method: str, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -66,11 +66,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.device) -> dict:
+def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Median seconds and peak extra bytes of one case, in this process."""
     backward = mode != "forward"
-    x, y = (t.requires_grad_(backward) for t in _inputs(n, f, device))
-    small_x, small_y = (t.requires_grad_(backward) for t in _inputs(64, f, device))
+    x, y = (t.requires_grad_(backward) for t in _inputs(n, f, device, dtype))
+    small_x, small_y = (t.requires_grad_(backward) for t in _inputs(64, f, device, dtype))
     _run_once(method, mode, small_x, small_y)  # load kernels (and compile them on CUDA) outside the timing
     _synchronize(device)
     if device.type == "cuda":
@@ -97,7 +97,8 @@ def _child(spec: dict) -> None:
     limit = _proc_bytes("/proc/self/status", "VmSize") + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        result = measure(spec["method"], spec["mode"], spec["n"], spec["f"], spec["repeats"], torch.device("cpu"))
+        result = measure(spec["method"], spec["mode"], spec["n"], spec["f"], spec["repeats"], torch.device("cpu"),
+                         getattr(torch, spec["dtype"]))
     except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as RuntimeError
         if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
             raise
@@ -109,17 +110,17 @@ def _naive_floor_bytes(n: int) -> int:
     return 3 * n * n * 4  # the three fp32 N x N matrices it must hold at once
 
 
-def run_case(method, mode, n, f, repeats, device) -> dict:
+def run_case(method, mode, n, f, repeats, device, dtype) -> dict:
     if method == "naive" and _naive_floor_bytes(n) > _available_bytes(device):
         need = _naive_floor_bytes(n) / 2**30
         return {"oom": f"needs at least {need:.0f} GiB for three N x N matrices, {_available_bytes(device) / 2**30:.0f} GiB available"}
     if device.type == "cuda":
         try:
-            return measure(method, mode, n, f, repeats, device)
+            return measure(method, mode, n, f, repeats, device, dtype)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"oom": "CUDA out of memory"}
-    spec = {"method": method, "mode": mode, "n": n, "f": f, "repeats": repeats}
+    spec = {"method": method, "mode": mode, "n": n, "f": f, "repeats": repeats, "dtype": str(dtype).split(".")[-1]}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
@@ -147,6 +148,32 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+# Peak rates used for the GPU bound, by device-name fragment: dense tensor-core TFLOP/s for 16-bit
+# inputs and for fp32 inputs (3xTF32 = three TF32 passes), and exp2 per second (16 per clock per SM on
+# the special-function units, at boost clock). H100 SXM: 132 SMs at 1.98 GHz. Override with flags.
+GPU_PEAKS = {
+    "H100": {"tflops_16bit": 989.0, "tflops_fp32": 494.0 / 3, "exp_per_s": 132 * 16 * 1.98e9},
+    "H200": {"tflops_16bit": 989.0, "tflops_fp32": 494.0 / 3, "exp_per_s": 132 * 16 * 1.98e9},
+}
+
+
+def kernel_work(n: int, f: int, mode: str, bandwidths: int) -> tuple[float, float]:
+    """(matmul FLOPs, exponentials) of mmdgen's Triton kernels for one estimate.
+
+    Forward only: the upper triangle of xx and yy and all of xy, about 2 N^2 pairs, one distance dot
+    (2F FLOPs) each. Forward+backward: each row of x and y against both sets, 4 N^2 pairs, a distance
+    dot and a W @ Z dot (4F FLOPs) each. Every pair evaluates every bandwidth.
+    """
+    pairs, flops_per_pair = (2 * n * n, 2 * f) if mode == "forward" else (4 * n * n, 4 * f)
+    return pairs * flops_per_pair, pairs * bandwidths
+
+
+def gpu_bound_seconds(n, f, mode, dtype, peaks) -> float:
+    flops, exps = kernel_work(n, f, mode, 6)
+    tflops = peaks["tflops_fp32"] if dtype == torch.float32 else peaks["tflops_16bit"]
+    return max(flops / (tflops * 1e12), exps / peaks["exp_per_s"])
+
+
 def _fmt_time(result: dict) -> str:
     return result.get("oom") and "OOM" or f"{result['seconds']:.3f}s"
 
@@ -161,6 +188,18 @@ def _ratio(num: dict, den: dict, key: str) -> str:
     return f"{num[key] / den[key]:.1f}x"
 
 
+def _gpu_peaks(name: str, args) -> dict:
+    peaks = next((dict(p) for key, p in GPU_PEAKS.items() if key in name), None)
+    if peaks is None and (args.peak_tflops is None or args.peak_exp_per_s is None):
+        raise SystemExit(f"no peak rates known for {name!r}: pass --peak-tflops and --peak-exp-per-s")
+    peaks = peaks or {}
+    if args.peak_tflops is not None:
+        peaks["tflops_16bit"] = peaks["tflops_fp32"] = args.peak_tflops
+    if args.peak_exp_per_s is not None:
+        peaks["exp_per_s"] = args.peak_exp_per_s
+    return peaks
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
@@ -171,6 +210,9 @@ def main(argv=None) -> None:
     parser.add_argument("--large", type=int, default=65536)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/mmd-<device>.json)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU tensor-core TFLOP/s for the bound")
+    parser.add_argument("--peak-exp-per-s", type=float, default=None, help="GPU exp2 per second for the bound")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -178,10 +220,14 @@ def main(argv=None) -> None:
         return
 
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     name = device_name(device)
+    peaks = _gpu_peaks(name, args) if device.type == "cuda" else None
     rows = []
-    header = f"{'N':>6} {'F':>4} {'mode':<17} {'naive':>9} {'mmdgen':>9} {'speedup':>8} {'naive mem':>10} {'mmdgen mem':>11} {'mem ratio':>9}"
-    print(f"MMD^2, 6 bandwidths, fp32, on {name}; median of repeats (N >= {args.large}: {args.large_repeats} run)")
+    header = (f"{'N':>6} {'F':>4} {'mode':<17} {'naive':>9} {'mmdgen':>9} {'speedup':>8} {'naive mem':>10} "
+              f"{'mmdgen mem':>11} {'mem ratio':>9}" + (f" {'bound':>9} {'x bound':>7}" if peaks else ""))
+    print(f"MMD^2, 6 bandwidths, {args.dtype}, on {name}; median of repeats (N >= {args.large}: "
+          f"{args.large_repeats} run)")
     print(header)
     print("-" * len(header))
     for n in args.sizes:
@@ -189,17 +235,23 @@ def main(argv=None) -> None:
         for dim in args.dims:
             f = args.stages * dim
             for mode in MODES:
-                results = {m: run_case(m, mode, n, f, repeats, device) for m in METHODS}
+                results = {m: run_case(m, mode, n, f, repeats, device, dtype) for m in METHODS}
                 naive, ours = results["naive"], results["mmdgen"]
-                print(f"{n:>6} {f:>4} {mode:<17} {_fmt_time(naive):>9} {_fmt_time(ours):>9} "
-                      f"{_ratio(naive, ours, 'seconds'):>8} {_fmt_mem(naive):>10} {_fmt_mem(ours):>11} "
-                      f"{_ratio(naive, ours, 'peak_bytes'):>9}", flush=True)
-                rows.append({"n": n, "f": f, "stages": args.stages, "dim": dim, "mode": mode, "repeats": repeats,
-                             "naive": naive, "mmdgen": ours})
-    out = args.out or RESULTS / f"mmd-{device.type}.json"
+                row = {"n": n, "f": f, "stages": args.stages, "dim": dim, "mode": mode, "repeats": repeats,
+                       "naive": naive, "mmdgen": ours}
+                line = (f"{n:>6} {f:>4} {mode:<17} {_fmt_time(naive):>9} {_fmt_time(ours):>9} "
+                        f"{_ratio(naive, ours, 'seconds'):>8} {_fmt_mem(naive):>10} {_fmt_mem(ours):>11} "
+                        f"{_ratio(naive, ours, 'peak_bytes'):>9}")
+                if peaks:
+                    row["bound_seconds"] = bound = gpu_bound_seconds(n, f, mode, dtype, peaks)
+                    line += f" {bound * 1e3:>7.2f}ms " + ("-" if "oom" in ours else f"{ours['seconds'] / bound:>6.1f}x")
+                print(line, flush=True)
+                rows.append(row)
+    suffix = "" if dtype == torch.float32 else f"-{args.dtype}"
+    out = args.out or RESULTS / f"mmd-{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "bandwidths": [0.1, 1, 5, 10, 20, 50], "dtype": "float32", "rows": rows,
+               "bandwidths": [0.1, 1, 5, 10, 20, 50], "dtype": args.dtype, "gpu_peaks": peaks, "rows": rows,
                "date": time.strftime("%Y-%m-%d")}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
