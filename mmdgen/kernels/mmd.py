@@ -143,13 +143,13 @@ def _tile_tasks(num_blocks: int) -> list[tuple[str, int, int]]:
     return [("xx", i, j) for i, j in upper] + [("yy", i, j) for i, j in upper] + [("xy", i, j) for i, j in full]
 
 
-def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None):
+def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """Kernel sums (S'_xx, S'_yy, S_xy) as fp64 [3] and, if asked, dL/dx and dL/dy (fp32/fp64).
 
     ``coef_self`` / ``coef_cross`` are the factors of ``sum_j W_ij (z_j - a_i)`` in the gradient
     (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) plus three ``tile x tile`` buffers.
     """
-    tile = tile or TORCH_TILE
+    tile = TORCH_TILE
     n = x.shape[0]
     dtype = _compute_dtype(x.dtype)
     values = {"x": x.to(dtype), "y": y.to(dtype)}
@@ -336,11 +336,11 @@ if TRITON_IMPORT_ERROR is None:
         tl.store(partial_ptr + pid * 2 + 1, tl.sum(k_cross))
 
 
-def _triton_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard, tile=None):
+def _triton_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """Same contract as ``_torch_pass``, on the Triton kernels. Memory: O(N F)."""
     if x.dtype not in _TRITON_DTYPES:
         raise ValueError(f"the triton MMD kernels take float32, bfloat16 or float16, got {x.dtype}")
-    block = tile or TRITON_BLOCK
+    block = TRITON_BLOCK
     n, f_dim = x.shape
     x, y = x.contiguous(), y.contiguous()
     x_norm = x.float().square().sum(dim=1)
