@@ -9,6 +9,8 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# the corpus renderer; --no-deps because its optional pyaudio (live playback only) does not build here
+	$(PY) -m pip install --quiet --no-deps tinysoundfont
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mmdgen import __version__
@@ -33,6 +34,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_build(args: argparse.Namespace) -> int:
+    from mmdgen.data.build import BuildConfig, build_corpus
+
+    folders = tuple(args.folders) if args.folders else None
+    cfg = BuildConfig(hours=args.hours, clip_seconds=args.clip_seconds, sample_rate=args.sample_rate,
+                      renderings=args.renderings, seed=args.seed, shard_clips=args.shard_clips, folders=folders,
+                      audio_format=args.format)
+    report = build_corpus(args.out, cfg, workers=args.workers)
+    failures = ", ".join(f"{k} {v}" for k, v in report["failures_by_cause"].items()) or "none"
+    print(f"{report['clips']} clips, {report['hours']:.2f} h from {report['works']} works in {args.out} "
+          f"(splits {report['clips_by_split']}); failures: {failures}; "
+          f"{report['audio_seconds_per_second']} s of audio per second this run")
+    print(f"manifest: {args.out}/manifest.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdgen", description="MusicGen-MMD: text-to-music with independent codebooks")
     parser.add_argument("--version", action="version", version=f"mmdgen {__version__}")
@@ -46,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--compare-sizes", type=int, nargs="*", default=[1024, 4096],
                       help="sample counts for the side-by-side with the naive estimator")
     demo.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="build the captioned music corpus").add_subparsers(dest="data_command",
+                                                                                         required=True)
+    build = data.add_parser("build", help="render music21's score corpus to captioned 32 kHz clips (resumable)")
+    build.add_argument("--out", required=True, help="output folder (resumed when it exists)")
+    build.add_argument("--hours", type=float, default=1.0, help="hours of audio to render (default 1)")
+    build.add_argument("--clip-seconds", type=float, default=10.0)
+    build.add_argument("--sample-rate", type=int, default=32000)
+    build.add_argument("--renderings", type=int, default=2, help="instrument/tempo renderings per excerpt")
+    build.add_argument("--shard-clips", type=int, default=64)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--folders", nargs="*", help="corpus folders to draw from (default: all with a style)")
+    build.add_argument("--format", choices=["flac", "wav"], default="flac")
+    build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    build.set_defaults(func=_data_build)
     return parser
 
 

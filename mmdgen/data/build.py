@@ -1,0 +1,261 @@
+"""Build the captioned music corpus: plan, render shards in parallel, write the manifest.
+
+Layout of an output folder::
+
+    build_config.json       what was asked (a different configuration is refused, never mixed)
+    shards/00000/*.flac     the clips of shard 0
+    shards/00000.jsonl      its manifest lines: written last and atomically, so it marks the shard done
+    shards/00000.report.json  its failures by cause
+    manifest.jsonl          all finished shards in plan order (rewritten atomically at the end)
+    build_report.json       clips, hours, failures by cause, rate
+
+The plan is deterministic given the configuration and a prefix of the plan for more hours: works are
+shuffled per corpus folder and taken round-robin across folders (so the few polyphonic works are not
+drowned by thousands of folk tunes), each excerpt is rendered ``renderings`` times with other
+instruments and tempi, and every random draw is seeded by (seed, excerpt, rendering). Splits are by
+work. An interrupted build resumes at the first unfinished shard; finished shards are never rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mmdgen.data.captions import caption
+from mmdgen.data.corpus import INSTRUMENTS, STYLES, Work, list_works
+from mmdgen.data.render import RenderError, excerpt_start, parse_work, render_clip
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    hours: float = 1.0
+    clip_seconds: float = 10.0
+    sample_rate: int = 32000
+    renderings: int = 2
+    seed: int = 0
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    shard_clips: int = 64
+    folders: tuple[str, ...] | None = None
+    audio_format: str = "flac"
+
+    def check(self) -> None:
+        problems = []
+        if not self.hours > 0:
+            problems.append(f"hours must be positive, got {self.hours}")
+        if not self.clip_seconds > 0:
+            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
+        if self.renderings < 1 or self.shard_clips < self.renderings:
+            problems.append(f"need 1 <= renderings ({self.renderings}) <= shard_clips ({self.shard_clips})")
+        if not (0 <= self.valid_fraction and 0 <= self.test_fraction and self.valid_fraction + self.test_fraction < 1):
+            problems.append(f"valid and test fractions must be >= 0 and sum below 1, got "
+                            f"{self.valid_fraction} and {self.test_fraction}")
+        unknown = sorted(set(self.folders or ()) - set(STYLES))
+        if unknown:
+            problems.append(f"unknown corpus folders {unknown}; expected some of {sorted(STYLES)}")
+        if self.audio_format not in ("flac", "wav"):
+            problems.append(f"audio_format must be flac or wav, got {self.audio_format!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def identity(self) -> dict:
+        """What fixes the content of every shard: all but the amount of audio."""
+        fields = dataclasses.asdict(self)
+        fields.pop("hours")
+        fields["folders"] = list(self.folders) if self.folders else None
+        return fields
+
+
+@dataclass(frozen=True)
+class Excerpt:
+    index: int  # position in the plan: seeds every draw for this excerpt
+    work: Work
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def split_of(work_id: str, cfg: BuildConfig) -> str:
+    digest = hashlib.sha256(f"{cfg.seed}:{work_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < cfg.test_fraction:
+        return "test"
+    if u < cfg.test_fraction + cfg.valid_fraction:
+        return "valid"
+    return "train"
+
+
+def stratified_works(cfg: BuildConfig) -> list[Work]:
+    """All works, shuffled per folder and interleaved round-robin across folders."""
+    by_folder: dict[str, list[Work]] = {}
+    for work in list_works(tuple(cfg.folders) if cfg.folders else None):
+        by_folder.setdefault(work.folder, []).append(work)
+    queues = []
+    for i, folder in enumerate(sorted(by_folder)):
+        works = by_folder[folder]
+        order = _rng(cfg.seed, i).permutation(len(works))
+        queues.append([works[j] for j in order])
+    interleaved = []
+    for depth in range(max(len(q) for q in queues)):
+        interleaved.extend(q[depth] for q in queues if depth < len(q))
+    return interleaved
+
+
+def plan_shards(cfg: BuildConfig) -> list[list[Excerpt]]:
+    """Excerpts grouped per shard; more hours extend the plan without changing its start."""
+    works = stratified_works(cfg)
+    clips = math.ceil(cfg.hours * 3600 / cfg.clip_seconds)
+    excerpts = [Excerpt(i, works[i % len(works)]) for i in range(math.ceil(clips / cfg.renderings))]
+    per_shard = cfg.shard_clips // cfg.renderings
+    return [excerpts[i: i + per_shard] for i in range(0, len(excerpts), per_shard)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_audio_atomic(path: Path, audio: np.ndarray, sample_rate: int, audio_format: str) -> None:
+    import soundfile
+
+    tmp = path.with_name(path.name + ".tmp")
+    soundfile.write(str(tmp), audio, sample_rate, format=audio_format.upper(), subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+def clip_fields(excerpt: Excerpt, rendering: int, parsed, cfg: BuildConfig) -> dict:
+    style = excerpt.work.style
+    rng = _rng(cfg.seed, excerpt.index, rendering, 1)
+    instrument = str(rng.choice(style.instruments))
+    bpm = int(rng.integers(style.tempo_range[0], style.tempo_range[1] + 1))
+    tonic, mode = parsed.key.rsplit(" ", 1)
+    return {"instrument": instrument, "program": INSTRUMENTS[instrument], "tempo_bpm": bpm, "key": parsed.key,
+            "tonic": tonic, "mode": mode, "metre": parsed.metre, "voices": parsed.voices, "genre": style.genre,
+            "composer": style.composer, "folder": excerpt.work.folder, "work_id": excerpt.work.work_id}
+
+
+def build_shard(index: int, excerpts: list[Excerpt], out: Path, cfg: BuildConfig) -> dict:
+    """Render one shard; returns its failures and clip count. Skips a shard already finished."""
+    shard_dir = out / "shards" / f"{index:05d}"
+    manifest = out / "shards" / f"{index:05d}.jsonl"
+    report_path = out / "shards" / f"{index:05d}.report.json"
+    if manifest.exists():
+        return {"index": index, "clips": _count_lines(manifest), "skipped": True, **json.loads(report_path.read_text())}
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    records, failures = [], Counter()
+    for excerpt in excerpts:
+        try:
+            parsed = parse_work(excerpt.work)
+        except RenderError as error:
+            failures[error.cause] += cfg.renderings
+            continue
+        # one excerpt for all renderings, long enough at the style's fastest tempo
+        span = cfg.clip_seconds * excerpt.work.style.tempo_range[1] / 60.0
+        start = excerpt_start(parsed, span, _rng(cfg.seed, excerpt.index, 2))
+        for rendering in range(cfg.renderings):
+            fields = clip_fields(excerpt, rendering, parsed, cfg)
+            try:
+                audio = render_clip(parsed, start, fields["tempo_bpm"], fields["instrument"], cfg.clip_seconds,
+                                    cfg.sample_rate)
+            except RenderError as error:
+                failures[error.cause] += 1
+                continue
+            clip_id = f"{excerpt.index:07d}-{rendering}"
+            path = shard_dir / f"{clip_id}.{cfg.audio_format}"
+            _write_audio_atomic(path, audio, cfg.sample_rate, cfg.audio_format)
+            fields["excerpt_start_quarters"] = start
+            records.append({"id": clip_id, "path": str(path.relative_to(out)), "duration": cfg.clip_seconds,
+                            "sample_rate": cfg.sample_rate, "split": split_of(excerpt.work.work_id, cfg),
+                            "caption": caption(fields, _rng(cfg.seed, excerpt.index, rendering, 3)), **fields})
+    _write_atomic(report_path, json.dumps({"failures": dict(failures)}))
+    _write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in records))
+    return {"index": index, "clips": len(records), "skipped": False, "failures": dict(failures)}
+
+
+def _count_lines(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def _check_existing(out: Path, cfg: BuildConfig) -> None:
+    config_path = out / "build_config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        mine = cfg.identity()
+        differing = {k: (previous.get(k), v) for k, v in mine.items() if previous.get(k) != v}
+        if differing:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in differing.items())
+            raise ValueError(f"{out} holds a corpus built with another configuration ({detail}); "
+                             "use another output folder or remove it")
+    elif (out / "manifest.jsonl").exists() or (out / "shards").exists():
+        raise ValueError(f"{out} holds a manifest or shards without build_config.json; refusing to mix them")
+
+
+def _run_shard(args):
+    return build_shard(*args)
+
+
+def build_corpus(out: str | Path, cfg: BuildConfig, workers: int = 1, progress: bool = True) -> dict:
+    """Build (or resume) the corpus in ``out``; returns the build report."""
+    cfg.check()
+    out = Path(out)
+    _check_existing(out, cfg)
+    shards = plan_shards(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "build_config.json", json.dumps(cfg.identity(), indent=1))
+    jobs = [(i, excerpts, out, cfg) for i, excerpts in enumerate(shards)]
+    start = time.perf_counter()
+    results = []
+    total_clips = sum(len(e) for e in shards) * cfg.renderings
+    with tqdm(total=total_clips, desc="rendering clips", unit="clip", disable=not progress) as bar:
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for result in pool.imap_unordered(_run_shard, jobs):
+                    results.append(result)
+                    bar.update(len(shards[result["index"]]) * cfg.renderings)
+        else:
+            for job in jobs:
+                results.append(_run_shard(job))
+                bar.update(len(job[1]) * cfg.renderings)
+    elapsed = time.perf_counter() - start
+    lines = []
+    for i in range(len(shards)):
+        lines.append((out / "shards" / f"{i:05d}.jsonl").read_text())
+    _write_atomic(out / "manifest.jsonl", "".join(lines))
+    report = _report(results, cfg, elapsed, out)
+    _write_atomic(out / "build_report.json", json.dumps(report, indent=1))
+    return report
+
+
+def _report(results: list[dict], cfg: BuildConfig, elapsed: float, out: Path) -> dict:
+    failures = Counter()
+    for r in results:
+        failures.update(r.get("failures", {}))
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    rendered_now = sum(r["clips"] for r in results if not r["skipped"])
+    return {
+        "clips": len(records),
+        "hours": round(len(records) * cfg.clip_seconds / 3600, 4),
+        "works": len({r["work_id"] for r in records}),
+        "clips_by_split": dict(Counter(r["split"] for r in records)),
+        "clips_by_folder": dict(Counter(r["folder"] for r in records)),
+        "failures_by_cause": dict(failures),
+        "rendered_this_run": rendered_now,
+        "seconds_this_run": round(elapsed, 2),
+        "audio_seconds_per_second": round(rendered_now * cfg.clip_seconds / elapsed, 2) if elapsed > 0 else None,
+    }
