@@ -1,0 +1,205 @@
+"""Audio datasets for training: the built corpus (a JSONL manifest) or a plain folder of audio files.
+
+Every item is a waveform crop resampled to the model's rate and mixed to mono, with its caption and
+the structured fields. Files that cannot serve (unreadable, silent, shorter than the crop) are
+reported by name and skipped when the dataset is created, never in the middle of training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+SILENCE_RMS = 1e-4
+
+
+@dataclass
+class Entry:
+    path: Path
+    caption: str
+    fields: dict = field(default_factory=dict)
+
+
+def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
+    """[1, T] float32 mono at ``sample_rate``; ValueError naming the file when it cannot be read."""
+    import soundfile
+    import torchaudio.functional as AF
+
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise ValueError(f"{path}: cannot read audio ({error})") from error
+    audio = torch.from_numpy(data.mean(axis=1))[None]
+    if rate != sample_rate:
+        audio = AF.resample(audio, rate, sample_rate)
+    return audio
+
+
+def _problem(audio: torch.Tensor, min_samples: int) -> str | None:
+    if audio.shape[-1] < min_samples:
+        return f"too short: {audio.shape[-1]} samples, need {min_samples}"
+    if not torch.isfinite(audio).all():
+        return "non-finite samples"
+    if audio.square().mean().sqrt() < SILENCE_RMS:
+        return "silent"
+    return None
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Crops of ``crop_seconds`` (the whole file when None) from a list of entries.
+
+    ``random_crop`` draws the offset from (seed, epoch, index) so runs are reproducible; otherwise the
+    crop starts at 0. Call ``set_epoch`` each epoch for new random crops.
+    """
+
+    def __init__(self, entries: list[Entry], sample_rate: int = 32000, crop_seconds: float | None = None,
+                 random_crop: bool = True, seed: int = 0, check: bool = True):
+        self.sample_rate = sample_rate
+        self.crop = None if crop_seconds is None else int(round(crop_seconds * sample_rate))
+        self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.entries = self._usable(entries) if check else list(entries)
+        if not self.entries:
+            raise ValueError(f"no usable audio among {len(entries)} files ({len(self.skipped)} skipped)")
+
+    def _usable(self, entries: list[Entry]) -> list[Entry]:
+        keep = []
+        for entry in tqdm(entries, desc="checking audio", unit="file", disable=len(entries) < 200):
+            try:
+                problem = _problem(read_audio(entry.path, self.sample_rate), self.crop or 1)
+            except ValueError as error:
+                problem = str(error).removeprefix(f"{entry.path}: ")
+            if problem:
+                self.skipped.append((str(entry.path), problem))
+                log.warning("skipping %s: %s", entry.path, problem)
+            else:
+                keep.append(entry)
+        if self.skipped:
+            log.warning("skipped %d of %d audio files", len(self.skipped), len(entries))
+        return keep
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        audio = read_audio(entry.path, self.sample_rate)
+        if self.crop is not None:
+            spare = audio.shape[-1] - self.crop
+            start = 0
+            if self.random_crop and spare > 0:
+                start = int(np.random.default_rng([self.seed, self.epoch, index]).integers(spare + 1))
+            audio = audio[:, start: start + self.crop]
+        return {"audio": audio, "caption": entry.caption, "fields": entry.fields}
+
+
+def manifest_entries(manifest: str | Path, split: str | None = None) -> list[Entry]:
+    """Entries of a corpus manifest (paths relative to its folder), optionally one split."""
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise ValueError(f"{manifest}: no such manifest")
+    entries = []
+    with open(manifest) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                path, caption = record["path"], record["caption"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ValueError(f"{manifest}:{line_number}: expected a JSON object with path and caption "
+                                 f"({error})") from error
+            if split is None or record.get("split") == split:
+                fields = {k: v for k, v in record.items() if k not in ("path", "caption")}
+                entries.append(Entry(manifest.parent / path, caption, fields))
+    return entries
+
+
+def folder_entries(folder: str | Path, captions: str | Path | None = None) -> list[Entry]:
+    """Audio files under ``folder``; captions from a JSONL file of {"path", "caption"} (paths relative
+    to that file's folder, as in a manifest), else the file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    known = {}
+    if captions is not None:
+        known = {entry.path.resolve(): entry.caption for entry in manifest_entries(captions)}
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
+            entries.append(Entry(path, known.get(path.resolve(), path.stem.replace("_", " "))))
+    if not entries:
+        raise ValueError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    return entries
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack equal-length crops into [B, 1, T]; captions and fields as lists."""
+    lengths = {item["audio"].shape[-1] for item in batch}
+    if len(lengths) != 1:
+        raise ValueError(f"crops of different lengths {sorted(lengths)} cannot be batched; set crop_seconds")
+    return {"audio": torch.stack([item["audio"] for item in batch]), "captions": [item["caption"] for item in batch],
+            "fields": [item["fields"] for item in batch]}
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded permutation per epoch, resumable at any position.
+
+    The permutation wraps around so every rank gets the same count. The trainer owns the position:
+    ``set_position(epoch, consumed)`` makes the next iteration start after ``consumed`` of this rank's
+    indices of that epoch (what a resumed run has not seen yet).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"cannot sample from an empty dataset (size {size})")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
+        self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
+        self.epoch, self.consumed = 0, 0
+
+    @classmethod
+    def for_current_process(cls, size: int, shuffle: bool = True, seed: int = 0) -> "ShardedSampler":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(size, dist.get_rank(), dist.get_world_size(), shuffle, seed)
+        return cls(size, shuffle=shuffle, seed=seed)
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.size // self.world)
+
+    def set_position(self, epoch: int, consumed: int = 0) -> None:
+        if not 0 <= consumed <= self.per_rank:
+            raise ValueError(f"consumed must be within 0..{self.per_rank}, got {consumed}")
+        self.epoch, self.consumed = epoch, consumed
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        wrapped = [order[i % self.size] for i in range(self.per_rank * self.world)]
+        return wrapped[self.rank:: self.world][self.consumed:]
+
+    def __len__(self) -> int:
+        return self.per_rank - self.consumed
+
+    def __iter__(self):
+        return iter(self.indices())
