@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--clip-seconds", type=float, default=10.0)
     build.add_argument("--sample-rate", type=int, default=32000)
     build.add_argument("--renderings", type=int, default=2, help="instrument/tempo renderings per excerpt")
-    build.add_argument("--shard-clips", type=int, default=64)
+    build.add_argument("--shard-clips", type=int, default=32)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--folders", nargs="*", help="corpus folders to draw from (default: all with a style)")
     build.add_argument("--format", choices=["flac", "wav"], default="flac")

@@ -129,3 +129,13 @@ def test_bad_configuration_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus folders"):
         build_corpus(tmp_path / "x", BuildConfig(folders=("nosuch",)), progress=False)
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_abc_voices_of_one_piece_are_one_polyphonic_work():
+    from mmdgen.data.render import parse_work
+
+    josquin = list_works(("josquin",))
+    assert len(josquin) == 8 and all(w.number is None for w in josquin)
+    assert parse_work(next(w for w in josquin if "milleRegrets" in w.path)).voices == 4
+    ballads = [w for w in list_works(("essenFolksong",)) if w.path.endswith("ballad80.abc")]
+    assert len(ballads) == 93  # variants of one ballad: a folk collection stays one work per tune

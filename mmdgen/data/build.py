@@ -48,7 +48,7 @@ class BuildConfig:
     seed: int = 0
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
-    shard_clips: int = 64
+    shard_clips: int = 32
     folders: tuple[str, ...] | None = None
     audio_format: str = "flac"
 

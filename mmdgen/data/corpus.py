@@ -50,6 +50,7 @@ STYLES = {
 # Score files only: .rntxt holds Roman-numeral analyses, not notes to play.
 _SCORE_EXTENSIONS = {".abc", ".krn", ".mxl", ".xml", ".musicxml"}
 _TUNE = re.compile(r"^X:\s*(\d+)", re.MULTILINE)
+_TITLE = re.compile(r"^T:(.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,26 @@ def corpus_root() -> str:
     return str(common.getCorpusFilePath())
 
 
-def abc_tune_numbers(path: str) -> list[int]:
+def abc_tunes(path: str) -> list[tuple[int, str]]:
+    """(X: number, first T: title) of every tune of an ABC file."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        return [int(n) for n in _TUNE.findall(f.read())]
+        text = f.read()
+    tunes = []
+    for match in _TUNE.finditer(text):
+        title = _TITLE.search(text, match.end())
+        tunes.append((int(match.group(1)), title.group(1).strip() if title else ""))
+    return tunes
+
+
+def abc_works(folder: str, rel: str, full: str) -> list[Work]:
+    """A collection gives one work per tune. In a polyphonic folder, tunes that all share one title
+    are the voices of one piece (the Josquin files): one work, parsed whole and merged. (A folk file
+    of many variants of one ballad stays a collection.)"""
+    tunes = abc_tunes(full)
+    one_piece = STYLES[folder].polyphonic and len({title for _, title in tunes}) == 1
+    if len(tunes) <= 1 or one_piece:
+        return [Work(folder, rel)]
+    return [Work(folder, rel, number) for number, _ in tunes]
 
 
 @lru_cache(maxsize=None)
@@ -98,9 +116,7 @@ def list_works(folders: tuple[str, ...] | None = None) -> tuple[Work, ...]:
         if folder not in wanted or ext not in _SCORE_EXTENSIONS:
             continue
         if ext == ".abc":
-            numbers = abc_tune_numbers(full)
-            # a file with one tune parses as a score; collections need the tune number
-            works.extend(Work(folder, rel, n if len(numbers) > 1 else None) for n in numbers or [None])
+            works.extend(abc_works(folder, rel, full))
         else:
             works.append(Work(folder, rel))
     return tuple(works)

@@ -59,6 +59,8 @@ def parse_work(work: Work) -> ParsedWork:
         score = converter.parse(path, number=work.number) if work.number is not None else converter.parse(path)
     except Exception as error:  # music21 raises many kinds on malformed scores
         raise RenderError("parse", f"{work.work_id}: {type(error).__name__}: {error}") from error
+    if hasattr(score, "mergeScores"):  # an ABC file holding the voices of one piece as tunes
+        score = score.mergeScores()
     parts = []
     for part in (score.parts if hasattr(score, "parts") and len(score.parts) else [score]):
         rows = []
