@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
         return args.func(args)
-    except ValueError as error:
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"mmdgen {args.command}: error: {error}", file=sys.stderr)
         return 2
 

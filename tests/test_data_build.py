@@ -139,3 +139,19 @@ def test_abc_voices_of_one_piece_are_one_polyphonic_work():
     assert parse_work(next(w for w in josquin if "milleRegrets" in w.path)).voices == 4
     ballads = [w for w in list_works(("essenFolksong",)) if w.path.endswith("ballad80.abc")]
     assert len(ballads) == 93  # variants of one ballad: a folk collection stays one work per tune
+
+
+def test_unusable_scores_raise_render_errors_with_a_cause(tmp_path, monkeypatch):
+    from mmdgen.data import render
+    from mmdgen.data.corpus import Work
+
+    monkeypatch.setattr(render, "corpus_root", lambda: str(tmp_path))
+    (tmp_path / "bach").mkdir()
+    (tmp_path / "bach" / "broken.mxl").write_bytes(b"PK\x03\x04 not a zip archive")
+    (tmp_path / "bach" / "empty.abc").write_text("X:1\nT:Nothing\nM:4/4\nK:C\n")
+    with pytest.raises(RenderError) as parse_failure:
+        render.parse_work(Work("bach", "bach/broken.mxl"))
+    assert parse_failure.value.cause == "parse" and "bach/broken.mxl" in str(parse_failure.value)
+    with pytest.raises(RenderError) as empty:
+        render.parse_work(Work("bach", "bach/empty.abc"))
+    assert empty.value.cause == "no notes"

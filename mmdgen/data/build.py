@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mmdgen.data.captions import caption
 from mmdgen.data.corpus import INSTRUMENTS, STYLES, Work, list_works
-from mmdgen.data.render import RenderError, excerpt_start, parse_work, render_clip
+from mmdgen.data.render import RenderError, check_renderer, excerpt_start, parse_work, render_clip
 
 SPLITS = ("train", "valid", "test")
 
@@ -213,6 +213,7 @@ def _run_shard(args):
 def build_corpus(out: str | Path, cfg: BuildConfig, workers: int = 1, progress: bool = True) -> dict:
     """Build (or resume) the corpus in ``out``; returns the build report."""
     cfg.check()
+    check_renderer()
     out = Path(out)
     _check_existing(out, cfg)
     shards = plan_shards(cfg)

@@ -41,6 +41,17 @@ class ParsedWork:
         return len(self.parts)
 
 
+def check_renderer() -> None:
+    """Fail before any work is planned when the synthesizer or the SoundFont is missing."""
+    try:
+        import tinysoundfont  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError("the corpus renderer tinysoundfont is not installed: run "
+                           "`pip install --no-deps tinysoundfont` (its pyaudio dependency is only for live "
+                           "playback); `make demo` / `make test` install it") from error
+    soundfont_path()
+
+
 def soundfont_path() -> str:
     """The 6 MB General MIDI SoundFont that ships with the pretty-midi package."""
     import pretty_midi
@@ -52,15 +63,26 @@ def soundfont_path() -> str:
 
 
 def parse_work(work: Work) -> ParsedWork:
+    """Notes, key, metre and bars of a work; RenderError (cause "parse", "no notes", "key analysis" or
+    "score contents") when it cannot serve."""
     from music21 import converter
 
     path = os.path.join(corpus_root(), work.path)
     try:
         score = converter.parse(path, number=work.number) if work.number is not None else converter.parse(path)
+        if hasattr(score, "mergeScores"):  # an ABC file holding the voices of one piece as tunes
+            score = score.mergeScores()
     except Exception as error:  # music21 raises many kinds on malformed scores
         raise RenderError("parse", f"{work.work_id}: {type(error).__name__}: {error}") from error
-    if hasattr(score, "mergeScores"):  # an ABC file holding the voices of one piece as tunes
-        score = score.mergeScores()
+    try:
+        return _read_score(score, work.work_id)
+    except RenderError:
+        raise
+    except Exception as error:
+        raise RenderError("score contents", f"{work.work_id}: {type(error).__name__}: {error}") from error
+
+
+def _read_score(score, work_id: str) -> ParsedWork:
     parts = []
     for part in (score.parts if hasattr(score, "parts") and len(score.parts) else [score]):
         rows = []
@@ -72,12 +94,12 @@ def parse_work(work: Work) -> ParsedWork:
         if rows:
             parts.append(np.array(rows, dtype=np.float64))
     if not parts:
-        raise RenderError("no notes", work.work_id)
+        raise RenderError("no notes", work_id)
     try:
         analysed = score.analyze("key")
         key = f"{analysed.tonic.name.replace('-', 'b')} {analysed.mode}"
     except Exception as error:
-        raise RenderError("key analysis", f"{work.work_id}: {error}") from error
+        raise RenderError("key analysis", f"{work_id}: {error}") from error
     signature = score.recurse().getElementsByClass("TimeSignature").first()
     metre = signature.ratioString if signature is not None else "4/4"
     first_part = score.parts[0] if hasattr(score, "parts") and len(score.parts) else score
@@ -159,5 +181,8 @@ def render_clip(parsed: ParsedWork, start: float, bpm: float, instrument: str, s
     events = note_events(parsed, start, bpm, seconds)
     if not events:
         raise RenderError("no notes", "the excerpt holds no notes")
-    audio = synthesize(events, INSTRUMENTS[instrument], seconds, sample_rate)
+    try:
+        audio = synthesize(events, INSTRUMENTS[instrument], seconds, sample_rate)
+    except Exception as error:  # the synthesizer's own errors, e.g. a SoundFont it cannot read
+        raise RenderError("synthesis", f"{type(error).__name__}: {error}") from error
     return apply_fades(normalize_loudness(audio), sample_rate)
