@@ -24,3 +24,4 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m pytest -q bench/test_mmd_micro.py --benchmark-only
 	$(PY) bench/mmd.py
+	$(PY) bench/vq.py

@@ -16,29 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import (RESULTS, available_bytes, child, device_name, fmt_mem, fmt_time, ratio, run_case,
+                     time_and_peak, write_json)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("naive", "mmdgen")
 MODES = ("forward", "forward+backward")
-
-
-def _proc_bytes(path: str, field: str) -> int:
-    """A "<field>: <n> kB" line of /proc/meminfo or /proc/self/status, in bytes."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(f"{field} not in {path}")
 
 
 def _inputs(n: int, f: int, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -61,91 +47,27 @@ def _run_once(method: str, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
         fn(x, y).backward()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(method: str, mode: str, n: int, f: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def measure(spec: dict) -> dict:
     """Median seconds and peak extra bytes of one case, in this process."""
-    backward = mode != "forward"
-    x, y = (t.requires_grad_(backward) for t in _inputs(n, f, device, dtype))
-    small_x, small_y = (t.requires_grad_(backward) for t in _inputs(64, f, device, dtype))
-    _run_once(method, mode, small_x, small_y)  # load kernels (and compile them on CUDA) outside the timing
-    _synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _proc_bytes("/proc/self/status", "VmRSS")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _run_once(method, mode, x, y)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"seconds": statistics.median(times), "times": times, "peak_bytes": max(peak, 0)}
-
-
-def _child(spec: dict) -> None:
-    """Run one CPU case under an address-space limit; print its result as JSON on the last line."""
-    headroom = int(0.9 * _proc_bytes("/proc/meminfo", "MemAvailable"))
-    limit = _proc_bytes("/proc/self/status", "VmSize") + headroom
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        result = measure(spec["method"], spec["mode"], spec["n"], spec["f"], spec["repeats"], torch.device("cpu"),
-                         getattr(torch, spec["dtype"]))
-    except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as RuntimeError
-        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
-            raise
-        result = {"oom": f"allocation failed under a {headroom / 2**30:.1f} GiB limit"}
-    print(json.dumps(result))
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    backward = spec["mode"] != "forward"
+    x, y = (t.requires_grad_(backward) for t in _inputs(spec["n"], spec["f"], device, dtype))
+    small_x, small_y = (t.requires_grad_(backward) for t in _inputs(64, spec["f"], device, dtype))
+    _run_once(spec["method"], spec["mode"], small_x, small_y)  # load (and on CUDA compile) kernels first
+    return time_and_peak(lambda: _run_once(spec["method"], spec["mode"], x, y), spec["repeats"], device)
 
 
 def _naive_floor_bytes(n: int) -> int:
     return 3 * n * n * 4  # the three fp32 N x N matrices it must hold at once
 
 
-def run_case(method, mode, n, f, repeats, device, dtype) -> dict:
-    if method == "naive" and _naive_floor_bytes(n) > _available_bytes(device):
-        need = _naive_floor_bytes(n) / 2**30
-        return {"oom": f"needs at least {need:.0f} GiB for three N x N matrices, {_available_bytes(device) / 2**30:.0f} GiB available"}
-    if device.type == "cuda":
-        try:
-            return measure(method, mode, n, f, repeats, device, dtype)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {"oom": "CUDA out of memory"}
-    spec = {"method": method, "mode": mode, "n": n, "f": f, "repeats": repeats, "dtype": str(dtype).split(".")[-1]}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
-            return {"oom": f"process killed by signal {-proc.returncode}"}
-        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
+def case(method, mode, n, f, repeats, device, dtype) -> dict:
+    if method == "naive" and _naive_floor_bytes(n) > available_bytes(device):
+        return {"oom": f"needs at least {_naive_floor_bytes(n) / 2**30:.0f} GiB for three N x N matrices, "
+                       f"{available_bytes(device) / 2**30:.0f} GiB available"}
+    spec = {"method": method, "mode": mode, "n": n, "f": f, "repeats": repeats, "device": str(device),
+            "dtype": str(dtype).split(".")[-1]}
+    return run_case(__file__, measure, spec, device)
 
 
 # Peak rates used for the GPU bound, by device-name fragment: dense tensor-core TFLOP/s for 16-bit
@@ -172,20 +94,6 @@ def gpu_bound_seconds(n, f, mode, dtype, peaks) -> float:
     flops, exps = kernel_work(n, f, mode, 6)
     tflops = peaks["tflops_fp32"] if dtype == torch.float32 else peaks["tflops_16bit"]
     return max(flops / (tflops * 1e12), exps / peaks["exp_per_s"])
-
-
-def _fmt_time(result: dict) -> str:
-    return result.get("oom") and "OOM" or f"{result['seconds']:.3f}s"
-
-
-def _fmt_mem(result: dict) -> str:
-    return "-" if "oom" in result else f"{result['peak_bytes'] / 2**20:.0f} MiB"
-
-
-def _ratio(num: dict, den: dict, key: str) -> str:
-    if "oom" in num or "oom" in den or den[key] <= 0:
-        return "-"
-    return f"{num[key] / den[key]:.1f}x"
 
 
 def _gpu_peaks(name: str, args) -> dict:
@@ -216,7 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(json.loads(args.child))
+        child(measure, json.loads(args.child))
         return
 
     device = torch.device(args.device)
@@ -235,13 +143,13 @@ def main(argv=None) -> None:
         for dim in args.dims:
             f = args.stages * dim
             for mode in MODES:
-                results = {m: run_case(m, mode, n, f, repeats, device, dtype) for m in METHODS}
+                results = {m: case(m, mode, n, f, repeats, device, dtype) for m in METHODS}
                 naive, ours = results["naive"], results["mmdgen"]
                 row = {"n": n, "f": f, "stages": args.stages, "dim": dim, "mode": mode, "repeats": repeats,
                        "naive": naive, "mmdgen": ours}
-                line = (f"{n:>6} {f:>4} {mode:<17} {_fmt_time(naive):>9} {_fmt_time(ours):>9} "
-                        f"{_ratio(naive, ours, 'seconds'):>8} {_fmt_mem(naive):>10} {_fmt_mem(ours):>11} "
-                        f"{_ratio(naive, ours, 'peak_bytes'):>9}")
+                line = (f"{n:>6} {f:>4} {mode:<17} {fmt_time(naive):>9} {fmt_time(ours):>9} "
+                        f"{ratio(naive, ours, 'seconds'):>8} {fmt_mem(naive):>10} {fmt_mem(ours):>11} "
+                        f"{ratio(naive, ours, 'peak_bytes'):>9}")
                 if peaks:
                     row["bound_seconds"] = bound = gpu_bound_seconds(n, f, mode, dtype, peaks)
                     line += f" {bound * 1e3:>7.2f}ms " + ("-" if "oom" in ours else f"{ours['seconds'] / bound:>6.1f}x")
@@ -249,13 +157,10 @@ def main(argv=None) -> None:
                 rows.append(row)
     suffix = "" if dtype == torch.float32 else f"-{args.dtype}"
     out = args.out or RESULTS / f"mmd-{device.type}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "bandwidths": [0.1, 1, 5, 10, 20, 50], "dtype": args.dtype, "gpu_peaks": peaks, "rows": rows,
                "date": time.strftime("%Y-%m-%d")}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, out)
+    write_json(out, payload)
     print(f"wrote {out}")
 
 

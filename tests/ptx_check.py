@@ -1,4 +1,4 @@
-"""Compile the MMD kernels for NVIDIA targets without a GPU (run with TRITON_INTERPRET=0).
+"""Compile the Triton kernels for NVIDIA targets without a GPU (run with TRITON_INTERPRET=0).
 
 Prints, as JSON, the tensor-core and exp2 instructions found in each kernel's PTX per target and dtype.
 """
@@ -11,28 +11,34 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmdgen.kernels import mmd
+from mmdgen.kernels import mmd, vq
 
-SCALAR_ARGS = {
-    "forward": ["n", "f_dim", "stride_x", "stride_y", "shard_rank", "shard_world"],
-    "gradient": ["n", "f_dim", "stride_a", "stride_b", "stride_o", "shard_rank", "shard_world"],
+# kernel name -> (kernel, input pointers taking the input dtype, integer pointers, fp32 scalars, constexprs)
+KERNELS = {
+    "mmd-forward": (mmd._mmd_forward_kernel, {"x_ptr", "y_ptr"}, set(), set(),
+                    {"NUM_BW": 6, "BLOCK": mmd.TRITON_BLOCK, "BLOCK_F": mmd.TRITON_BLOCK_F}),
+    "mmd-gradient": (mmd._mmd_gradient_kernel, {"a_ptr", "b_ptr"}, set(), {"coef_self", "coef_cross"},
+                     {"NUM_BW": 6, "BLOCK": mmd.TRITON_BLOCK, "BLOCK_F": mmd.TRITON_BLOCK_F}),
+    "vq": (vq._nearest_codeword_kernel, {"x_ptr", "code_ptr"}, {"index_ptr"}, set(),
+           {"BLOCK_N": vq.TRITON_BLOCK_N, "BLOCK_Q": vq.TRITON_BLOCK_Q, "BLOCK_D": vq.TRITON_BLOCK_D}),
 }
 
 
-def signature(kernel, kind, dtype, constexprs):
-    names = kernel.arg_names
+def signature(kernel, dtype, typed, int_ptrs, floats, constexprs):
     sig = {}
-    for name in names:
+    for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("coef_self", "coef_cross"):
-            sig[name] = "fp32"
-        elif name in SCALAR_ARGS[kind]:
-            sig[name] = "i32"
-        elif name in ("x_ptr", "y_ptr", "a_ptr", "b_ptr"):
+        elif name in typed:
             sig[name] = f"*{dtype}"
-        else:
+        elif name in int_ptrs:
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
             sig[name] = "*fp32"
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
     return sig
 
 
@@ -40,14 +46,13 @@ def main():
     report = {}
     for arch in (80, 90):
         for dtype in ("fp32", "bf16", "fp16"):
-            constexprs = {"NUM_BW": 6, "BLOCK": mmd.TRITON_BLOCK, "BLOCK_F": mmd.TRITON_BLOCK_F,
-                          "PRECISION": "tf32x3" if dtype == "fp32" else "tf32"}
-            for kind, kernel in (("forward", mmd._mmd_forward_kernel), ("gradient", mmd._mmd_gradient_kernel)):
-                src = ASTSource(fn=kernel, signature=signature(kernel, kind, dtype, constexprs), constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-                ptx = compiled.asm["ptx"]
-                found = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync|ex2\.approx)", ptx)))
-                report[f"sm{arch}-{dtype}-{kind}"] = {"instructions": found, "cubin_bytes": len(compiled.asm["cubin"])}
+            for name, (kernel, typed, int_ptrs, floats, meta) in KERNELS.items():
+                constexprs = dict(meta, PRECISION="tf32x3" if dtype == "fp32" else "tf32")
+                sig = signature(kernel, dtype, typed, int_ptrs, floats, constexprs)
+                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32))
+                found = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync|ex2\.approx)", compiled.asm["ptx"])))
+                report[f"sm{arch}-{dtype}-{name}"] = {"instructions": found, "cubin_bytes": len(compiled.asm["cubin"])}
     json.dump(report, sys.stdout)
 
 

@@ -16,7 +16,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MMDGEN_BACKEND"
 
 try:
-    import triton  # noqa: F401
+    import triton
     from triton import knobs as _triton_knobs
 
     TRITON_IMPORT_ERROR: str | None = None
@@ -59,3 +59,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend 'triton' was requested but cannot run: {reason}")
         return "triton"
     return "triton" if reason is None and device.type == "cuda" else "torch"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``PRECISION`` constexpr the kernels pass to ``dot``: 3xTF32 keeps fp32 inputs fp32-accurate;
+    "upcast" works around the interpreter, whose bf16/fp16 ``tl.dot`` is wrong in triton 3.8."""
+    if TRITON_INTERPRETED:
+        return "upcast"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+if TRITON_IMPORT_ERROR is None:
+    import triton.language as tl
+
+    @triton.jit
+    def dot(a, b, acc, PRECISION: tl.constexpr):
+        """acc + a @ b with fp32 accumulation. Under "upcast" the operands go to fp32 first: bf16 and fp16
+        products are exact in fp32, so the result is the one the compiled kernel computes."""
+        if PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)

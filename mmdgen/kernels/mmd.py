@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, TRITON_INTERPRETED, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
 
 DEFAULT_BANDWIDTHS = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0)
 TORCH_TILE = 512
@@ -205,13 +205,7 @@ if TRITON_IMPORT_ERROR is None:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr):
-        """acc + a @ b with fp32 accumulation. PRECISION "upcast" serves the interpreter, whose bf16 dot is
-        wrong in triton 3.8: fp32 operands give the same products, since bf16 products are exact in fp32."""
-        if PRECISION == "upcast":
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+    from mmdgen.kernels.backend import dot
 
     @triton.jit
     def _squared_distances(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, rows, cols, n, f_dim, stride_a, stride_c,
@@ -225,7 +219,7 @@ if TRITON_IMPORT_ERROR is None:
                         mask=(rows[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
             c = tl.load(c_ptr + cols[:, None] * stride_c + feats[None, :],
                         mask=(cols[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
-            dots = _dot(a, tl.trans(c), dots, PRECISION)
+            dots = dot(a, tl.trans(c), dots, PRECISION)
         a_norm = tl.load(a_norm_ptr + rows, mask=rows < n, other=0.0)
         c_norm = tl.load(c_norm_ptr + cols, mask=cols < n, other=0.0)
         return tl.maximum(a_norm[:, None] + c_norm[None, :] - 2.0 * dots, 0.0)
@@ -309,7 +303,7 @@ if TRITON_IMPORT_ERROR is None:
                 feats = f_start + tl.arange(0, BLOCK_F)
                 c = tl.load(c_ptr + cols[:, None] * stride_c + feats[None, :],
                             mask=(cols[:, None] < n) & (feats[None, :] < f_dim), other=0.0)
-                update = _dot(w_operand, c, tl.zeros((BLOCK, BLOCK_F), dtype=tl.float32), PRECISION) * coef
+                update = dot(w_operand, c, tl.zeros((BLOCK, BLOCK_F), dtype=tl.float32), PRECISION) * coef
                 out_ptrs = out_ptr + rows[:, None] * stride_o + feats[None, :]
                 out_mask = (rows[:, None] < n) & (feats[None, :] < f_dim)
                 tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + update, mask=out_mask)
@@ -348,7 +342,7 @@ def _triton_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     log2e = 1.0 / math.log(2.0)
     gamma_table = torch.tensor([g * log2e for g in gammas] + [2.0 * g for g in gammas],
                                dtype=torch.float32, device=x.device)
-    precision = "upcast" if TRITON_INTERPRETED else ("tf32x3" if x.dtype == torch.float32 else "tf32")
+    precision = dot_precision(x.dtype)
     programs = len(range(shard.rank, triton.cdiv(n, block), shard.world))
     meta = dict(NUM_BW=len(gammas), BLOCK=block, BLOCK_F=TRITON_BLOCK_F, PRECISION=precision)
     if not with_grad:

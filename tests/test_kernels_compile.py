@@ -19,10 +19,11 @@ def test_kernels_compile_to_tensor_core_code():
                           env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    assert len(report) == 12
+    assert len(report) == 18
     for key, entry in report.items():
         arch = key.split("-")[0]
         assert entry["cubin_bytes"] > 0, key
-        assert "ex2.approx" in entry["instructions"], key  # exponentials on the special-function units
+        if "-mmd-" in key:
+            assert "ex2.approx" in entry["instructions"], key  # exponentials on the special-function units
         tensor_core = "wgmma.mma_async" if arch == "sm90" else "mma.sync"
         assert tensor_core in entry["instructions"], (key, entry["instructions"])

@@ -1,0 +1,134 @@
+"""Shared measuring for the bench scripts: median time over repeats and peak memory of one case.
+
+CPU: a case runs in a fresh subprocess (``isolated``), so its peak resident memory, minus what the
+process held before the timed calls, is its own; an address-space limit turns an allocation that does
+not fit into an "oom" result instead of a machine killed by the OOM killer. CUDA: in process, with
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def proc_bytes(path: str, field: str) -> int:
+    """A "<field>: <n> kB" line of /proc/meminfo or /proc/self/status, in bytes."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(f"{field} not in {path}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.machine()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def time_and_peak(run: Callable[[], None], repeats: int, device: torch.device) -> dict:
+    """Median seconds of ``repeats`` calls and the peak bytes they added (warm up before calling)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = proc_bytes("/proc/self/status", "VmRSS")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"seconds": statistics.median(times), "times": times, "peak_bytes": max(peak, 0)}
+
+
+def child(measure: Callable[[dict], dict], spec: dict) -> None:
+    """Run one CPU case under an address-space limit; print its result as JSON on the last line."""
+    headroom = int(0.9 * proc_bytes("/proc/meminfo", "MemAvailable"))
+    limit = proc_bytes("/proc/self/status", "VmSize") + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        result = measure(spec)
+    except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as RuntimeError
+        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        result = {"oom": f"allocation failed under a {headroom / 2**30:.1f} GiB limit"}
+    print(json.dumps(result))
+
+
+def isolated(script: str, spec: dict) -> dict:
+    """Run ``script --child <spec>`` and return the JSON it printed last."""
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode < 0:  # killed, e.g. by the kernel's OOM killer
+        return {"oom": f"process killed by signal {-proc.returncode}"}
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(script: str, measure: Callable[[dict], dict], spec: dict, device: torch.device) -> dict:
+    """One case: in a subprocess on CPU, in process (out-of-memory caught) on CUDA."""
+    if device.type != "cuda":
+        return isolated(script, spec)
+    try:
+        return measure(spec)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"oom": "CUDA out of memory"}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def fmt_time(result: dict) -> str:
+    return "OOM" if "oom" in result else f"{result['seconds']:.3f}s"
+
+
+def fmt_mem(result: dict) -> str:
+    return "-" if "oom" in result else f"{result['peak_bytes'] / 2**20:.0f} MiB"
+
+
+def ratio(num: dict, den: dict, key: str) -> str:
+    if "oom" in num or "oom" in den or den[key] <= 0:
+        return "-"
+    return f"{num[key] / den[key]:.1f}x"
