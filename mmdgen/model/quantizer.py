@@ -113,7 +113,7 @@ class EMACodebook(nn.Module):
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
+        self.register_buffer("initialized", torch.tensor([float(not cfg.kmeans_init)]))  # [1] as in EnCodec
         embed = torch.randn(cfg.codebook_size, cfg.dim) if not cfg.kmeans_init else torch.zeros(cfg.codebook_size, cfg.dim)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_sum", embed.clone())
@@ -134,7 +134,7 @@ class EMACodebook(nn.Module):
         self.embed.copy_(_broadcast(centroids))
         self.cluster_size.copy_(_broadcast(sizes))
         self.embed_sum.copy_(self.embed * self.cluster_size[:, None])
-        self.initialized.fill_(True)
+        self.initialized.fill_(1.0)
 
     @torch.no_grad()
     def update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:
