@@ -1,0 +1,90 @@
+"""Codec losses: waveform L1, multi-scale mel, and EnCodec's loss balancer.
+
+The balancer makes each weight a fraction of the gradient that reaches the decoder output rather than
+a factor on a loss: every balanced loss's gradient with respect to the output is rescaled to
+``total_norm * weight / sum(weights)`` of unit norm (its norm tracked by an EMA), then the sum flows
+back through the model once. Losses outside it (commitment, the independence loss) backpropagate as
+usual with their plain weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def waveform_l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(fake, real)
+
+
+class MultiScaleMelLoss(nn.Module):
+    """Mean over STFT sizes of L1 + L2 between log-mel spectrograms (n_fft 64..1024, hop n_fft/4)."""
+
+    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (64, 128, 256, 512, 1024), n_mels: int = 64,
+                 floor: float = 1e-5):
+        super().__init__()
+        import torchaudio
+
+        self.floor = floor
+        with warnings.catch_warnings():
+            # 64 mels over the 33 bins of a 64-point STFT leave some filters empty: they add nothing, by design
+            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
+            self.mels = nn.ModuleList(
+                torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n, win_length=n,
+                                                     hop_length=n // 4, n_mels=n_mels, normalized=True,
+                                                     center=False, power=1.0)
+                for n in n_ffts)
+        self.n_ffts = n_ffts
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        if real.shape[-1] < max(self.n_ffts):
+            raise ValueError(f"the mel loss needs at least {max(self.n_ffts)} samples, got {real.shape[-1]}")
+        terms = []
+        for mel in self.mels:
+            log_fake = torch.log(mel(fake.float()).clamp_min(self.floor))
+            log_real = torch.log(mel(real.float()).clamp_min(self.floor))
+            terms.append(F.l1_loss(log_fake, log_real) + F.mse_loss(log_fake, log_real))
+        return torch.stack(terms).mean()
+
+
+class Balancer:
+    """EnCodec's gradient balancer over losses that depend on one ``output`` tensor."""
+
+    def __init__(self, weights: dict[str, float], total_norm: float = 1.0, ema_decay: float = 0.999,
+                 epsilon: float = 1e-12):
+        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"balancer weights must be non-negative with a positive sum, got {weights}")
+        self.weights, self.total_norm, self.decay, self.eps = dict(weights), total_norm, ema_decay, epsilon
+        self.norm_ema: dict[str, float] = {}
+        self.ema_steps: dict[str, float] = {}
+
+    def _ema(self, name: str, value: float) -> float:
+        """Bias-corrected EMA of a loss's gradient norm."""
+        self.norm_ema[name] = self.decay * self.norm_ema.get(name, 0.0) + value
+        self.ema_steps[name] = self.decay * self.ema_steps.get(name, 0.0) + 1.0
+        return self.norm_ema[name] / self.ema_steps[name]
+
+    def backward(self, losses: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, float]:
+        """Backpropagate the balanced sum through ``output``; returns each loss's gradient norm."""
+        unknown = set(losses) - set(self.weights)
+        if unknown:
+            raise ValueError(f"no balancer weight for {sorted(unknown)}")
+        total_weight = sum(self.weights[name] for name in losses)
+        combined = torch.zeros_like(output)
+        norms = {}
+        for name, loss in losses.items():
+            (grad,) = torch.autograd.grad(loss, output, retain_graph=True)
+            norms[name] = float(grad.norm())
+            scale = self.total_norm * self.weights[name] / total_weight / (self._ema(name, norms[name]) + self.eps)
+            combined.add_(grad, alpha=scale)
+        output.backward(combined)
+        return norms
+
+    def state_dict(self) -> dict:
+        return {"norm_ema": dict(self.norm_ema), "ema_steps": dict(self.ema_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norm_ema, self.ema_steps = dict(state["norm_ema"]), dict(state["ema_steps"])
