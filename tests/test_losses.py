@@ -13,20 +13,21 @@ def test_balancer_gives_each_loss_its_share_of_the_gradient():
     target = torch.randn(4, 10)
     losses = {"big": 1000 * ((output - target) ** 2).sum(), "small": 1e-3 * output.abs().sum()}
     balancer = Balancer({"big": 3.0, "small": 1.0}, total_norm=2.0)
-    norms = balancer.backward(losses, output)
+    combined, norms = balancer.gradient(losses, output)
+    output.backward(combined)
     big = torch.autograd.grad(1000 * ((output - target) ** 2).sum(), output)[0]
     small = torch.autograd.grad(1e-3 * output.abs().sum(), output)[0]
     expected = 2.0 * (0.75 * big / big.norm() + 0.25 * small / small.norm())
     assert torch.allclose(output.grad, expected, rtol=1e-5)
     assert norms["big"] == pytest.approx(float(big.norm()), rel=1e-5)
     with pytest.raises(ValueError, match="no balancer weight"):
-        balancer.backward({"other": output.sum()}, output)
+        balancer.gradient({"other": output.sum()}, output)
 
 
 def test_balancer_state_round_trip():
     a = Balancer({"l1": 1.0})
     out = torch.randn(3, requires_grad=True)
-    a.backward({"l1": out.sum() * 5}, out)
+    a.gradient({"l1": out.sum() * 5}, out)
     b = Balancer({"l1": 1.0})
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()

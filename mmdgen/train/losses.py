@@ -51,7 +51,8 @@ class MultiScaleMelLoss(nn.Module):
 
 
 class Balancer:
-    """EnCodec's gradient balancer over losses that depend on one ``output`` tensor."""
+    """EnCodec's gradient balancer over losses that depend on one ``output`` tensor:
+    ``output.backward(balancer.gradient(losses, output)[0])``."""
 
     def __init__(self, weights: dict[str, float], total_norm: float = 1.0, ema_decay: float = 0.999,
                  epsilon: float = 1e-12):
@@ -67,8 +68,10 @@ class Balancer:
         self.ema_steps[name] = self.decay * self.ema_steps.get(name, 0.0) + 1.0
         return self.norm_ema[name] / self.ema_steps[name]
 
-    def backward(self, losses: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, float]:
-        """Backpropagate the balanced sum through ``output``; returns each loss's gradient norm."""
+    def gradient(self, losses: dict[str, torch.Tensor], output: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The balanced gradient to send into ``output`` (the graph is kept for that backward), and each
+        loss's own gradient norm."""
         unknown = set(losses) - set(self.weights)
         if unknown:
             raise ValueError(f"no balancer weight for {sorted(unknown)}")
@@ -80,8 +83,7 @@ class Balancer:
             norms[name] = float(grad.norm())
             scale = self.total_norm * self.weights[name] / total_weight / (self._ema(name, norms[name]) + self.eps)
             combined.add_(grad, alpha=scale)
-        output.backward(combined)
-        return norms
+        return combined, norms
 
     def state_dict(self) -> dict:
         return {"norm_ema": dict(self.norm_ema), "ema_steps": dict(self.ema_steps)}

@@ -1,0 +1,119 @@
+"""The codec trainer: exact resume, the non-finite guard, DDP on two gloo processes, validation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from mmdgen.train.codec import CodecTrainConfig, CodecTrainer, si_snr
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(0)
+    t = np.arange(8000) / 32000
+    for i in range(8):
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        soundfile.write(folder / f"clip{i}.wav", tone.astype(np.float32), 32000)
+    return folder
+
+
+def _cfg(clips, out, **overrides):
+    base = dict(data=str(clips), out=str(out), steps=4, batch_size=2, crop_seconds=0.1, disc_filters=4,
+                mmd_weight=10.0, mmd_delay=True, ckpt_every=2, log_every=1, valid_every=100)
+    base.update(overrides)
+    return CodecTrainConfig(**base)
+
+
+def _weights(out):
+    return {**load_file(str(out / "checkpoint" / "codec.safetensors")),
+            **{f"d.{k}": v for k, v in load_file(str(out / "checkpoint" / "discriminator.safetensors")).items()}}
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(clips, tmp_path):
+    CodecTrainer(_cfg(clips, tmp_path / "straight"), progress=False).train()
+    CodecTrainer(_cfg(clips, tmp_path / "resumed", steps=2), progress=False).train()
+    resumed = CodecTrainer(_cfg(clips, tmp_path / "resumed"), progress=False)
+    assert resumed.step == 2
+    resumed.train()
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (tmp_path / "resumed" / "model" / "codec.safetensors").exists()
+
+
+def test_resume_with_another_configuration_is_refused(clips, tmp_path):
+    CodecTrainer(_cfg(clips, tmp_path / "run", steps=2), progress=False).train()
+    with pytest.raises(ValueError, match="another configuration.*mmd_weight"):
+        CodecTrainer(_cfg(clips, tmp_path / "run", mmd_weight=1.0), progress=False)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(clips, tmp_path):
+    trainer = CodecTrainer(_cfg(clips, tmp_path / "nan", steps=6, max_nonfinite=2), progress=False)
+    real = trainer._generator_losses
+
+    def poisoned(audio):
+        fake, losses, extra, perplexity = real(audio)
+        losses["mel"] = losses["mel"] * float("nan")
+        return fake, losses, extra, perplexity
+
+    before = {k: v.clone() for k, v in trainer.codec.state_dict().items()}
+    trainer._generator_losses = poisoned
+    metrics = trainer.train_step([next(trainer._batches())])
+    assert metrics["skipped"] == 1.0 and trainer.guard.skipped == 1
+    after = trainer.codec.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "stages" not in k)  # weights untouched
+    with pytest.raises(RuntimeError, match="non-finite mel.*limit of 2"):
+        trainer.train()
+
+
+def test_validation_reports_reconstruction_and_dependence(tmp_path):
+    from mmdgen.data.build import BuildConfig, build_corpus
+
+    corpus = tmp_path / "corpus"
+    build_corpus(corpus, BuildConfig(hours=24 / 3600, clip_seconds=0.5, shard_clips=8, folders=("bach",),
+                                     valid_fraction=0.3, test_fraction=0.0), progress=False)
+    trainer = CodecTrainer(CodecTrainConfig(data=str(corpus / "manifest.jsonl"), out=str(tmp_path / "v"), steps=1,
+                                            batch_size=2, crop_seconds=0.1, disc_filters=4, adversarial=False),
+                           progress=False)
+    assert trainer.valid_data is not None
+    report = trainer.train()
+    assert set(report) == {"mel_distance", "si_snr_db", "mi_percent_delay", "mi_percent_delay_baseline"}
+    assert report["mel_distance"] > 0
+
+
+def test_si_snr():
+    reference = torch.randn(2, 1, 1000)
+    assert float(si_snr(3.0 * reference, reference).min()) > 60  # scale-invariant
+    noisy = reference + 0.1 * torch.randn_like(reference)
+    assert 15 < float(si_snr(noisy, reference).mean()) < 25
+
+
+def _ddp_worker(rank, world, init_file, clips, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = CodecTrainer(_cfg(clips, out, steps=2, ckpt_every=5), progress=False)
+    trainer.train()
+    state = {k: v.tolist() for k, v in trainer.codec.state_dict().items() if v.is_floating_point()}
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(state, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_on_two_gloo_processes_keeps_ranks_identical(clips, tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(clips), str(out)), nprocs=2, join=True)
+    a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    for key in a:
+        assert np.allclose(a[key], b[key], atol=1e-6), key
+    assert (out / "checkpoint" / "codec.safetensors").exists()
