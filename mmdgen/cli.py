@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from mmdgen import __version__
 
@@ -50,6 +52,48 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of a config dataclass, typed by its default."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=type(default[0]), nargs=len(default), default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def _train_codec(args: argparse.Namespace) -> int:
+    from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CodecTrainConfig)}
+    fields["betas"] = tuple(fields["betas"])
+    trainer = CodecTrainer(CodecTrainConfig(**fields))
+    report = trainer.train()
+    if trainer.process.main:
+        print(f"model: {Path(args.out) / 'model'}" + (f"; validation: {report}" if report else ""))
+    return 0
+
+
+def _codec(args: argparse.Namespace) -> int:
+    from mmdgen import codec_cli
+
+    if args.codec_command == "encode":
+        codes = codec_cli.encode_file(args.model, args.input, args.output)
+        print(f"{args.output}: codes {tuple(codes.shape)}")
+    elif args.codec_command == "decode":
+        codec_cli.decode_file(args.model, args.input, args.output)
+        print(args.output)
+    else:
+        codec_cli.reconstruct_file(args.model, args.input, args.output)
+        print(args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdgen", description="MusicGen-MMD: text-to-music with independent codebooks")
     parser.add_argument("--version", action="version", version=f"mmdgen {__version__}")
@@ -78,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--format", choices=["flac", "wav"], default="flac")
     build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     build.set_defaults(func=_data_build)
+
+    from mmdgen.train.codec import CodecTrainConfig
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
+    train_codec = train.add_parser("codec", help="train the EnCodec-MMD codec (resumes from --out/checkpoint)")
+    _add_dataclass_arguments(train_codec, CodecTrainConfig)
+    train_codec.set_defaults(func=_train_codec)
+
+    codec = sub.add_parser("codec", help="encode audio to codes and back").add_subparsers(dest="codec_command",
+                                                                                        required=True)
+    for name, what in (("encode", "audio file -> codes (.pt)"), ("decode", "codes (.pt) -> audio file"),
+                       ("reconstruct", "audio file -> codes -> audio file")):
+        command = codec.add_parser(name, help=what)
+        command.add_argument("input")
+        command.add_argument("output")
+        command.add_argument("--model", required=True, help="codec directory (config.json + codec.safetensors)")
+        command.set_defaults(func=_codec)
     return parser
 
 

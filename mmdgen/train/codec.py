@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mmdgen.eval.independence import dependence_report
 from mmdgen.kernels.mmd import independence_loss
-from mmdgen.model.codec import Codec, codec_config
+from mmdgen.model.codec import Codec, codec_config, save_codec
 from mmdgen.model.discriminator import (DiscriminatorConfig, MultiScaleSTFTDiscriminator, discriminator_loss,
                                         feature_matching_loss, generator_adversarial_loss)
 from mmdgen.train.data import AudioDataset, ShardedSampler, collate, folder_entries, manifest_entries
@@ -194,13 +194,7 @@ class CodecTrainer:
 
     def export(self) -> Path:
         """The trained codec as a model directory: config.json + codec.safetensors."""
-        from safetensors.torch import save_file
-
-        folder = self.out / "model"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(self.codec_cfg), indent=1))
-        save_file({k: v.contiguous().cpu() for k, v in self.codec.state_dict().items()}, str(folder / "codec.safetensors"))
-        return folder
+        return save_codec(self.codec, self.out / "model")
 
     # -- training ---------------------------------------------------------------------------------
 

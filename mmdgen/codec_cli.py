@@ -1,0 +1,56 @@
+"""`mmdgen codec encode|decode|reconstruct`: audio files to codes and back with a trained codec."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mmdgen.model.codec import load_codec
+from mmdgen.train.data import read_audio
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_audio(path: Path, audio: torch.Tensor, sample_rate: int) -> None:
+    import soundfile
+
+    if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
+        raise ValueError(f"{path}: write audio as .wav, .flac or .ogg")
+    data = audio.squeeze(0).T.clamp(-1, 1).cpu().numpy()
+    _write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
+
+
+def encode_file(model: str, audio_path: str, codes_path: str) -> torch.Tensor:
+    codec = load_codec(model)
+    audio = read_audio(Path(audio_path), codec.cfg.sample_rate)  # resampled, mixed to mono
+    codes = codec.encode(audio[None])[0]
+    payload = {"codes": codes, "length": torch.tensor(audio.shape[-1]), "sample_rate": torch.tensor(codec.cfg.sample_rate)}
+    _write_atomic(Path(codes_path), lambda tmp: torch.save(payload, tmp))
+    return codes
+
+
+def decode_file(model: str, codes_path: str, audio_path: str) -> None:
+    codec = load_codec(model)
+    try:
+        payload = torch.load(codes_path, weights_only=True)
+        codes, length = payload["codes"], int(payload["length"])
+    except Exception as error:
+        raise ValueError(f"{codes_path}: not a codes file written by `mmdgen codec encode` ({error})") from error
+    _write_audio(Path(audio_path), codec.decode(codes[None], length)[0:1], codec.cfg.sample_rate)
+
+
+def reconstruct_file(model: str, audio_path: str, out_path: str) -> None:
+    codec = load_codec(model)
+    audio = read_audio(Path(audio_path), codec.cfg.sample_rate)
+    decoded = codec.decode(codec.encode(audio[None]), audio.shape[-1])
+    _write_audio(Path(out_path), decoded[0:1], codec.cfg.sample_rate)
