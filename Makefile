@@ -25,3 +25,4 @@ bench: $(INSTALLED)
 	$(PY) -m pytest -q bench/test_mmd_micro.py --benchmark-only
 	$(PY) bench/mmd.py
 	$(PY) bench/vq.py
+	$(PY) bench/train_codec.py
