@@ -113,6 +113,21 @@ def run_case(script: str, measure: Callable[[dict], dict], spec: dict, device: t
         return {"oom": "CUDA out of memory"}
 
 
+def parse_args(parser, measure: Callable[[dict], dict], argv=None):
+    """Add the options every bench script has (--device, --out, and the hidden --child), parse, and run
+    the case when this process is a child. Returns the arguments, or None after running a child."""
+    import argparse
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<name>-<device>.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(measure, json.loads(args.child))
+        return None
+    return args
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

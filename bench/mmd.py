@@ -15,13 +15,11 @@ an "OOM" row rather than a killed machine. CUDA: in process, ``torch.cuda.max_me
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-from harness import (RESULTS, available_bytes, child, device_name, fmt_mem, fmt_time, ratio, run_case,
-                     time_and_peak, write_json)
+from harness import (RESULTS, available_bytes, device_name, fmt_mem, fmt_time, ratio, run_case,
+                     parse_args, time_and_peak, write_json)
 
 METHODS = ("naive", "mmdgen")
 MODES = ("forward", "forward+backward")
@@ -116,15 +114,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeats", type=int, default=1, help="repeats for N >= --large")
     parser.add_argument("--large", type=int, default=65536)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/mmd-<device>.json)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU tensor-core TFLOP/s for the bound")
     parser.add_argument("--peak-exp-per-s", type=float, default=None, help="GPU exp2 per second for the bound")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        child(measure, json.loads(args.child))
+    args = parse_args(parser, measure, argv)
+    if args is None:
         return
 
     device = torch.device(args.device)

@@ -12,14 +12,13 @@ median seconds per step, steps/s and peak memory. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from harness import RESULTS, child, device_name, fmt_mem, fmt_time, ratio, run_case, time_and_peak, write_json
+from harness import (RESULTS, device_name, fmt_mem, fmt_time, parse_args, ratio, run_case, time_and_peak,
+                     write_json)
 
 
 def measure(spec: dict) -> dict:
@@ -51,12 +50,8 @@ def main(argv=None) -> None:
     parser.add_argument("--adversarial", action=argparse.BooleanOptionalAction, default=True,
                         help="train the discriminator too (the paper's recipe; most of the CPU time)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        child(measure, json.loads(args.child))
+    args = parse_args(parser, measure, argv)
+    if args is None:
         return
     device = torch.device(args.device)
     name = device_name(device)

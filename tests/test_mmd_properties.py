@@ -1,6 +1,5 @@
 """Property tests: random awkward shapes and tile sizes against the float64 reference."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
