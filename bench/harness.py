@@ -9,7 +9,6 @@ not fit into an "oom" result instead of a machine killed by the OOM killer. CUDA
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -129,10 +128,9 @@ def parse_args(parser, measure: Callable[[dict], dict], argv=None):
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    from mmdgen.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 def fmt_time(result: dict) -> str:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from mmdgen.files import write_atomic
 from mmdgen.model.codec import load_codec
 from mmdgen.train.data import read_audio
-
-
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_audio(path: Path, audio: torch.Tensor, sample_rate: int) -> None:
@@ -27,7 +17,7 @@ def _write_audio(path: Path, audio: torch.Tensor, sample_rate: int) -> None:
     if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise ValueError(f"{path}: write audio as .wav, .flac or .ogg")
     data = audio.squeeze(0).T.clamp(-1, 1).cpu().numpy()
-    _write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
+    write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
 
 
 def encode_file(model: str, audio_path: str, codes_path: str) -> torch.Tensor:
@@ -35,7 +25,7 @@ def encode_file(model: str, audio_path: str, codes_path: str) -> torch.Tensor:
     audio = read_audio(Path(audio_path), codec.cfg.sample_rate)  # resampled, mixed to mono
     codes = codec.encode(audio[None])[0]
     payload = {"codes": codes, "length": torch.tensor(audio.shape[-1]), "sample_rate": torch.tensor(codec.cfg.sample_rate)}
-    _write_atomic(Path(codes_path), lambda tmp: torch.save(payload, tmp))
+    write_atomic(Path(codes_path), lambda tmp: torch.save(payload, tmp))
     return codes
 
 

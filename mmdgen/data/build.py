@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from mmdgen.data.captions import caption
 from mmdgen.data.corpus import INSTRUMENTS, STYLES, Work, list_works
 from mmdgen.data.render import RenderError, check_renderer, excerpt_start, parse_work, render_clip
+from mmdgen.files import write_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 
@@ -124,18 +124,11 @@ def plan_shards(cfg: BuildConfig) -> list[list[Excerpt]]:
     return [excerpts[i: i + per_shard] for i in range(0, len(excerpts), per_shard)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_audio_atomic(path: Path, audio: np.ndarray, sample_rate: int, audio_format: str) -> None:
     import soundfile
 
-    tmp = path.with_name(path.name + ".tmp")
-    soundfile.write(str(tmp), audio, sample_rate, format=audio_format.upper(), subtype="PCM_16")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: soundfile.write(str(tmp), audio, sample_rate, format=audio_format.upper(),
+                                                   subtype="PCM_16"))
 
 
 def clip_fields(excerpt: Excerpt, rendering: int, parsed, cfg: BuildConfig) -> dict:
@@ -182,8 +175,8 @@ def build_shard(index: int, excerpts: list[Excerpt], out: Path, cfg: BuildConfig
             records.append({"id": clip_id, "path": str(path.relative_to(out)), "duration": cfg.clip_seconds,
                             "sample_rate": cfg.sample_rate, "split": split_of(excerpt.work.work_id, cfg),
                             "caption": caption(fields, _rng(cfg.seed, excerpt.index, rendering, 3)), **fields})
-    _write_atomic(report_path, json.dumps({"failures": dict(failures)}))
-    _write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(report_path, json.dumps({"failures": dict(failures)}))
+    write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in records))
     return {"index": index, "clips": len(records), "skipped": False, "failures": dict(failures)}
 
 
@@ -218,7 +211,7 @@ def build_corpus(out: str | Path, cfg: BuildConfig, workers: int = 1, progress: 
     _check_existing(out, cfg)
     shards = plan_shards(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "build_config.json", json.dumps(cfg.identity(), indent=1))
+    write_text_atomic(out / "build_config.json", json.dumps(cfg.identity(), indent=1))
     jobs = [(i, excerpts, out, cfg) for i, excerpts in enumerate(shards)]
     start = time.perf_counter()
     results = []
@@ -237,9 +230,9 @@ def build_corpus(out: str | Path, cfg: BuildConfig, workers: int = 1, progress: 
     lines = []
     for i in range(len(shards)):
         lines.append((out / "shards" / f"{i:05d}.jsonl").read_text())
-    _write_atomic(out / "manifest.jsonl", "".join(lines))
+    write_text_atomic(out / "manifest.jsonl", "".join(lines))
     report = _report(results, cfg, elapsed, out)
-    _write_atomic(out / "build_report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "build_report.json", json.dumps(report, indent=1))
     return report
 
 

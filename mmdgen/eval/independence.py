@@ -20,18 +20,14 @@ import math
 
 import torch
 
+from mmdgen.kernels.mmd import joint_samples
+
 
 def aligned_codes(codes: torch.Tensor, delay: bool = False) -> torch.Tensor:
     """[B, K, T] codes -> [N, K] samples (delay: stage k at frame t - k, padded frames cropped)."""
     if codes.dim() != 3:
         raise ValueError(f"codes must be [B, K, T], got {tuple(codes.shape)}")
-    batch, stages, frames = codes.shape
-    if delay:
-        if frames < stages:
-            raise ValueError(f"delay alignment of {stages} codebooks needs at least {stages} frames, got {frames}")
-        kept = frames - stages + 1
-        codes = torch.stack([codes[:, k, stages - 1 - k: stages - 1 - k + kept] for k in range(stages)], 1)
-    return codes.permute(0, 2, 1).reshape(-1, stages)
+    return joint_samples(codes[:, :, None, :], delay)[:, :, 0]  # the alignment the independence loss uses
 
 
 def entropy_bits(samples: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from mmdgen.files import write_atomic, write_text_atomic
 from mmdgen.model.quantizer import QuantizerConfig, QuantizerOutput, ResidualVectorQuantizer
 
 
@@ -234,16 +234,14 @@ class Codec(nn.Module):
 
 
 def save_codec(codec: Codec, folder: str | Path) -> Path:
-    """A model directory: config.json + codec.safetensors (written to temporary names, then renamed)."""
+    """A model directory: config.json + codec.safetensors, each written atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in codec.state_dict().items()}
-    save_file(weights, str(folder / "codec.safetensors.tmp"))
-    (folder / "config.json.tmp").write_text(json.dumps(dataclasses.asdict(codec.cfg), indent=1))
-    os.replace(folder / "codec.safetensors.tmp", folder / "codec.safetensors")
-    os.replace(folder / "config.json.tmp", folder / "config.json")
+    write_atomic(folder / "codec.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    write_text_atomic(folder / "config.json", json.dumps(dataclasses.asdict(codec.cfg), indent=1))
     return folder
 
 
