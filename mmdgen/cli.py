@@ -1,4 +1,4 @@
-"""The `mmdgen` command. Subcommands grow with the project: demo for now."""
+"""The `mmdgen` command: demo, data (build, tokenize), text (tokenizer), train (codec, lm), codec."""
 
 from __future__ import annotations
 
@@ -52,6 +52,22 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_tokenize(args: argparse.Namespace) -> int:
+    from mmdgen.data.tokenize import describe, tokenize_corpus
+
+    header = tokenize_corpus(args.codec, args.manifest, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"{args.out}: {describe(header)}")
+    return 0
+
+
+def _text_tokenizer(args: argparse.Namespace) -> int:
+    from mmdgen.model.text import build_tokenizer_from_manifest
+
+    path, size = build_tokenizer_from_manifest(args.manifest, args.out, args.vocab_size, split=args.split)
+    print(f"{path}: sentencepiece model with {size} pieces")
+    return 0
+
+
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One --option per field of a config dataclass, typed by its default."""
     for f in dataclasses.fields(cls):
@@ -73,6 +89,18 @@ def _train_codec(args: argparse.Namespace) -> int:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CodecTrainConfig)}
     fields["betas"] = tuple(fields["betas"])
     trainer = CodecTrainer(CodecTrainConfig(**fields))
+    report = trainer.train()
+    if trainer.process.main:
+        print(f"model: {Path(args.out) / 'model'}" + (f"; validation: {report}" if report else ""))
+    return 0
+
+
+def _train_lm(args: argparse.Namespace) -> int:
+    from mmdgen.train.lm import LMTrainConfig, LMTrainer
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(LMTrainConfig)}
+    fields["betas"] = tuple(fields["betas"])
+    trainer = LMTrainer(LMTrainConfig(**fields))
     report = trainer.train()
     if trainer.process.main:
         print(f"model: {Path(args.out) / 'model'}" + (f"; validation: {report}" if report else ""))
@@ -122,13 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--format", choices=["flac", "wav"], default="flac")
     build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     build.set_defaults(func=_data_build)
+    tokenize = data.add_parser("tokenize", help="encode a corpus with a codec into token files for LM training")
+    tokenize.add_argument("--codec", required=True, help="codec directory (config.json + codec.safetensors)")
+    tokenize.add_argument("--manifest", required=True, help="the corpus manifest.jsonl")
+    tokenize.add_argument("--out", required=True, help="token folder to write (replaced atomically)")
+    tokenize.add_argument("--batch-size", type=int, default=8)
+    tokenize.add_argument("--device", default="cpu")
+    tokenize.set_defaults(func=_data_tokenize)
+
+    text = sub.add_parser("text", help="text conditioning tools").add_subparsers(dest="text_command", required=True)
+    tokenizer = text.add_parser("tokenizer", help="train the caption tokenizer (sentencepiece) on a manifest")
+    tokenizer.add_argument("--manifest", required=True)
+    tokenizer.add_argument("--out", required=True, help="the .model file to write")
+    tokenizer.add_argument("--vocab-size", type=int, default=1000, help="at most this many pieces (fewer when the "
+                                                                        "captions cannot fill it)")
+    tokenizer.add_argument("--split", default="train")
+    tokenizer.set_defaults(func=_text_tokenizer)
 
     from mmdgen.train.codec import CodecTrainConfig
+    from mmdgen.train.lm import LMTrainConfig
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
     train_codec = train.add_parser("codec", help="train the EnCodec-MMD codec (resumes from --out/checkpoint)")
     _add_dataclass_arguments(train_codec, CodecTrainConfig)
     train_codec.set_defaults(func=_train_codec)
+    train_lm = train.add_parser("lm", help="train the music LM on a token folder (resumes from --out/checkpoint)")
+    _add_dataclass_arguments(train_lm, LMTrainConfig)
+    train_lm.set_defaults(func=_train_lm)
 
     codec = sub.add_parser("codec", help="encode audio to codes and back").add_subparsers(dest="codec_command",
                                                                                         required=True)

@@ -136,3 +136,18 @@ def test_ema_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
         books = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for stage, book in zip(single.stages, books):
             assert torch.allclose(stage.embed, torch.tensor(book), atol=1e-5)
+
+
+def test_stage_latents_match_the_forward_pass_without_touching_the_codebooks():
+    torch.manual_seed(0)
+    quantizer = ResidualVectorQuantizer(QuantizerConfig(dim=6, codebook_size=16, num_codebooks=3))
+    x = torch.randn(3, 6, 11)
+    quantizer(x)  # k-means initialisation and one EMA update
+    buffers = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    x = x.requires_grad_()
+    latents = quantizer.stage_latents(x)
+    assert all(torch.equal(buffers[k], v) for k, v in quantizer.state_dict().items())
+    quantizer.eval()
+    assert torch.equal(latents, quantizer(x).stage_latents)
+    (latents * torch.arange(3.0).view(1, 3, 1, 1)).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 0.0 + 1.0 + 2.0))  # straight through from every stage

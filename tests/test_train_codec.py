@@ -36,18 +36,23 @@ def _weights(out):
             **{f"d.{k}": v for k, v in load_file(str(out / "checkpoint" / "discriminator.safetensors")).items()}}
 
 
-def test_stopped_and_resumed_run_ends_with_the_same_weights(clips, tmp_path):
-    CodecTrainer(_cfg(clips, tmp_path / "straight"), progress=False).train()
-    CodecTrainer(_cfg(clips, tmp_path / "resumed", steps=2), progress=False).train()
-    resumed = CodecTrainer(_cfg(clips, tmp_path / "resumed"), progress=False)
-    assert resumed.step == 2
+@pytest.mark.parametrize("schedule", [{}, {"mmd_every": 2, "mmd_batches": 3, "grad_accum": 2, "ckpt_every": 3,
+                                        "steps": 5}], ids=["every-step", "macro-batch"])
+def test_stopped_and_resumed_run_ends_with_the_same_weights(clips, tmp_path, schedule):
+    """The macro-batch case stops between independence-loss steps with re-encoding history pending."""
+    CodecTrainer(_cfg(clips, tmp_path / "straight", **schedule), progress=False).train()
+    stop = schedule.get("ckpt_every", 2)
+    CodecTrainer(_cfg(clips, tmp_path / "resumed", **{**schedule, "steps": stop}), progress=False).train()
+    resumed = CodecTrainer(_cfg(clips, tmp_path / "resumed", **schedule), progress=False)
+    history = 3 * 2 - 1 if schedule else 0  # micro-batches of the last 3 steps but the current one
+    assert resumed.step == stop and len(resumed.mmd_history) == resumed.mmd_history.maxlen == history
     resumed.train()
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == list(range(1, schedule.get("steps", 4) + 1))
     assert (tmp_path / "resumed" / "model" / "codec.safetensors").exists()
 
 
@@ -57,12 +62,34 @@ def test_resume_with_another_configuration_is_refused(clips, tmp_path):
         CodecTrainer(_cfg(clips, tmp_path / "run", mmd_weight=1.0), progress=False)
 
 
+def test_independence_loss_runs_every_mmd_every_steps_on_the_last_mmd_batches_steps(clips, tmp_path, monkeypatch):
+    import mmdgen.train.codec as codec_module
+
+    seen = []
+    real = codec_module.independence_loss
+
+    def recording(latents, **kwargs):
+        seen.append(latents.shape[0])
+        return real(latents, **kwargs)
+
+    monkeypatch.setattr(codec_module, "independence_loss", recording)
+    trainer = CodecTrainer(_cfg(clips, tmp_path / "macro", steps=7, batch_size=2, grad_accum=2, mmd_every=3,
+                                mmd_batches=2, adversarial=False), progress=False)
+    logged = []
+    for _ in range(7):
+        logged.append("mmd" in trainer.train_step([next(trainer._batches()) for _ in range(2)]))
+        trainer.step += 1
+    # steps 0, 3, 6; the first sees only its own two micro-batches, later ones two steps' worth
+    assert logged == [True, False, False, True, False, False, True]
+    assert seen == [4, 8, 8]
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(clips, tmp_path):
     trainer = CodecTrainer(_cfg(clips, tmp_path / "nan", steps=6, max_nonfinite=2), progress=False)
     real = trainer._generator_losses
 
-    def poisoned(audio):
-        fake, losses, extra, perplexity = real(audio)
+    def poisoned(audio, with_mmd):
+        fake, losses, extra, perplexity = real(audio, with_mmd)
         losses["mel"] = losses["mel"] * float("nan")
         return fake, losses, extra, perplexity
 
@@ -101,7 +128,7 @@ def test_si_snr():
 def _ddp_worker(rank, world, init_file, clips, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    trainer = CodecTrainer(_cfg(clips, out, steps=2, ckpt_every=5), progress=False)
+    trainer = CodecTrainer(_cfg(clips, out, steps=2, ckpt_every=5, mmd_batches=2), progress=False)
     trainer.train()
     state = {k: v.tolist() for k, v in trainer.codec.state_dict().items() if v.is_floating_point()}
     with open(f"{out}/rank{rank}.json", "w") as f:
@@ -117,3 +144,18 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_identical(clips, tmp_path):
     for key in a:
         assert np.allclose(a[key], b[key], atol=1e-6), key
     assert (out / "checkpoint" / "codec.safetensors").exists()
+
+
+def test_compiled_training_steps_match_eager_ones(clips, tmp_path):
+    """torch.compile (inductor on CPU) changes the kernels, not the maths: same losses step after step."""
+    losses = {}
+    for compiled in (False, True):
+        trainer = CodecTrainer(_cfg(clips, tmp_path / f"compile{compiled}", adversarial=False, compile=compiled),
+                               progress=False)
+        batches = trainer._batches()
+        losses[compiled] = []
+        for _ in range(3):
+            metrics = trainer.train_step([next(batches)])
+            trainer.step += 1
+            losses[compiled].append([metrics["mel"], metrics["l1"], metrics["commitment"]])
+    assert np.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-6), losses

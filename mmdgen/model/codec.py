@@ -220,6 +220,11 @@ class Codec(nn.Module):
         decoded = self.decoder(quantized.quantized)[..., : audio.shape[-1]]
         return CodecOutput(decoded, latents, quantized)
 
+    def stage_latents(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, C, L] -> per-stage latents [B, K, D, T] with the gradient reaching the encoder; no codebook update."""
+        self._check_audio(audio)
+        return self.quantizer.stage_latents(self.encoder(audio))
+
     @torch.no_grad()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """[B, C, L] -> codes [B, K, ceil(L / hop)]."""

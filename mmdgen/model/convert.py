@@ -4,6 +4,10 @@ Codec: transformers' ``EncodecModel`` (weight-normalised convolutions, non-chunk
 normalisation: the layout of the 32 kHz MusicGen codec). The SEANet layers share their names; only
 the quantizer's differ (``quantizer.layers.k.codebook.{embed, embed_avg, cluster_size, inited}`` there,
 ``quantizer.stages.k.{embed, embed_sum, cluster_size, initialized}`` here).
+
+Language model: the decoder of ``MusicgenForCausalLM`` or ``MusicgenForConditionalGeneration`` (mono,
+unscaled embeddings, GELU); with the latter, its ``enc_to_dec_proj`` becomes our ``text_projection``. The
+text and audio encoders stay in transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import torch
 
 from mmdgen.model.codec import Codec, CodecConfig
+from mmdgen.model.lm import LMConfig, MusicLM
 from mmdgen.model.quantizer import QuantizerConfig
 
 _QUANTIZER_NAMES = {"embed": "embed", "embed_avg": "embed_sum", "cluster_size": "cluster_size",
@@ -105,3 +110,51 @@ def codec_to_transformers(codec: Codec):
     model = EncodecModel(codec_config_to_transformers(codec.cfg))
     _load_renamed(model, codec.state_dict(), _to_theirs)
     return model.eval()
+
+
+_LM_NAMES = [  # (theirs, ours), after the decoder prefix is stripped
+    (r"^embed_tokens\.", "embeddings."), (r"^layer_norm\.", "norm."), (r"^lm_heads\.", "heads."),
+    (r"^enc_to_dec_proj\.", "text_projection."), (r"\.encoder_attn_layer_norm\.", ".cross_attn_norm."),
+    (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".self_attn_norm."),
+    (r"\.final_layer_norm\.", ".ffn_norm."),
+]
+_DECODER_PREFIX = re.compile(r"^(decoder\.)?(model\.decoder\.)?")
+
+
+def lm_config_from_transformers(decoder_config, text_dim: int | None = None) -> LMConfig:
+    """LMConfig of a transformers ``MusicgenDecoderConfig``; ValueError for what this LM does not do."""
+    unsupported = []
+    if decoder_config.activation_function != "gelu":
+        unsupported.append(f"activation_function={decoder_config.activation_function!r} (gelu only)")
+    if decoder_config.scale_embedding:
+        unsupported.append("scale_embedding=True")
+    if getattr(decoder_config, "audio_channels", 1) != 1:
+        unsupported.append(f"audio_channels={decoder_config.audio_channels} (mono only)")
+    if unsupported:
+        raise ValueError("this MusicgenDecoderConfig uses features mmdgen's LM does not have: " + "; ".join(unsupported))
+    return LMConfig(num_codebooks=decoder_config.num_codebooks, codebook_size=decoder_config.vocab_size,
+                    dim=decoder_config.hidden_size, layers=decoder_config.num_hidden_layers,
+                    heads=decoder_config.num_attention_heads, ffn_dim=decoder_config.ffn_dim,
+                    text_dim=text_dim or decoder_config.hidden_size)
+
+
+def _lm_key(key: str) -> str:
+    key = _DECODER_PREFIX.sub("", key)
+    for theirs, ours in _LM_NAMES:
+        key = re.sub(theirs, ours, key)
+    return key
+
+
+def lm_from_transformers(model) -> MusicLM:
+    """A MusicLM holding the decoder weights of a transformers ``MusicgenForCausalLM`` or
+    ``MusicgenForConditionalGeneration`` (the text projection too, for the latter)."""
+    conditional = hasattr(model, "text_encoder")
+    decoder_config = model.config.decoder if conditional else model.config
+    text_dim = model.text_encoder.config.hidden_size if conditional else None
+    if conditional and getattr(decoder_config, "cross_attention_hidden_size", None) is not None:
+        raise ValueError("cross_attention_hidden_size is set: the text states are not projected the usual way")
+    lm = MusicLM(lm_config_from_transformers(decoder_config, text_dim))
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("text_encoder.", "audio_encoder.")) and not k.endswith("embed_positions.weights")}
+    _load_renamed(lm, state, _lm_key)
+    return lm.eval()

@@ -193,9 +193,7 @@ class ResidualVectorQuantizer(nn.Module):
             if self.training:
                 stage.update(target, stage_codes)
             commitment.append(F.mse_loss(residual, codeword.detach()))
-            value = {"quantized": codeword, "residual_after": residual - codeword,
-                     "residual_before": residual}[self.cfg.stage_latent]
-            latents.append(residual + (value - residual).detach())  # gradient straight to the input
+            latents.append(self._stage_latent(residual, codeword))
             codes.append(stage_codes)
             perplexity.append(_perplexity(stage_codes, self.cfg.codebook_size))
             quantized_sum = quantized_sum + codeword.detach()
@@ -209,6 +207,24 @@ class ResidualVectorQuantizer(nn.Module):
             commitment_loss=torch.stack(commitment).mean(),
             perplexity=torch.stack(perplexity),
         )
+
+    def _stage_latent(self, residual: torch.Tensor, codeword: torch.Tensor) -> torch.Tensor:
+        """What the independence loss sees for one stage, its gradient passed straight to the input."""
+        value = {"quantized": codeword, "residual_after": residual - codeword,
+                 "residual_before": residual}[self.cfg.stage_latent]
+        return residual + (value - residual).detach()
+
+    def stage_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, D, T] -> the per-stage latents [B, K, D, T] of all stages with the current codebooks, without
+        updating them (re-encoding past batches for the independence loss's macro-batch)."""
+        batch, dim, frames = x.shape
+        residual = x.transpose(1, 2).reshape(-1, dim)
+        latents = []
+        for stage in self.stages:
+            codeword = stage.decode(stage.encode(residual.detach())).to(residual.dtype)
+            latents.append(self._stage_latent(residual, codeword))
+            residual = residual - codeword.detach()
+        return torch.stack(latents, 1).reshape(batch, frames, len(latents), dim).permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mmdgen.files import write_folder_atomic
 
 STATE_FILE = "training_state.pt"
 
@@ -97,20 +98,14 @@ def save_checkpoint(folder: Path, config: dict, models: dict[str, torch.nn.Modul
     """Atomically (re)place ``folder`` with the config, each model's weights and the training state."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    for name, model in models.items():
-        weights = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
-        save_file(weights, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / STATE_FILE)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        for name, model in models.items():
+            weights = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+            save_file(weights, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / STATE_FILE)
+
+    write_folder_atomic(folder, write)
 
 
 def checkpoint_folder(folder: Path) -> Path | None:
@@ -182,3 +177,160 @@ class MetricLog:
         if self.enabled and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class Trainer:
+    """The loop every trainer runs: resumable data order, steps with gradient accumulation, logging,
+    validation, atomic checkpoints with exact resume, the final export.
+
+    A subclass builds its models, optimisers and datasets, then calls ``_start(train_data, collate)``;
+    it defines ``train_step(micro_batches) -> metrics``, ``validate() -> metrics`` (or ``{}``),
+    ``checkpoint_models()``, ``optimizers()``, ``export()``, the identity of its configuration
+    (``checkpoint_config()``), and any state beyond the shared one (``extra_state`` /
+    ``load_extra_state``). Its config needs the fields out, device, seed, steps, batch_size, grad_accum,
+    log_every, valid_every, ckpt_every, max_nonfinite and workers.
+    """
+
+    label = "train"
+
+    def __init__(self, cfg, process: Process | None, progress: bool):
+        cfg.check()
+        self.cfg, self.progress = cfg, progress
+        self.process = process or setup_process(cfg.device)
+        self.out = Path(cfg.out)
+        seed_everything(cfg.seed)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite)
+        self.step, self.epoch, self.consumed = 0, 0, 0
+
+    def _start(self, train_data, collate) -> None:
+        from mmdgen.train.data import ShardedSampler
+
+        self.train_data, self.collate = train_data, collate
+        self.sampler = ShardedSampler.for_current_process(len(train_data), seed=self.cfg.seed)
+        if self.sampler.per_rank < self.cfg.batch_size * self.cfg.grad_accum:
+            raise ValueError(f"{self.sampler.per_rank} training items per rank cannot fill one step of "
+                             f"{self.cfg.grad_accum} x {self.cfg.batch_size}")
+        self.log = MetricLog(self.out, enabled=self.process.main)
+        self._resume()
+
+    # -- what subclasses provide ---------------------------------------------------------------------
+
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def checkpoint_config(self) -> dict:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def to_device(self, batch):
+        return batch
+
+    def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {}
+
+    def train_step(self, micro_batches: list) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self) -> dict:
+        return {}
+
+    def export(self) -> Path:
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        folder = checkpoint_folder(self.out / "checkpoint")
+        if folder is None:
+            return
+        saved = json.loads((folder / "config.json").read_text())
+        expected = json.loads(json.dumps(self.checkpoint_config()))
+        if saved != expected:
+            differing = sorted(k for k in set(saved.get("train", {})) | set(expected["train"])
+                               if saved.get("train", {}).get(k) != expected["train"].get(k))
+            raise ValueError(f"{folder} was written by a run with another configuration (differs in "
+                             f"{differing or 'the model'}); use another --out to start afresh")
+        for name, model in self.checkpoint_models().items():
+            load_weights(model, folder / f"{name}.safetensors")
+        state = load_state(folder)
+        for name, optimizer in self.optimizers().items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
+        self.guard.skipped = state["skipped"]
+        set_rng_state(state["rng"][min(self.process.rank, len(state["rng"]) - 1)])
+        self.load_extra_state(state["extra"])
+        self.log.truncate_after(self.step)
+
+    def _gather(self, value):
+        """Every rank's ``value`` (a list with one entry per rank)."""
+        if self.process.world == 1:
+            return [value]
+        values = [None] * self.process.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def _save(self) -> None:
+        rngs, extra = self._gather(rng_state()), self.extra_state()
+        if not self.process.main:
+            return
+        state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.guard.skipped,
+                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers().items()},
+                 "rng": rngs, "extra": extra}
+        save_checkpoint(self.out / "checkpoint", self.checkpoint_config(), self.checkpoint_models(), state)
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches from the current data position, moving to the next epoch at the end of one."""
+        while True:
+            if hasattr(self.train_data, "set_epoch"):
+                self.train_data.set_epoch(self.epoch)
+            self.sampler.set_position(self.epoch, self.consumed)
+            # its own generator: a loader drawing its worker seed from the global RNG would shift every later
+            # random draw when a resumed run builds one mid-epoch
+            loader = torch.utils.data.DataLoader(self.train_data, batch_size=self.cfg.batch_size,
+                                                 sampler=self.sampler, collate_fn=self.collate, drop_last=True,
+                                                 num_workers=self.cfg.workers,
+                                                 generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+            for batch in loader:
+                self.consumed += self.cfg.batch_size
+                yield self.to_device(batch)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        batches = self._batches()
+        start_step, start_time = self.step, time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.label, unit="step",
+                   disable=not (self.progress and self.process.main))
+        last = {}
+        while self.step < cfg.steps:
+            metrics = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
+            self.step += 1
+            rate = (self.step - start_step) / (time.perf_counter() - start_time)
+            bar.update(1)
+            bar.set_postfix(**self.progress_fields(metrics), steps_s=f"{rate:.2f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.log.write("train", self.step, {**metrics, "steps_per_s": rate, "skipped_total": self.guard.skipped})
+            if self.process.main and (self.step % cfg.valid_every == 0 or self.step == cfg.steps):
+                last = self.validate()
+                if last:
+                    self.log.write("valid", self.step, last)
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                                                                 if isinstance(v, (int, float))))
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self._save()
+        bar.close()
+        if self.process.main:
+            self.export()
+        return last

@@ -1,0 +1,216 @@
+"""MusicGen's language model over K codebooks: summed code embeddings, sinusoidal positions, pre-norm layers
+of causal self-attention, cross-attention to the text states and a GELU feed-forward block, K output heads.
+
+Input: a pattern sequence ``[B, K, S]`` (``mmdgen.model.patterns``) whose empty cells and start step hold the
+special token ``codebook_size``; each step's K tokens are embedded and summed. Output: hidden states
+``[B, S, dim]`` (what the fused cross-entropy takes) or logits ``[B, K, S, codebook_size]``.
+
+Attention modules take an optional static KV cache (``KVCache``) so that the decode loop can run one step at a
+time over preallocated buffers; the text's keys and values are projected once per generation
+(``cross_memory``). Weight names map one to one onto transformers' ``MusicgenForCausalLM``
+(``mmdgen.model.convert``), and the maths matches it: no biases in attention or the feed-forward block,
+LayerNorm with bias, exact GELU, positions ``[cos | sin]`` as in tensor2tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdgen.model.patterns import PATTERNS
+
+
+@dataclass
+class LMConfig:
+    num_codebooks: int = 4
+    codebook_size: int = 2048  # the special token (start step, empty pattern cells) is this id
+    dim: int = 1024
+    layers: int = 24
+    heads: int = 16
+    ffn_dim: int = 4096
+    text_dim: int = 768  # width of the conditioning states; projected to ``dim`` when it differs
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    pattern: str = "delay"
+    delays: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.delays is not None:
+            self.delays = tuple(self.delays)
+        for name in ("num_codebooks", "codebook_size", "dim", "layers", "heads", "ffn_dim", "text_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {', '.join(PATTERNS)}")
+
+    @property
+    def special_token(self) -> int:
+        return self.codebook_size
+
+
+PRESETS = {
+    # CPU tests and experiments, over the tiny codec's 4 x 256 codes.
+    "tiny": lambda: LMConfig(codebook_size=256, dim=64, layers=2, heads=4, ffn_dim=256, text_dim=64),
+    # MusicGen small: 24 layers of width 1024 (T5-base text states, 768 wide).
+    "small": lambda: LMConfig(),
+}
+
+
+def lm_config(preset: str, **overrides) -> LMConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LM preset {preset!r}; expected one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.__post_init__()
+    return cfg
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[S] integer positions -> [S, dim] embeddings: cos then sin of position * 10000^(-i / (dim/2 - 1))."""
+    half = dim // 2
+    rates = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32)
+                      * -(math.log(10000.0) / max(half - 1, 1)))
+    angles = positions.float()[:, None] * rates[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return F.pad(embedding, (0, dim - 2 * half))
+
+
+class KVCache(nn.Module):
+    """Static self-attention cache of one layer: keys and values [B, heads, max_steps, head_dim]."""
+
+    def __init__(self, batch: int, heads: int, max_steps: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, heads, max_steps, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Write the new steps' keys/values at ``positions`` [S_new]; return the whole buffers."""
+        self.keys.index_copy_(2, positions, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, positions, values.to(self.values.dtype))
+        return self.keys, self.values
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, hd]
+
+    def memory(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of the text states (computed once per generation)."""
+        return self.split_heads(self.k_proj(states)), self.split_heads(self.v_proj(states))
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        query = self.split_heads(self.q_proj(x))
+        out = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.cross_attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
+        self.cross_attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self_attn_norm(x)
+        keys, values = self.self_attn.split_heads(self.self_attn.k_proj(h)), self.self_attn.split_heads(
+            self.self_attn.v_proj(h))
+        if cache is None:
+            attended = self.self_attn(h, keys, values, causal=True)
+        else:  # the new steps see every cached step up to their own position
+            keys, values = cache.update(positions, keys, values)
+            visible = torch.arange(keys.shape[2], device=x.device)[None, :] <= positions[:, None]
+            attended = self.self_attn(h, keys, values, mask=visible)
+        x = x + F.dropout(attended, self.dropout, self.training)
+        x = x + F.dropout(self.cross_attn(self.cross_attn_norm(x), *memory, mask=memory_mask), self.dropout,
+                          self.training)
+        return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ffn_norm(x)))), self.dropout, self.training)
+
+
+class MusicLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.ModuleList(nn.Embedding(cfg.codebook_size + 1, cfg.dim) for _ in range(cfg.num_codebooks))
+        self.text_projection = nn.Linear(cfg.text_dim, cfg.dim) if cfg.text_dim != cfg.dim else nn.Identity()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
+                                   for _ in range(cfg.num_codebooks))
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        k = self.cfg.num_codebooks
+        if tokens.dim() != 3 or tokens.shape[1] != k:
+            raise ValueError(f"expected tokens [B, {k}, S], got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > self.cfg.special_token):
+            raise ValueError(f"tokens must lie in [0, {self.cfg.special_token}] (the last is the special token), "
+                             f"got values in [{int(tokens.min())}, {int(tokens.max())}]")
+
+    def cross_memory(self, states: torch.Tensor, mask: torch.Tensor):
+        """Per layer (keys, values) of the projected text states, and the [B, 1, 1, L] attention mask.
+
+        The projected memory is zero where ``mask`` is False (transformers' MusicGen does the same), so a null
+        condition (an all-False row) adds exactly nothing; such a row attends to its first, zero position only
+        to keep the softmax defined."""
+        if states.dim() != 3 or states.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"expected text states [B, L, {self.cfg.text_dim}], got {tuple(states.shape)}")
+        if mask.shape != states.shape[:2]:
+            raise ValueError(f"expected a text mask {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.bool()
+        projected = self.text_projection(states) * mask[..., None].to(states.dtype)
+        attend = mask.clone()
+        attend[:, 0] |= ~mask.any(dim=1)
+        return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
+
+    def hidden(self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+               caches: list[KVCache] | None = None, start: int = 0, memory=None) -> torch.Tensor:
+        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]."""
+        self._check_tokens(tokens)
+        x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
+        x = F.dropout(x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype), self.cfg.dropout, self.training)
+        memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions)
+        return self.norm(x)
+
+    def head_weights(self) -> torch.Tensor:
+        """[K, V, dim]: the K output heads stacked, as the fused cross-entropy takes them."""
+        return torch.stack([head.weight for head in self.heads])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, S, dim] -> [B, K, S, V]."""
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(tokens, states, mask))
+
+    def new_caches(self, batch: int, max_steps: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        param = self.heads[0].weight
+        return [KVCache(batch, self.cfg.heads, max_steps, self.cfg.dim // self.cfg.heads, dtype or param.dtype,
+                        param.device) for _ in self.layers]

@@ -1,0 +1,373 @@
+"""Train the music LM on a token folder (``mmdgen data tokenize``) with a codebook pattern:
+
+    mmdgen train lm --tokens runs/tokens --pattern delay --preset tiny --steps 2000
+
+Each step: random crops of ``crop_frames`` frames, captions dropped to "" with ``condition_dropout``
+(classifier-free guidance), the codes laid out by the pattern, inputs shifted one step right behind the
+special token, and cross-entropy on the cells where the pattern holds a real code (audiocraft's loss: per
+codebook over its valid cells, averaged over codebooks). The output heads and the loss are fused
+(``mmdgen.kernels.cross_entropy``) unless ``fused_ce`` is off. AdamW with linear warm-up and cosine decay,
+gradient clipping, bf16 autocast on CUDA, DDP under torchrun, exact resume, validation NLL per codebook.
+
+A run folder holds ``checkpoint/``, ``metrics.jsonl`` and the final ``model/`` (``load_music_lm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mmdgen.data.tokenize import TokenSet
+from mmdgen.files import write_atomic, write_text_atomic
+from mmdgen.kernels.cross_entropy import linear_cross_entropy
+from mmdgen.model.lm import LMConfig, MusicLM, lm_config
+from mmdgen.model.patterns import Pattern, make_pattern
+from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner,
+                               drop_captions, text_conditioner, train_caption_tokenizer)
+from mmdgen.train.loop import Process, Trainer, autocast
+
+IGNORE = -100
+
+
+@dataclass
+class LMTrainConfig:
+    tokens: str = ""  # a token folder from `mmdgen data tokenize`
+    out: str = "runs/lm"
+    preset: str = "tiny"
+    pattern: str = "delay"
+    delays: str = ""  # comma-separated per-codebook delays for the delay pattern (default 0..K-1)
+    text: str = "learned"  # learned | minilm | t5
+    text_path: str = ""  # T5: its folder; learned: a sentencepiece model (default: trained on the captions)
+    text_dim: int = 128  # the learned text encoder's width and layers
+    text_layers: int = 2
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    crop_frames: int = 150
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    condition_dropout: float = 0.3
+    fused_ce: bool = True
+    backend: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    ckpt_every: int = 200
+    valid_every: int = 200
+    valid_clips: int = 64
+    max_nonfinite: int = 10
+    workers: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "grad_accum", "crop_frames", "log_every", "ckpt_every", "valid_every",
+                     "text_dim", "text_layers"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            problems.append(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
+        if self.text not in CONDITIONER_KINDS:
+            problems.append(f"text must be one of {', '.join(CONDITIONER_KINDS)}, got {self.text!r}")
+        if self.text == "t5" and not self.text_path:
+            problems.append("text t5 needs text_path: a local folder with the T5 encoder's weights and tokenizer")
+        if not self.tokens:
+            problems.append("tokens is required: a folder written by `mmdgen data tokenize`")
+        elif not Path(self.tokens).is_dir():
+            problems.append(f"tokens {self.tokens}: no such folder")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def delay_values(self) -> tuple[int, ...] | None:
+        if not self.delays.strip():
+            return None
+        try:
+            return tuple(int(d) for d in self.delays.split(","))
+        except ValueError as error:
+            raise ValueError(f"delays must be comma-separated integers like 0,1,2,3, got {self.delays!r}") from error
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the checkpoint (all but the length and the bookkeeping)."""
+        fields = dataclasses.asdict(self)
+        for free in ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile",
+                     "backend"):
+            fields.pop(free)
+        fields["betas"] = list(self.betas)
+        return fields
+
+
+def learning_rate(step: int, cfg: LMTrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to 0 at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class CodeCrops(torch.utils.data.Dataset):
+    """Crops of ``crop_frames`` frames from the clips of a token split (random offsets drawn from
+    (seed, epoch, index); the start of each clip when ``random_crop`` is off)."""
+
+    def __init__(self, tokens: TokenSet, crop_frames: int, random_crop: bool = True, seed: int = 0):
+        self.tokens, self.crop, self.random_crop, self.seed, self.epoch = tokens, crop_frames, random_crop, seed, 0
+        self.indices = [i for i, r in enumerate(tokens.records) if r["frames"] >= crop_frames]
+        if not self.indices:
+            longest = max((r["frames"] for r in tokens.records), default=0)
+            raise ValueError(f"{tokens.folder}: no {tokens.split!r} clip has {crop_frames} frames to crop "
+                             f"(longest {longest}); lower crop_frames")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        clip = self.tokens[self.indices[index]]
+        spare = clip.codes.shape[-1] - self.crop
+        start = int(np.random.default_rng([self.seed, self.epoch, index]).integers(spare + 1)) \
+            if self.random_crop and spare > 0 else 0
+        return {"codes": clip.codes[:, start: start + self.crop], "caption": clip.caption}
+
+
+def collate_codes(batch: list[dict]) -> dict:
+    return {"codes": torch.stack([item["codes"] for item in batch]), "captions": [item["caption"] for item in batch]}
+
+
+def teacher_forcing(codes: torch.Tensor, pattern: Pattern, special: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [B, K, T] -> (inputs [B, K, S]: the pattern sequence shifted one step right behind the special
+    token; targets [B, K, S]: the sequence with ``IGNORE`` where the pattern holds no code)."""
+    sequence = pattern.build(codes, special)
+    inputs = torch.cat([torch.full_like(sequence[..., :1], special), sequence[..., :-1]], dim=-1)
+    valid = pattern.valid_mask(codes.shape[-1]).to(codes.device)
+    return inputs, sequence.masked_fill(~valid, IGNORE)
+
+
+class ConditionedLM(nn.Module):
+    """The LM with its text conditioner; forward returns the loss, so DDP sees one graph per step."""
+
+    def __init__(self, lm: MusicLM, text: TextConditioner):
+        super().__init__()
+        self.lm, self.text = lm, text
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, captions: list[str], fused: bool = True,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        condition = self.text(captions)
+        hidden = self.lm.hidden(inputs, condition.states, condition.mask)
+        return codebook_losses(self.lm, hidden, targets, fused, backend)
+
+
+def codebook_losses(lm: MusicLM, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = True,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-codebook mean NLL [K]) of hidden [B, S, dim] against targets [B, K, S]."""
+    k = targets.shape[1]
+    if fused:
+        flat_targets = targets.permute(0, 2, 1).reshape(-1, k)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm.head_weights().to(hidden.dtype),
+                                    flat_targets, ignore_index=IGNORE, backend=backend)
+    logits = lm.logits(hidden).float()  # [B, K, S, V]: what the fused path never materialises
+    per_codebook = []
+    for index in range(k):
+        valid = targets[:, index] != IGNORE
+        value = F.cross_entropy(logits[:, index].flatten(0, 1), targets[:, index].flatten(), ignore_index=IGNORE,
+                                reduction="sum") / valid.sum().clamp_min(1)
+        per_codebook.append(value)
+    per_codebook = torch.stack(per_codebook)
+    return per_codebook.mean(), per_codebook.detach()
+
+
+def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path) -> tuple[TextConditioner, dict]:
+    """The conditioner the config asks for, and what a model directory records to rebuild it."""
+    if cfg.text == "learned":
+        tokenizer_path = Path(cfg.text_path) if cfg.text_path else out / "text_tokenizer.model"
+        if not cfg.text_path and not tokenizer_path.exists():
+            train_caption_tokenizer([r["caption"] for r in tokens.records], tokenizer_path)
+        encoder = LearnedTextEncoder.from_tokenizer_file(tokenizer_path, dim=cfg.text_dim, layers=cfg.text_layers,
+                                                         heads=max(cfg.text_dim // 64, 1))
+        return encoder, {"kind": "learned", "config": dataclasses.asdict(encoder.config)}
+    if cfg.text == "minilm":
+        return text_conditioner("minilm", **({"path": cfg.text_path} if cfg.text_path else {})), {
+            "kind": "minilm", "path": cfg.text_path}
+    return text_conditioner("t5", path=cfg.text_path), {"kind": "t5", "path": cfg.text_path}
+
+
+class LMTrainer(Trainer):
+    label = "lm"
+
+    def __init__(self, cfg: LMTrainConfig, process: Process | None = None, progress: bool = True):
+        super().__init__(cfg, process, progress)
+        train_tokens = TokenSet(cfg.tokens, "train")
+        if not len(train_tokens):
+            raise ValueError(f"{cfg.tokens}: the token folder has no 'train' clips")
+        self.pattern = make_pattern(cfg.pattern, train_tokens.num_codebooks, cfg.delay_values())
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out)
+        self.lm_cfg = lm_config(cfg.preset, num_codebooks=train_tokens.num_codebooks,
+                                codebook_size=train_tokens.codebook_size, text_dim=self.text.dim,
+                                pattern=cfg.pattern, delays=self.pattern.delays)
+        self.codec = train_tokens.codec
+        device = self.process.device
+        self.lm = MusicLM(self.lm_cfg).to(device)
+        self.text.to(device)
+        self.model = ConditionedLM(self.lm, self.text)
+        self.train_model = self.model
+        if self.process.world > 1:
+            self.train_model = DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decayed = [p for p in trainable if p.dim() >= 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decayed, "weight_decay": cfg.weight_decay},
+             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.dropout_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        valid_tokens = TokenSet(cfg.tokens, "valid")
+        self.valid_data = None
+        if len(valid_tokens) and any(r["frames"] >= cfg.crop_frames for r in valid_tokens.records):
+            self.valid_data = CodeCrops(valid_tokens, cfg.crop_frames, random_crop=False)
+            self.valid_data.indices = self.valid_data.indices[: cfg.valid_clips]
+        self._start(CodeCrops(train_tokens, cfg.crop_frames, seed=cfg.seed), collate_codes)
+
+    # -- what the shared loop asks for ---------------------------------------------------------------
+
+    def checkpoint_config(self) -> dict:
+        return {"train": self.cfg.identity(), "lm": dataclasses.asdict(self.lm_cfg), "text": self.text_record,
+                "codec": self.codec}
+
+    def checkpoint_models(self) -> dict:
+        return {"lm": self.lm, **({"text": self.text} if self.text_record["kind"] == "learned" else {})}
+
+    def optimizers(self) -> dict:
+        return {"lm": self.optimizer}
+
+    def extra_state(self) -> dict:
+        return {"dropout_generator": self.dropout_generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.dropout_generator.set_state(state["dropout_generator"])
+
+    def to_device(self, batch: dict) -> dict:
+        return {"codes": batch["codes"].to(self.process.device), "captions": batch["captions"]}
+
+    def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics.get('loss', float('nan')):.3f}", "lr": f"{metrics.get('lr', 0.0):.1e}"}
+
+    def export(self) -> Path:
+        return save_music_lm(self.out / "model", self.lm, self.text, self.text_record, self.codec)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _losses(self, model: nn.Module, batch: dict, captions: list[str]):
+        inputs, targets = teacher_forcing(batch["codes"], self.pattern, self.lm_cfg.special_token)
+        with autocast(self.process, self.cfg.precision):
+            return model(inputs, targets, captions, fused=self.cfg.fused_ce, backend=self.cfg.backend)
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        cfg = self.cfg
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {"lr": lr}
+        finite = True
+        for batch in micro_batches:
+            captions = drop_captions(batch["captions"], cfg.condition_dropout, self.dropout_generator)
+            loss, per_codebook = self._losses(self.train_model, batch, captions)
+            values = {"loss": loss.item(), **{f"loss_k{k}": v for k, v in enumerate(per_codebook.tolist())}}
+            for key, value in values.items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
+            finite = finite and all(math.isfinite(v) for v in values.values())
+            if finite:
+                (loss.float() / len(micro_batches)).backward()
+        if finite:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip))
+        if not self.guard.check(metrics, self.step):
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["skipped"] = 1.0
+            return metrics
+        self.optimizer.step()
+        return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean NLL per codebook (nats per code) and its perplexity on the validation crops, with captions."""
+        if self.valid_data is None:
+            return {}
+        self.model.eval()
+        sums = torch.zeros(self.lm_cfg.num_codebooks, dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        for start in range(0, len(self.valid_data), self.cfg.batch_size):
+            items = [self.valid_data[i] for i in range(start, min(start + self.cfg.batch_size, len(self.valid_data)))]
+            batch = self.to_device(collate_codes(items))
+            _, per_codebook = self._losses(self.model, batch, batch["captions"])
+            _, targets = teacher_forcing(batch["codes"], self.pattern, self.lm_cfg.special_token)
+            valid = (targets != IGNORE).sum(dim=(0, 2)).double().cpu()
+            sums += per_codebook.double().cpu() * valid
+            counts += valid
+        self.model.train()
+        nll = (sums / counts.clamp_min(1)).tolist()
+        return {"nll": sum(nll) / len(nll), **{f"nll_k{k}": v for k, v in enumerate(nll)},
+                **{f"ppl_k{k}": math.exp(v) for k, v in enumerate(nll)}}
+
+
+# -- model directories ----------------------------------------------------------------------------------
+
+def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_record: dict, codec: dict) -> Path:
+    """A model directory: config.json (LM, text conditioner, the codec the codes came from), lm.safetensors,
+    and for a learned text encoder text.safetensors and its tokenizer."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = dict(text_record)
+    if record["kind"] == "learned":
+        write_atomic(folder / "text_tokenizer.model", lambda tmp: shutil.copyfile(text.tokenizer.path, tmp))
+        record["config"] = {**record["config"], "tokenizer_path": "text_tokenizer.model"}
+        weights = {k: v.detach().contiguous().cpu() for k, v in text.state_dict().items()}
+        write_atomic(folder / "text.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    weights = {k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items()}
+    write_atomic(folder / "lm.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    config = {"lm": dataclasses.asdict(lm.cfg), "text": record, "codec": codec}
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=1))
+    return folder
+
+
+def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MusicLM, TextConditioner, dict]:
+    """(LM, text conditioner, config) from ``save_music_lm``'s directory, in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"{config_path}: missing; an LM directory holds config.json and lm.safetensors")
+    try:
+        config = json.loads(config_path.read_text())
+        lm = MusicLM(LMConfig(**config["lm"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
+    lm.load_state_dict(load_file(str(folder / "lm.safetensors")))
+    record = config["text"]
+    if record["kind"] == "learned":
+        text_cfg = LearnedTextEncoderConfig(**{**record["config"],
+                                               "tokenizer_path": str(folder / record["config"]["tokenizer_path"])})
+        text = LearnedTextEncoder(text_cfg)
+        text.load_state_dict(load_file(str(folder / "text.safetensors")))
+    else:
+        text = text_conditioner(record["kind"], **({"path": record["path"]} if record.get("path") else {}))
+    return lm.to(device).eval(), text.to(device).eval(), config
+

@@ -1,0 +1,181 @@
+"""Tokenizing a corpus, the LM's teacher forcing and loss, and its trainer: exact resume, DDP, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from mmdgen.data.tokenize import CODES, HEADER, TokenSet, tokenize_corpus
+from mmdgen.model.codec import Codec, codec_config, save_codec
+from mmdgen.model.lm import MusicLM, lm_config
+from mmdgen.model.patterns import make_pattern
+from mmdgen.train.lm import (IGNORE, LMTrainConfig, LMTrainer, codebook_losses, learning_rate, load_music_lm,
+                             teacher_forcing)
+
+CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle", "a slow air on oboe", "a baroque chorale on organ"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny codec and a manifest of 10 one-second tones (train 8, valid 2), tokenized."""
+    root = tmp_path_factory.mktemp("lmcorpus")
+    torch.manual_seed(0)
+    codec = Codec(codec_config("tiny"))
+    codec.train()
+    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
+    save_codec(codec.eval(), root / "codec")
+    t = np.arange(32000) / 32000
+    lines = []
+    for i in range(10):
+        tone = 0.3 * np.sin(2 * np.pi * (180 + 40 * i) * t)
+        soundfile.write(root / f"clip{i}.wav", tone.astype(np.float32), 32000)
+        lines.append(json.dumps({"id": f"clip{i}", "path": f"clip{i}.wav", "caption": CAPTIONS[i % 4],
+                                 "split": "valid" if i >= 8 else "train"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    tokenize_corpus(root / "codec", root / "manifest.jsonl", root / "tokens", batch_size=3, progress=False)
+    return root
+
+
+def test_tokenize_writes_each_clips_own_codes(corpus):
+    from mmdgen.model.codec import load_codec
+    from mmdgen.train.data import read_audio
+
+    tokens = TokenSet(corpus / "tokens", "train")
+    assert len(tokens) == 8 and len(TokenSet(corpus / "tokens", "valid")) == 2
+    assert tokens.num_codebooks == 4 and tokens.codebook_size == 256
+    codec = load_codec(corpus / "codec")
+    clip = tokens[5]
+    assert clip.id == "clip5" and clip.caption == CAPTIONS[1]
+    expected = codec.encode(read_audio(corpus / "clip5.wav", 32000)[None])[0]
+    assert torch.equal(clip.codes, expected) and clip.codes.shape == (4, 50)
+    assert not (corpus / "tokens.tmp").exists()
+    assert len(tokens.codec["weights_sha256"]) == 64
+
+
+def test_a_token_folder_with_codes_outside_the_codebook_is_refused(corpus, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    header = json.loads((corpus / "tokens" / HEADER).read_text())
+    (broken / HEADER).write_text(json.dumps(header))
+    codes = load_file(str(corpus / "tokens" / CODES))
+    codes["codes.train"][2, 7] = 300
+    save_file(codes, str(broken / CODES))
+    with pytest.raises(ValueError, match=r"codes in \[.*300\], outside the codebook \[0, 256\)"):
+        TokenSet(broken, "train")
+    with pytest.raises(ValueError, match="tokens.json: missing"):
+        TokenSet(tmp_path, "train")
+
+
+def test_teacher_forcing_shifts_the_delay_sequence_behind_the_special_token():
+    codes = torch.tensor([[[1, 2, 3], [4, 5, 6]]])
+    inputs, targets = teacher_forcing(codes, make_pattern("delay", 2), special=9)
+    assert inputs.tolist() == [[[9, 1, 2, 3], [9, 9, 4, 5]]]
+    assert targets.tolist() == [[[1, 2, 3, IGNORE], [IGNORE, 4, 5, 6]]]
+
+
+@pytest.mark.parametrize("pattern", ["delay", "flatten"])
+def test_fused_and_plain_losses_agree(pattern):
+    torch.manual_seed(0)
+    lm = MusicLM(lm_config("tiny"))
+    codes = torch.randint(0, 256, (2, 4, 6))
+    inputs, targets = teacher_forcing(codes, make_pattern(pattern, 4), 256)
+    states, mask = torch.randn(2, 3, 64), torch.ones(2, 3, dtype=torch.bool)
+    results = []
+    for fused in (True, False):
+        lm.zero_grad()
+        loss, per_codebook = codebook_losses(lm, lm.hidden(inputs, states, mask), targets, fused=fused,
+                                             backend="torch")
+        loss.backward()
+        results.append((loss.detach(), per_codebook, lm.layers[0].fc1.weight.grad.clone(), lm.heads[2].weight.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert abs(float(results[0][0]) - np.log(256)) < 0.5  # an untrained model is near uniform
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    cfg = LMTrainConfig(tokens=".", lr=1e-3, warmup_steps=10, steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(60, cfg) == pytest.approx(5e-4)
+    assert learning_rate(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def _cfg(corpus, out, **overrides):
+    base = dict(tokens=str(corpus / "tokens"), out=str(out), steps=4, batch_size=2, crop_frames=20, warmup_steps=2,
+                text_dim=32, text_layers=1, ckpt_every=2, log_every=1, valid_every=100, backend="torch")
+    return LMTrainConfig(**{**base, **overrides})
+
+
+def test_stopped_and_resumed_lm_run_ends_with_the_same_weights(corpus, tmp_path):
+    LMTrainer(_cfg(corpus, tmp_path / "straight"), progress=False).train()
+    LMTrainer(_cfg(corpus, tmp_path / "resumed", steps=2), progress=False).train()
+    resumed = LMTrainer(_cfg(corpus, tmp_path / "resumed"), progress=False)
+    assert resumed.step == 2
+    report = resumed.train()
+    for name in ("lm", "text"):
+        a = load_file(str(tmp_path / "straight" / "checkpoint" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "checkpoint" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert set(report) >= {"nll", "nll_k0", "nll_k3", "ppl_k0"}
+
+
+def test_trained_model_directory_loads_back_with_the_same_outputs(corpus, tmp_path):
+    trainer = LMTrainer(_cfg(corpus, tmp_path / "run", steps=2, pattern="flatten"), progress=False)
+    trainer.train()
+    lm, text, config = load_music_lm(tmp_path / "run" / "model")
+    assert config["lm"]["pattern"] == "flatten" and config["codec"] == trainer.codec
+    tokens = torch.randint(0, 257, (2, 4, 7))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected_condition = trainer.text(["a calm jig on flute", ""])
+        got_condition = text(["a calm jig on flute", ""])
+        assert torch.allclose(got_condition.states, expected_condition.states)
+        assert torch.allclose(lm(tokens, got_condition.states, got_condition.mask),
+                              trainer.lm(tokens, expected_condition.states, expected_condition.mask), atol=1e-6)
+
+
+def test_the_lm_learns_the_corpus(corpus, tmp_path):
+    trainer = LMTrainer(_cfg(corpus, tmp_path / "learn", steps=40, lr=3e-3, warmup_steps=5, condition_dropout=0.0,
+                             valid_every=1000), progress=False)
+    before = trainer.validate()["nll"]
+    after = trainer.train()["nll"]
+    assert after < before - 1.0, (before, after)  # nats per code, from near log(256) = 5.5
+
+
+def test_bad_lm_configurations_fail_before_training(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"delays=\(0, 1\) has length 2.*K=4"):
+        LMTrainer(_cfg(corpus, tmp_path / "a", delays="0,1"), progress=False)
+    with pytest.raises(ValueError, match="no 'train' clip has 80 frames"):
+        LMTrainer(_cfg(corpus, tmp_path / "b", crop_frames=80), progress=False)
+    with pytest.raises(ValueError, match="tokens .*nowhere: no such folder"):
+        LMTrainer(_cfg(corpus, tmp_path / "c", tokens=str(tmp_path / "nowhere")), progress=False)
+    with pytest.raises(ValueError, match="text t5 needs text_path"):
+        LMTrainer(_cfg(corpus, tmp_path / "d", text="t5"), progress=False)
+    LMTrainer(_cfg(corpus, tmp_path / "e", steps=2), progress=False).train()
+    with pytest.raises(ValueError, match="another configuration.*pattern"):
+        LMTrainer(_cfg(corpus, tmp_path / "e", pattern="parallel"), progress=False)
+
+
+def _ddp_worker(rank, world, init_file, corpus, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = LMTrainer(_cfg(corpus, out, steps=2, ckpt_every=5), progress=False)
+    trainer.train()
+    torch.save({k: v for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_lm_ddp_on_two_gloo_processes_keeps_ranks_identical(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), corpus, str(out)), nprocs=2, join=True)
+    a, b = (torch.load(out / f"rank{r}.pt") for r in range(2))
+    single = LMTrainer(_cfg(corpus, tmp_path / "single", steps=1), progress=False).model.state_dict()
+    assert any(not torch.equal(a[k], single[k]) for k in a)  # the ranks trained
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
