@@ -83,24 +83,11 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[s
             parser.add_argument(flag, type=type(default), default=default)
 
 
-def _train_codec(args: argparse.Namespace) -> int:
-    from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
-
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(CodecTrainConfig)}
+def _train(args: argparse.Namespace) -> int:
+    """``mmdgen train codec|lm``: the trainer's config from the options generated from its fields."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args.config_class)}
     fields["betas"] = tuple(fields["betas"])
-    trainer = CodecTrainer(CodecTrainConfig(**fields))
-    report = trainer.train()
-    if trainer.process.main:
-        print(f"model: {Path(args.out) / 'model'}" + (f"; validation: {report}" if report else ""))
-    return 0
-
-
-def _train_lm(args: argparse.Namespace) -> int:
-    from mmdgen.train.lm import LMTrainConfig, LMTrainer
-
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(LMTrainConfig)}
-    fields["betas"] = tuple(fields["betas"])
-    trainer = LMTrainer(LMTrainConfig(**fields))
+    trainer = args.trainer_class(args.config_class(**fields))
     report = trainer.train()
     if trainer.process.main:
         print(f"model: {Path(args.out) / 'model'}" + (f"; validation: {report}" if report else ""))
@@ -167,16 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--split", default="train")
     tokenizer.set_defaults(func=_text_tokenizer)
 
-    from mmdgen.train.codec import CodecTrainConfig
-    from mmdgen.train.lm import LMTrainConfig
+    from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
+    from mmdgen.train.lm import LMTrainConfig, LMTrainer
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
     train_codec = train.add_parser("codec", help="train the EnCodec-MMD codec (resumes from --out/checkpoint)")
     _add_dataclass_arguments(train_codec, CodecTrainConfig)
-    train_codec.set_defaults(func=_train_codec)
+    train_codec.set_defaults(func=_train, config_class=CodecTrainConfig, trainer_class=CodecTrainer)
     train_lm = train.add_parser("lm", help="train the music LM on a token folder (resumes from --out/checkpoint)")
     _add_dataclass_arguments(train_lm, LMTrainConfig)
-    train_lm.set_defaults(func=_train_lm)
+    train_lm.set_defaults(func=_train, config_class=LMTrainConfig, trainer_class=LMTrainer)
 
     codec = sub.add_parser("codec", help="encode audio to codes and back").add_subparsers(dest="codec_command",
                                                                                         required=True)

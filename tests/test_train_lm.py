@@ -179,3 +179,26 @@ def test_lm_ddp_on_two_gloo_processes_keeps_ranks_identical(corpus, tmp_path):
     assert any(not torch.equal(a[k], single[k]) for k in a)  # the ranks trained
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_resuming_on_codes_of_another_codec_is_refused(corpus, tmp_path):
+    LMTrainer(_cfg(corpus, tmp_path / "run", steps=2), progress=False).train()
+    other = tmp_path / "other-tokens"
+    header = json.loads((corpus / "tokens" / HEADER).read_text())
+    header["codec"]["weights_sha256"] = "0" * 64
+    other.mkdir()
+    (other / HEADER).write_text(json.dumps(header))
+    (other / CODES).write_bytes((corpus / "tokens" / CODES).read_bytes())
+    with pytest.raises(ValueError, match="another configuration.*codec"):
+        LMTrainer(_cfg(corpus, tmp_path / "run", tokens=str(other)), progress=False)
+
+
+def test_a_frozen_minilm_conditioner_is_neither_trained_nor_checkpointed(corpus, tmp_path):
+    trainer = LMTrainer(_cfg(corpus, tmp_path / "minilm", steps=1, text="minilm"), progress=False)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in trainer.text.parameters())
+    assert trainer.lm_cfg.text_dim == 384
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "minilm" / "checkpoint").glob("*.safetensors")) == ["lm.safetensors"]
+    lm, text, _ = load_music_lm(tmp_path / "minilm" / "model")
+    assert text.dim == 384 and lm.cfg.text_dim == 384

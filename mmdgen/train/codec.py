@@ -28,18 +28,15 @@ from mmdgen.model.codec import Codec, codec_config, save_codec
 from mmdgen.model.discriminator import (DiscriminatorConfig, MultiScaleSTFTDiscriminator, discriminator_loss,
                                         feature_matching_loss, generator_adversarial_loss)
 from mmdgen.train.data import AudioDataset, collate, folder_entries, manifest_entries
-from mmdgen.train.loop import Process, Trainer, autocast
+from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
 from mmdgen.train.losses import Balancer, MultiScaleMelLoss, waveform_l1
 
 
 @dataclass
-class CodecTrainConfig:
+class CodecTrainConfig(LoopConfig):
     data: str = ""  # a manifest (its "train"/"valid" splits) or a folder of audio files
     out: str = "runs/codec"
     preset: str = "tiny"
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
     crop_seconds: float = 1.0
     lr: float = 3e-4
     betas: tuple[float, float] = (0.5, 0.9)
@@ -55,38 +52,18 @@ class CodecTrainConfig:
     commitment_weight: float = 1.0
     adversarial: bool = True
     disc_filters: int = 32
-    precision: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    log_every: int = 10
-    ckpt_every: int = 100
-    valid_every: int = 200
-    valid_clips: int = 16
-    max_nonfinite: int = 10
-    workers: int = 0
-    seed: int = 0
 
-    def check(self) -> None:
-        problems = []
-        for name in ("steps", "batch_size", "grad_accum", "mmd_every", "mmd_batches", "log_every", "ckpt_every", "valid_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+    POSITIVE = LoopConfig.POSITIVE + ("mmd_every", "mmd_batches")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.mmd_weight < 0:
             problems.append(f"mmd_weight must be >= 0, got {self.mmd_weight}")
         if not self.data:
             problems.append("data is required: a manifest.jsonl or a folder of audio files")
         elif not Path(self.data).exists():
             problems.append(f"data {self.data}: no such file or folder")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def identity(self) -> dict:
-        """What a resumed run must share with the checkpoint (all but the length and the bookkeeping)."""
-        fields = dataclasses.asdict(self)
-        for free in ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile"):
-            fields.pop(free)
-        fields["betas"] = list(self.betas)
-        return fields
+        return problems
 
 
 def _entries(data: str, split: str):

@@ -34,13 +34,13 @@ from mmdgen.model.lm import LMConfig, MusicLM, lm_config
 from mmdgen.model.patterns import Pattern, make_pattern
 from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner,
                                drop_captions, text_conditioner, train_caption_tokenizer)
-from mmdgen.train.loop import Process, Trainer, autocast
+from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
 
 IGNORE = -100
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(LoopConfig):
     tokens: str = ""  # a token folder from `mmdgen data tokenize`
     out: str = "runs/lm"
     preset: str = "tiny"
@@ -50,9 +50,7 @@ class LMTrainConfig:
     text_path: str = ""  # T5: its folder; learned: a sentencepiece model (default: trained on the captions)
     text_dim: int = 128  # the learned text encoder's width and layers
     text_layers: int = 2
-    steps: int = 1000
     batch_size: int = 16
-    grad_accum: int = 1
     crop_frames: int = 150
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -62,23 +60,14 @@ class LMTrainConfig:
     condition_dropout: float = 0.3
     fused_ce: bool = True
     backend: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    log_every: int = 10
     ckpt_every: int = 200
-    valid_every: int = 200
     valid_clips: int = 64
-    max_nonfinite: int = 10
-    workers: int = 0
-    seed: int = 0
 
-    def check(self) -> None:
-        problems = []
-        for name in ("steps", "batch_size", "grad_accum", "crop_frames", "log_every", "ckpt_every", "valid_every",
-                     "text_dim", "text_layers"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+    FREE = LoopConfig.FREE + ("backend",)
+    POSITIVE = LoopConfig.POSITIVE + ("crop_frames", "text_dim", "text_layers")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not 0.0 <= self.condition_dropout <= 1.0:
             problems.append(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
         if self.text not in CONDITIONER_KINDS:
@@ -89,8 +78,7 @@ class LMTrainConfig:
             problems.append("tokens is required: a folder written by `mmdgen data tokenize`")
         elif not Path(self.tokens).is_dir():
             problems.append(f"tokens {self.tokens}: no such folder")
-        if problems:
-            raise ValueError("; ".join(problems))
+        return problems
 
     def delay_values(self) -> tuple[int, ...] | None:
         if not self.delays.strip():
@@ -99,15 +87,6 @@ class LMTrainConfig:
             return tuple(int(d) for d in self.delays.split(","))
         except ValueError as error:
             raise ValueError(f"delays must be comma-separated integers like 0,1,2,3, got {self.delays!r}") from error
-
-    def identity(self) -> dict:
-        """What a resumed run must share with the checkpoint (all but the length and the bookkeeping)."""
-        fields = dataclasses.asdict(self)
-        for free in ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile",
-                     "backend"):
-            fields.pop(free)
-        fields["betas"] = list(self.betas)
-        return fields
 
 
 def learning_rate(step: int, cfg: LMTrainConfig) -> float:

@@ -9,6 +9,7 @@ It is written to a temporary folder and swapped in by renames, so a crash never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -179,6 +180,43 @@ class MetricLog:
             self.path.write_text("".join(line + "\n" for line in kept))
 
 
+@dataclass
+class LoopConfig:
+    """The fields the shared loop reads; each trainer's config extends it (and may change the defaults)."""
+
+    out: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    precision: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    ckpt_every: int = 100
+    valid_every: int = 200
+    valid_clips: int = 16
+    max_nonfinite: int = 10
+    workers: int = 0
+    seed: int = 0
+
+    # what a resumed run may change (the length and the bookkeeping), and what must be at least 1
+    FREE = ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile")
+    POSITIVE = ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "valid_every")
+
+    def problems(self) -> list[str]:
+        return [f"{name} must be at least 1, got {getattr(self, name)}" for name in self.POSITIVE
+                if getattr(self, name) < 1]
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the checkpoint."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FREE}
+
+
 class Trainer:
     """The loop every trainer runs: resumable data order, steps with gradient accumulation, logging,
     validation, atomic checkpoints with exact resume, the final export.
@@ -187,8 +225,7 @@ class Trainer:
     it defines ``train_step(micro_batches) -> metrics``, ``validate() -> metrics`` (or ``{}``),
     ``checkpoint_models()``, ``optimizers()``, ``export()``, the identity of its configuration
     (``checkpoint_config()``), and any state beyond the shared one (``extra_state`` /
-    ``load_extra_state``). Its config needs the fields out, device, seed, steps, batch_size, grad_accum,
-    log_every, valid_every, ckpt_every, max_nonfinite and workers.
+    ``load_extra_state``). Its config is a ``LoopConfig``.
     """
 
     label = "train"
@@ -256,8 +293,9 @@ class Trainer:
         if saved != expected:
             differing = sorted(k for k in set(saved.get("train", {})) | set(expected["train"])
                                if saved.get("train", {}).get(k) != expected["train"].get(k))
+            differing += sorted(k for k in set(saved) | set(expected) if k != "train" and saved.get(k) != expected.get(k))
             raise ValueError(f"{folder} was written by a run with another configuration (differs in "
-                             f"{differing or 'the model'}); use another --out to start afresh")
+                             f"{', '.join(differing)}); use another --out to start afresh")
         for name, model in self.checkpoint_models().items():
             load_weights(model, folder / f"{name}.safetensors")
         state = load_state(folder)
