@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--codecs", nargs="+", required=True, help="name=codec-directory pairs")
     parser.add_argument("--patterns", nargs="+", default=["delay", "flatten"])
     parser.add_argument("--out", type=Path, default=Path("runs/lm-patterns"))
+    parser.add_argument("--preset", default="mini", help="LM preset (tiny, mini, small)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop-frames", type=int, default=150)
@@ -52,8 +53,9 @@ def main(argv=None) -> None:
             tokenize_corpus(codec_dir, args.corpus / "manifest.jsonl", tokens)
         for pattern in args.patterns:
             cfg = LMTrainConfig(tokens=str(tokens), out=str(args.out / f"lm-{name}-{pattern}"), pattern=pattern,
-                                steps=args.steps, batch_size=args.batch_size, crop_frames=args.crop_frames,
-                                lr=args.lr, seed=args.seed, valid_every=max(args.steps // 5, 1),
+                                preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                                crop_frames=args.crop_frames, lr=args.lr, seed=args.seed,
+                                valid_every=max(args.steps // 5, 1),
                                 ckpt_every=max(args.steps // 5, 1), valid_clips=10**6)
             report = LMTrainer(cfg).train()
             k = sum(key.startswith("nll_k") for key in report)

@@ -202,3 +202,22 @@ def test_a_frozen_minilm_conditioner_is_neither_trained_nor_checkpointed(corpus,
     assert sorted(p.name for p in (tmp_path / "minilm" / "checkpoint").glob("*.safetensors")) == ["lm.safetensors"]
     lm, text, _ = load_music_lm(tmp_path / "minilm" / "model")
     assert text.dim == 384 and lm.cfg.text_dim == 384
+
+
+def test_tokenize_text_tokenizer_and_train_lm_commands(corpus, tmp_path, capsys):
+    from mmdgen import cli
+
+    tokens = tmp_path / "tokens"
+    assert cli.main(["data", "tokenize", "--codec", str(corpus / "codec"), "--manifest", str(corpus / "manifest.jsonl"),
+                     "--out", str(tokens)]) == 0
+    assert "10 clips, 4 x 256 codes at 50 frames/s" in capsys.readouterr().out
+    assert cli.main(["text", "tokenizer", "--manifest", str(corpus / "manifest.jsonl"), "--out",
+                     str(tmp_path / "captions.model"), "--vocab-size", "5000"]) == 0
+    assert "sentencepiece model with" in capsys.readouterr().out
+    out = tmp_path / "lm"
+    assert cli.main(["train", "lm", "--tokens", str(tokens), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                     "--crop-frames", "20", "--text-path", str(tmp_path / "captions.model"), "--text-dim", "32",
+                     "--pattern", "valle"]) == 0
+    assert load_music_lm(out / "model")[2]["lm"]["pattern"] == "valle"
+    assert cli.main(["train", "lm", "--tokens", str(tokens), "--out", str(out), "--delays", "0,x"]) == 2
+    assert "delays must be comma-separated integers" in capsys.readouterr().err

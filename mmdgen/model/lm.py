@@ -57,6 +57,8 @@ class LMConfig:
 PRESETS = {
     # CPU tests and experiments, over the tiny codec's 4 x 256 codes.
     "tiny": lambda: LMConfig(codebook_size=256, dim=64, layers=2, heads=4, ffn_dim=256, text_dim=64),
+    # CPU experiments: big enough for the patterns to differ, a few minutes per thousand steps.
+    "mini": lambda: LMConfig(codebook_size=256, dim=128, layers=4, heads=4, ffn_dim=512, text_dim=128),
     # MusicGen small: 24 layers of width 1024 (T5-base text states, 768 wide).
     "small": lambda: LMConfig(),
 }
