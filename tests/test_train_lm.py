@@ -161,19 +161,21 @@ def test_bad_lm_configurations_fail_before_training(corpus, tmp_path):
         LMTrainer(_cfg(corpus, tmp_path / "e", pattern="parallel"), progress=False)
 
 
-def _ddp_worker(rank, world, init_file, corpus, out):
+def _ddp_worker(rank, world, init_file, corpus, out, dropout):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    trainer = LMTrainer(_cfg(corpus, out, steps=2, ckpt_every=5), progress=False)
+    trainer = LMTrainer(_cfg(corpus, out, steps=2, ckpt_every=5, condition_dropout=dropout), progress=False)
     trainer.train()
     torch.save({k: v for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_lm_ddp_on_two_gloo_processes_keeps_ranks_identical(corpus, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 1.0], ids=["captions", "all-dropped"])
+def test_lm_ddp_on_two_gloo_processes_keeps_ranks_identical(corpus, tmp_path, dropout):
+    """All captions dropped: the learned text encoder gets no gradient, which DDP must accept."""
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), corpus, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), corpus, str(out), dropout), nprocs=2, join=True)
     a, b = (torch.load(out / f"rank{r}.pt") for r in range(2))
     single = LMTrainer(_cfg(corpus, tmp_path / "single", steps=1), progress=False).model.state_dict()
     assert any(not torch.equal(a[k], single[k]) for k in a)  # the ranks trained

@@ -205,7 +205,9 @@ class LMTrainer(Trainer):
         self.model = ConditionedLM(self.lm, self.text)
         self.train_model = self.model
         if self.process.world > 1:
-            self.train_model = DistributedDataParallel(self.model)
+            # a batch whose captions were all dropped never runs a learned text encoder
+            self.train_model = DistributedDataParallel(self.model,
+                                                       find_unused_parameters=self.text_record["kind"] == "learned")
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
