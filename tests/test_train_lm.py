@@ -223,3 +223,17 @@ def test_tokenize_text_tokenizer_and_train_lm_commands(corpus, tmp_path, capsys)
     assert load_music_lm(out / "model")[2]["lm"]["pattern"] == "valle"
     assert cli.main(["train", "lm", "--tokens", str(tokens), "--out", str(out), "--delays", "0,x"]) == 2
     assert "delays must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_the_exported_model_directory_generates_with_its_bundled_codec(corpus, tmp_path):
+    from mmdgen.generate import Generator, Sampling
+
+    LMTrainer(_cfg(corpus, tmp_path / "run", steps=1), progress=False).train()
+    model = tmp_path / "run" / "model"
+    assert (model / "codec" / "codec.safetensors").read_bytes() == (corpus / "codec" / "codec.safetensors").read_bytes()
+    audio = Generator.from_pretrained(model).generate(["a calm jig on flute"], duration=0.1, sampling=Sampling(top_k=5))
+    assert audio.shape == (1, 1, 3200) and torch.isfinite(audio).all()
+    other = Codec(codec_config("tiny"))
+    save_codec(other, tmp_path / "other-codec")
+    with pytest.raises(ValueError, match="is not the codec .* was trained on"):
+        Generator.from_pretrained(model, codec_dir=tmp_path / "other-codec")

@@ -3,7 +3,8 @@
     mmdgen data tokenize --codec runs/codec/model --manifest runs/corpus/manifest.jsonl --out runs/tokens
 
 A token folder holds ``tokens.json`` (the codec's identity: its configuration and the SHA-256 of its
-weights file; K, codebook size, frame rate; one record per clip: id, split, caption, offset, frames) and
+weights file, and where it was; K, codebook size, frame rate; one record per clip: id, split, caption,
+offset, frames) and
 ``codes.safetensors`` (one ``[K, frames]`` int16 tensor per split, the clips of that split end to end,
 ``offset`` locating each). The folder is written under a temporary name and renamed into place, so it is
 complete or absent. ``TokenSet`` reads it back, checking that the codes fit the header.
@@ -73,7 +74,7 @@ def tokenize_corpus(codec_dir: str | Path, manifest: str | Path, out: str | Path
                             "offset": offset, "frames": frames})
         bar.update(len(chunk))
     bar.close()
-    header = {"format": FORMAT_VERSION, "codec": codec_identity(codec_dir),
+    header = {"format": FORMAT_VERSION, "codec": codec_identity(codec_dir), "codec_dir": str(Path(codec_dir).resolve()),
               "num_codebooks": cfg.quantizer.num_codebooks, "codebook_size": cfg.quantizer.codebook_size,
               "frame_rate": cfg.frame_rate, "sample_rate": cfg.sample_rate, "manifest": str(manifest),
               "splits": {s: sum(p.shape[-1] for p in parts) for s, parts in codes_by_split.items()},

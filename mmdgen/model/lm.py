@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdgen.kernels.attention import decode_attention
 from mmdgen.model.patterns import PATTERNS
 
 
@@ -124,6 +125,13 @@ class Attention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
+    def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+               key_mask: torch.Tensor | None = None, causal: bool = True, backend: str = "auto") -> torch.Tensor:
+        """The few new steps ``x`` against the first ``length`` cached steps (the decode kernel on CUDA)."""
+        query = self.split_heads(self.q_proj(x))
+        out = decode_attention(query, keys, values, length, key_mask=key_mask, causal=causal, backend=backend)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig):
@@ -138,19 +146,24 @@ class DecoderLayer(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, positions: torch.Tensor | None = None, start: int = 0,
+                backend: str = "auto") -> torch.Tensor:
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.split_heads(self.self_attn.k_proj(h)), self.self_attn.split_heads(
             self.self_attn.v_proj(h))
         if cache is None:
             attended = self.self_attn(h, keys, values, causal=True)
-        else:  # the new steps see every cached step up to their own position
+            crossed = self.cross_attn(self.cross_attn_norm(x + attended), *memory, mask=memory_mask)
+        else:  # decoding: the new steps see every cached step up to their own position
+            length = x.shape[1] + int(start)
             keys, values = cache.update(positions, keys, values)
-            visible = torch.arange(keys.shape[2], device=x.device)[None, :] <= positions[:, None]
-            attended = self.self_attn(h, keys, values, mask=visible)
+            attended = self.self_attn.decode(h, keys, values, length, backend=backend)
+            text_keys, text_values = memory
+            crossed = self.cross_attn.decode(self.cross_attn_norm(x + attended), text_keys, text_values,
+                                             text_keys.shape[2], key_mask=memory_mask[:, 0, 0], causal=False,
+                                             backend=backend)
         x = x + F.dropout(attended, self.dropout, self.training)
-        x = x + F.dropout(self.cross_attn(self.cross_attn_norm(x), *memory, mask=memory_mask), self.dropout,
-                          self.training)
+        x = x + F.dropout(crossed, self.dropout, self.training)
         return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ffn_norm(x)))), self.dropout, self.training)
 
 
@@ -189,16 +202,20 @@ class MusicLM(nn.Module):
         attend[:, 0] |= ~mask.any(dim=1)
         return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
 
-    def hidden(self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-               caches: list[KVCache] | None = None, start: int = 0, memory=None) -> torch.Tensor:
-        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]."""
+    def hidden(self, tokens: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None,
+               caches: list[KVCache] | None = None, start: int = 0, memory=None, backend: str = "auto"
+               ) -> torch.Tensor:
+        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
+        the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
+        ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``)."""
         self._check_tokens(tokens)
         x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
         positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
         x = F.dropout(x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype), self.cfg.dropout, self.training)
         memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         for index, layer in enumerate(self.layers):
-            x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions)
+            x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions, start,
+                      backend)
         return self.norm(x)
 
     def head_weights(self) -> torch.Tensor:

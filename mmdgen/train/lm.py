@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmdgen.data.tokenize import TokenSet
+from mmdgen.data.tokenize import TokenSet, codec_identity
 from mmdgen.files import write_atomic, write_text_atomic
 from mmdgen.kernels.cross_entropy import linear_cross_entropy
 from mmdgen.model.lm import LMConfig, MusicLM, lm_config
@@ -37,6 +38,7 @@ from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, LearnedTex
 from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -248,7 +250,21 @@ class LMTrainer(Trainer):
         return {"loss": f"{metrics.get('loss', float('nan')):.3f}", "lr": f"{metrics.get('lr', 0.0):.1e}"}
 
     def export(self) -> Path:
-        return save_music_lm(self.out / "model", self.lm, self.text, self.text_record, self.codec)
+        folder = save_music_lm(self.out / "model", self.lm, self.text, self.text_record, self.codec)
+        self._bundle_codec(folder / "codec")
+        return folder
+
+    def _bundle_codec(self, target: Path) -> None:
+        """Copy the codec the tokens came from beside the LM (when it is still where it was and unchanged), so
+        that the model directory alone generates audio."""
+        source = Path(self.train_data.tokens.header.get("codec_dir", ""))
+        if not (source / "codec.safetensors").exists() or codec_identity(source) != self.codec:
+            log.warning("the codec of %s is not at %s any more (or changed): the model directory holds the LM only",
+                        self.cfg.tokens, source)
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "codec.safetensors"):
+            write_atomic(target / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -1,0 +1,155 @@
+"""Text to music: ``Generator.from_pretrained(model_dir).generate(texts, duration=10)``.
+
+A model directory is what ``mmdgen train lm`` exports: the LM, its text conditioner and, in ``codec/``,
+the codec whose codes it learned (its weights must hash to what the LM recorded). ``generate`` returns
+waveforms; ``generate_codes`` the codes; ``stream`` yields audio chunks while the decode loop runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mmdgen.data.tokenize import codec_identity
+from mmdgen.generate.loop import Sampling, decode
+from mmdgen.model.codec import Codec, load_codec
+from mmdgen.model.lm import MusicLM
+from mmdgen.model.patterns import make_pattern
+from mmdgen.model.text import TextConditioner
+
+__all__ = ["Generator", "Sampling"]
+
+
+class Generator:
+    def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto"):
+        quantizer = codec.cfg.quantizer
+        if (quantizer.num_codebooks, quantizer.codebook_size) != (lm.cfg.num_codebooks, lm.cfg.codebook_size):
+            raise ValueError(f"the codec makes {quantizer.num_codebooks} x {quantizer.codebook_size} codes but the LM "
+                             f"predicts {lm.cfg.num_codebooks} x {lm.cfg.codebook_size}")
+        self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
+        self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
+        self.device = lm.heads[0].weight.device
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, codec_dir: str | Path | None = None, device: str = "cpu",
+                        backend: str = "auto") -> "Generator":
+        from mmdgen.train.lm import load_music_lm
+
+        model_dir = Path(model_dir)
+        lm, text, config = load_music_lm(model_dir, device)
+        codec_dir = Path(codec_dir) if codec_dir is not None else model_dir / "codec"
+        if not (codec_dir / "codec.safetensors").exists():
+            raise ValueError(f"{codec_dir}: no codec here; pass codec_dir, the codec the LM's tokens came from")
+        if codec_identity(codec_dir)["weights_sha256"] != config["codec"]["weights_sha256"]:
+            raise ValueError(f"{codec_dir / 'codec.safetensors'} is not the codec {model_dir} was trained on "
+                             "(its weights hash differs)")
+        return cls(lm, text, load_codec(codec_dir, device), backend)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.cfg.sample_rate
+
+    def frames(self, duration: float) -> int:
+        if duration <= 0:
+            raise ValueError(f"duration must be positive, got {duration} s")
+        return max(int(round(duration * self.codec.cfg.frame_rate)), 1)
+
+    @torch.no_grad()
+    def _memory(self, texts: list[str], guided: bool):
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no prompts: expected at least one text")
+        condition = self.text(texts + [""] * len(texts) if guided else texts)
+        return self.lm.cross_memory(condition.states.to(self.device), condition.mask.to(self.device))
+
+    @torch.no_grad()
+    def generate_codes(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None,
+                       seed: int = 0, prompt_audio: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
+        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues)."""
+        sampling = sampling or Sampling()
+        frames = self.frames(duration)
+        prompt = self._prompt_codes(prompt_audio, len(texts), frames)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return decode(self.lm, self._memory(texts, sampling.guidance_scale is not None), len(texts), frames,
+                      self.pattern, sampling, generator, prompt, self.backend, on_step)
+
+    def _prompt_codes(self, audio: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor | None:
+        if audio is None:
+            return None
+        if audio.dim() != 3 or audio.shape[0] not in (1, batch):
+            raise ValueError(f"prompt audio must be [1 or {batch}, channels, samples], got {tuple(audio.shape)}")
+        codes = self.codec.encode(audio.to(self.device)).expand(batch, -1, -1)
+        if codes.shape[-1] >= frames:
+            raise ValueError(f"the prompt is {codes.shape[-1]} frames long, not shorter than the {frames} frames asked "
+                             "for: ask for a longer duration")
+        return codes
+
+    def generate(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
+                 prompt_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Waveforms [B, channels, duration * sample_rate]."""
+        codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio)
+        return self.codec.decode(codes, int(round(duration * self.sample_rate)))
+
+    def stream(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
+               chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Audio chunks [B, channels, n] in order, each as soon as its frames are final; together they equal
+        ``generate``'s output. A chunk is decoded from the start (the decoder's LSTM carries state) and only
+        audio the next frames cannot change any more is emitted (the convolutions look ahead a few frames)."""
+        import queue
+        import threading
+
+        frames = self.frames(duration)
+        total = int(round(duration * self.sample_rate))
+        hop = self.codec.cfg.hop_length
+        chunk_frames = max(int(round(chunk_seconds * self.codec.cfg.frame_rate)), 1)
+        ready: queue.Queue = queue.Queue()
+        pattern, emitted = self.pattern, [0]
+        finished_at = pattern.step_index(frames).max(dim=0).values  # [T]: the step that completes each frame
+
+        def on_step(step: int, sequence: torch.Tensor) -> None:
+            done = int((finished_at <= step).sum())
+            stable = done - self.lookahead_frames  # frames whose audio the next frames cannot change
+            if done < frames and stable - emitted[0] >= chunk_frames:
+                ready.put((done, pattern.revert(sequence)[..., :done].clone()))
+                emitted[0] = stable
+
+        def run() -> None:
+            try:
+                codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio, on_step)
+                ready.put((frames, codes))
+            except BaseException as error:  # surfaced in the consuming thread
+                ready.put(error)
+            ready.put(None)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        sent = 0
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            done, codes = item
+            stable = total if done >= frames else min((done - self.lookahead_frames) * hop, total)
+            if stable > sent:
+                audio = self.codec.decode(codes, min(done * hop, total))
+                yield audio[..., sent:stable]
+                sent = stable
+        worker.join()
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Frames of right context the decoder reads (its non-causal convolutions; its LSTM runs forward only),
+        rounded up with a frame to spare."""
+        cfg = self.codec.cfg
+        if cfg.causal:
+            return 0
+        reach, rate = cfg.kernel_size // 2, 1  # in frames; the first convolution runs at the frame rate
+        for ratio in cfg.ratios:
+            reach += 1 / rate  # the transposed convolution reads one step of its input to the right
+            rate *= ratio
+            reach += (cfg.residual_kernel_size // 2) * cfg.dilation_base ** (cfg.num_residual_layers - 1) \
+                * cfg.num_residual_layers / rate
+        reach += (cfg.last_kernel_size // 2) / rate
+        return math.ceil(reach) + 1

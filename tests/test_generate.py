@@ -1,0 +1,161 @@
+"""Generation: greedy codes equal to transformers' MusicGen on the same weights (with and without guidance),
+prompts continued, streaming equal to the whole, every pattern's step count, bad input refused."""
+
+import pytest
+import torch
+import transformers
+
+from mmdgen.generate import Generator, Sampling
+from mmdgen.model.codec import Codec, codec_config
+from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
+from mmdgen.model.lm import MusicLM, lm_config
+from mmdgen.model.text import LearnedTextEncoder, T5TextEncoder, train_caption_tokenizer
+
+TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
+
+
+def _word_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    splitter = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def peer():
+    """A randomly initialised tiny transformers MusicGen (T5 text encoder, EnCodec, 4 x 32 codes)."""
+    torch.manual_seed(0)
+    tokenizer = _word_tokenizer(TEXTS)
+    text = transformers.T5Config(vocab_size=len(tokenizer), d_model=24, d_ff=32, num_layers=1, num_heads=2, d_kv=12)
+    audio = transformers.EncodecConfig(target_bandwidths=[0.5], sampling_rate=200, audio_channels=1, hidden_size=8,
+                                       num_filters=4, upsampling_ratios=[4, 2], num_lstm_layers=1, codebook_size=32)
+    decoder = transformers.MusicgenDecoderConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, ffn_dim=48, num_codebooks=4,
+                                                 pad_token_id=32, bos_token_id=32, decoder_start_token_id=32)
+    config = transformers.MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(),
+                                         decoder=decoder.to_dict())
+    model = transformers.MusicgenForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:  # transformers initialises codebooks to zero
+            layer.codebook.embed.copy_(torch.randn_like(layer.codebook.embed))
+        for head in model.decoder.lm_heads:  # sharper logits: greedy choices far from ties
+            head.weight.mul_(20.0)
+    model.generation_config.update(decoder_start_token_id=32, pad_token_id=32, bos_token_id=32)
+    ours = Generator(lm_from_transformers(model), T5TextEncoder(model.text_encoder, tokenizer),
+                     codec_from_transformers(model.audio_encoder))
+    return model, tokenizer, ours
+
+
+def _their_codes(model, tokenizer, guidance, steps):
+    captured = {}
+    real_decode = model.audio_encoder.decode
+
+    def capture(codes, *args, **kwargs):
+        captured["codes"] = codes
+        return real_decode(codes, *args, **kwargs)
+
+    model.audio_encoder.decode = capture
+    try:
+        inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        model.generate(**inputs, do_sample=False, guidance_scale=guidance, max_new_tokens=steps)
+    finally:
+        model.audio_encoder.decode = real_decode
+    return captured["codes"][0]  # [B, K, frames]
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0], ids=["no-guidance", "guidance-3"])
+def test_greedy_codes_equal_transformers_musicgen(peer, guidance):
+    model, tokenizer, ours = peer
+    frames = 9
+    theirs = _their_codes(model, tokenizer, guidance, steps=frames + 3)  # delay: K - 1 steps more than frames
+    got = ours.generate_codes(TEXTS, duration=frames / 25, sampling=Sampling(guidance_scale=guidance, temperature=0))
+    assert theirs.shape == got.shape == (2, 4, frames)
+    assert torch.equal(got, theirs)
+    assert len(set(got.flatten().tolist())) > 8  # a real sequence, not one repeated code
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gen")
+    tokenizer = train_caption_tokenizer(TEXTS * 4, folder / "captions.model", vocab_size=60)
+    text = LearnedTextEncoder.from_tokenizer_file(tokenizer.path, dim=32, layers=1, heads=2)
+    codec = Codec(codec_config("tiny"))
+    codec.train()
+    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
+    lm = MusicLM(lm_config("tiny", text_dim=32))
+    return lm, text, codec.eval()
+
+
+def test_streamed_chunks_add_up_to_the_generated_audio(tiny):
+    generator = Generator(*tiny)
+    sampling = Sampling(guidance_scale=3.0, top_k=20)
+    whole = generator.generate(TEXTS, duration=0.6, sampling=sampling, seed=3)
+    chunks = list(generator.stream(TEXTS, duration=0.6, sampling=sampling, seed=3, chunk_seconds=0.1))
+    assert len(chunks) > 2
+    assert torch.allclose(torch.cat(chunks, dim=-1), whole, atol=1e-5)
+
+
+def test_seeds_reproduce_and_differ(tiny):
+    generator = Generator(*tiny)
+    sampling = Sampling(top_k=50)
+    a = generator.generate_codes(TEXTS, duration=0.2, sampling=sampling, seed=1)
+    assert torch.equal(a, generator.generate_codes(TEXTS, duration=0.2, sampling=sampling, seed=1))
+    assert not torch.equal(a, generator.generate_codes(TEXTS, duration=0.2, sampling=sampling, seed=2))
+
+
+@pytest.mark.parametrize("pattern,steps", [("delay", 13), ("flatten", 40), ("parallel", 10), ("valle", 20)])
+def test_every_pattern_decodes_its_number_of_steps(tiny, pattern, steps):
+    lm, text, codec = tiny
+    patterned = MusicLM(lm_config("tiny", text_dim=32, pattern=pattern))
+    patterned.load_state_dict(lm.state_dict())
+    generator = Generator(patterned, text, codec)
+    seen = []
+    codes = generator.generate_codes(TEXTS, duration=0.2, sampling=Sampling(top_k=10),
+                                     on_step=lambda step, sequence: seen.append(step))
+    assert codes.shape == (2, 4, 10) and seen == list(range(steps))
+    assert int(codes.max()) < 256  # no special token left in the codes
+
+
+def test_a_prompt_is_continued(tiny):
+    generator = Generator(*tiny)
+    prompt = torch.randn(1, 1, 3200) * 0.1  # 5 frames
+    prompt_codes = generator.codec.encode(prompt)
+    codes = generator.generate_codes(TEXTS, duration=0.3, sampling=Sampling(top_k=10), prompt_audio=prompt)
+    assert codes.shape == (2, 4, 15)
+    assert torch.equal(codes[..., :5], prompt_codes.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="not shorter than the 5 frames"):
+        generator.generate_codes(TEXTS, duration=0.1, prompt_audio=prompt)
+
+
+def test_bad_requests_are_refused(tiny, tmp_path):
+    lm, text, codec = tiny
+    generator = Generator(lm, text, codec)
+    with pytest.raises(ValueError, match="no prompts"):
+        generator.generate([], duration=1.0)
+    with pytest.raises(ValueError, match="duration must be positive"):
+        generator.generate(TEXTS, duration=0.0)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        Sampling(top_k=-1)
+    with pytest.raises(ValueError, match=r"the codec makes 4 x 256 codes but the LM predicts 4 x 128"):
+        Generator(MusicLM(lm_config("tiny", text_dim=32, codebook_size=128)), text, codec)
+    with pytest.raises(ValueError, match="config.json: missing"):
+        Generator.from_pretrained(tmp_path / "nowhere")
+
+
+def test_triton_and_pytorch_decoding_paths_give_the_same_codes(tiny):
+    """The decode attention and sampling kernels (Triton through its interpreter here) against PyTorch."""
+    lm, text, codec = tiny
+    sampling = Sampling(guidance_scale=3.0, top_k=40, top_p=0.9)
+    codes = {backend: Generator(lm, text, codec, backend=backend).generate_codes(TEXTS, duration=0.1,
+                                                                                   sampling=sampling, seed=5)
+             for backend in ("torch", "triton")}
+    assert torch.equal(codes["torch"], codes["triton"])
