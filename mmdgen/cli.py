@@ -1,4 +1,4 @@
-"""The `mmdgen` command: demo, data (build, tokenize), text (tokenizer), train (codec, lm), codec."""
+"""The `mmdgen` command: demo, data (build, tokenize), text (tokenizer), train (codec, lm), generate, codec."""
 
 from __future__ import annotations
 
@@ -65,6 +65,38 @@ def _text_tokenizer(args: argparse.Namespace) -> int:
 
     path, size = build_tokenizer_from_manifest(args.manifest, args.out, args.vocab_size, split=args.split)
     print(f"{path}: sentencepiece model with {size} pieces")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mmdgen.files import write_audio
+    from mmdgen.generate import Generator, Sampling
+    from mmdgen.generate.batch import generate_batch, read_prompts
+
+    if (args.text is None) == (args.prompts is None):
+        raise ValueError("give either a text or --prompts FILE.jsonl")
+    _check_device(args.device, args.backend)
+    generator = Generator.from_pretrained(args.model, args.codec, device=args.device, backend=args.backend)
+    sampling = Sampling(guidance_scale=args.guidance if args.guidance > 0 else None, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p)
+    if args.prompts is not None:
+        if args.out_dir is None:
+            raise ValueError("--prompts needs --out-dir")
+        report = generate_batch(generator, read_prompts(args.prompts, args.duration, args.seed), args.out_dir,
+                                sampling, batch_size=args.batch_size)
+        print(f"{args.out_dir}: {report['generated']} clips generated, {report['skipped']} already there; "
+              f"real-time factor {report['real_time_factor']:.2f}x; manifest {Path(args.out_dir) / 'manifest.jsonl'}")
+        return 0
+    if not args.text.strip():
+        raise ValueError("the text is empty; give a description of the music")
+    prompt = None
+    if args.prompt_audio:
+        from mmdgen.train.data import read_audio
+
+        prompt = read_audio(Path(args.prompt_audio), generator.sample_rate)[None]
+    audio = generator.generate([args.text], args.duration, sampling, seed=args.seed, prompt_audio=prompt)
+    write_audio(args.out, audio[0], generator.sample_rate)
+    print(f"{args.out}: {args.duration:g} s at {generator.sample_rate} Hz")
     return 0
 
 
@@ -164,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     train_lm = train.add_parser("lm", help="train the music LM on a token folder (resumes from --out/checkpoint)")
     _add_dataclass_arguments(train_lm, LMTrainConfig)
     train_lm.set_defaults(func=_train, config_class=LMTrainConfig, trainer_class=LMTrainer)
+
+    generate = sub.add_parser("generate", help="text to music with a trained LM (and its codec)")
+    generate.add_argument("text", nargs="?", help="a description of the music (or use --prompts)")
+    generate.add_argument("--model", required=True, help="LM directory from `mmdgen train lm` (its codec inside)")
+    generate.add_argument("--codec", help="codec directory, when the LM directory has none")
+    generate.add_argument("--out", default="out.wav", help="output file for one text (.wav, .flac, .ogg)")
+    generate.add_argument("--prompts", help="JSONL of {text, id?, duration?, seed?} for batch generation")
+    generate.add_argument("--out-dir", help="output folder for --prompts (reruns skip finished clips)")
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    generate.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (0: off)")
+    generate.add_argument("--top-k", type=int, default=250)
+    generate.add_argument("--top-p", type=float, default=0.0)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--prompt-audio", help="an audio file to continue")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    generate.set_defaults(func=_generate)
 
     codec = sub.add_parser("codec", help="encode audio to codes and back").add_subparsers(dest="codec_command",
                                                                                         required=True)

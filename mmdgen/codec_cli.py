@@ -6,18 +6,9 @@ from pathlib import Path
 
 import torch
 
-from mmdgen.files import write_atomic
+from mmdgen.files import write_atomic, write_audio
 from mmdgen.model.codec import load_codec
 from mmdgen.train.data import read_audio
-
-
-def _write_audio(path: Path, audio: torch.Tensor, sample_rate: int) -> None:
-    import soundfile
-
-    if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
-        raise ValueError(f"{path}: write audio as .wav, .flac or .ogg")
-    data = audio.squeeze(0).T.clamp(-1, 1).cpu().numpy()
-    write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
 
 
 def encode_file(model: str, audio_path: str, codes_path: str) -> torch.Tensor:
@@ -36,11 +27,11 @@ def decode_file(model: str, codes_path: str, audio_path: str) -> None:
         codes, length = payload["codes"], int(payload["length"])
     except Exception as error:
         raise ValueError(f"{codes_path}: not a codes file written by `mmdgen codec encode` ({error})") from error
-    _write_audio(Path(audio_path), codec.decode(codes[None], length)[0:1], codec.cfg.sample_rate)
+    write_audio(Path(audio_path), codec.decode(codes[None], length)[0], codec.cfg.sample_rate)
 
 
 def reconstruct_file(model: str, audio_path: str, out_path: str) -> None:
     codec = load_codec(model)
     audio = read_audio(Path(audio_path), codec.cfg.sample_rate)
     decoded = codec.decode(codec.encode(audio[None]), audio.shape[-1])
-    _write_audio(Path(out_path), decoded[0:1], codec.cfg.sample_rate)
+    write_audio(Path(out_path), decoded[0], codec.cfg.sample_rate)

@@ -41,3 +41,17 @@ def write_folder_atomic(folder: str | Path, write: Callable[[Path], None]) -> No
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def write_audio(path: str | Path, audio, sample_rate: int) -> None:
+    """``audio`` [channels, samples] (a tensor) to a .wav, .flac or .ogg file, atomically."""
+    import soundfile
+
+    path = Path(path)
+    if path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise ValueError(f"{path}: write audio as .wav, .flac or .ogg")
+    data = audio.detach().clamp(-1, 1).T.cpu().numpy()
+    write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))

@@ -237,3 +237,34 @@ def test_the_exported_model_directory_generates_with_its_bundled_codec(corpus, t
     save_codec(other, tmp_path / "other-codec")
     with pytest.raises(ValueError, match="is not the codec .* was trained on"):
         Generator.from_pretrained(model, codec_dir=tmp_path / "other-codec")
+
+
+def test_generate_command_for_one_text_and_for_a_prompts_file(corpus, tmp_path, capsys):
+    from mmdgen import cli
+
+    LMTrainer(_cfg(corpus, tmp_path / "run", steps=1), progress=False).train()
+    model = str(tmp_path / "run" / "model")
+    one = tmp_path / "one.wav"
+    assert cli.main(["generate", "a calm jig on flute", "--model", model, "--duration", "0.1", "--out", str(one),
+                     "--top-k", "5"]) == 0
+    assert soundfile.info(str(one)).frames == 3200
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "a fast reel", "id": "reel"}\n{"text": "a slow air"}\n'
+                       '{"text": "a chorale", "duration": 0.06}\n')
+    outs = tmp_path / "outs"
+    args = ["generate", "--prompts", str(prompts), "--model", model, "--out-dir", str(outs), "--duration", "0.1",
+            "--batch-size", "2"]
+    assert cli.main(args) == 0
+    assert "3 clips generated, 0 already there" in capsys.readouterr().out
+    manifest = [json.loads(line) for line in (outs / "manifest.jsonl").read_text().splitlines()]
+    assert [m["id"] for m in manifest] == ["reel", "00002", "00003"]
+    assert manifest[0]["seed"] == manifest[1]["seed"]  # one batch, one generator
+    assert soundfile.info(str(outs / "00003.wav")).frames == 1920
+    assert cli.main(args) == 0
+    assert "0 clips generated, 3 already there" in capsys.readouterr().out
+    prompts.write_text('{"text": "fine"}\n{"caption": "no text key"}\n')
+    assert cli.main(args) == 2
+    assert "prompts.jsonl:2: expected a JSON object with a \"text\"" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", model]) == 2
+    assert "give either a text or --prompts" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.tmp"))

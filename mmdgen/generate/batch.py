@@ -1,0 +1,102 @@
+"""``mmdgen generate``: one text to one file, or a prompts file to a folder of clips.
+
+A prompts file is JSONL, one object per clip: ``{"text": ..., "id": optional, "duration": optional,
+"seed": optional}``. Clips are generated in batches of equal duration; each lands atomically as
+``<out-dir>/<id>.wav`` (so a file that exists is complete, and a rerun skips it) and is listed in
+``<out-dir>/manifest.jsonl`` with its text, duration and the seed of its batch (the clips of a batch share
+one sampling generator, seeded by the first clip's seed; give a clip its own batch to reproduce it alone). The progress bar shows the real-time factor
+(seconds of audio per second of wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mmdgen.files import write_audio, write_text_atomic
+from mmdgen.generate import Generator, Sampling
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass
+class Request:
+    id: str
+    text: str
+    duration: float
+    seed: int
+
+
+def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
+    """The requests of a prompts file; ValueError naming the file and line of anything malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such prompts file")
+    requests, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" ({error})") from error
+        request = Request(str(record.get("id", f"{number:05d}")), str(text), float(record.get("duration", duration)),
+                          int(record.get("seed", seed + number)))
+        if not _SAFE_ID.match(request.id) or request.id in seen:
+            raise ValueError(f"{path}:{number}: id {request.id!r} must be unique and use only letters, digits, "
+                             "'.', '_' and '-' (it names the output file)")
+        if request.duration <= 0:
+            raise ValueError(f"{path}:{number}: duration must be positive, got {request.duration}")
+        seen.add(request.id)
+        requests.append(request)
+    if not requests:
+        raise ValueError(f"{path}: no prompts in the file")
+    return requests
+
+
+def generate_batch(generator: Generator, requests: list[Request], out_dir: str | Path, sampling: Sampling,
+                   batch_size: int = 8, progress: bool = True) -> dict:
+    """Generate every request whose file is missing; returns counts and the real-time factor."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in requests if not (out_dir / f"{r.id}.wav").exists()]
+    audio_seconds, start = 0.0, time.perf_counter()
+    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generating", unit="clip",
+               disable=not progress)
+    used_seed = {r.id: r.seed for r in requests}
+    if (out_dir / "manifest.jsonl").exists():  # the seeds a previous run used for the clips it wrote
+        previous = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines() if line]
+        used_seed.update({p["id"]: p["seed"] for p in previous if p.get("id") in used_seed})
+    for group in _batches(todo, batch_size):
+        audio = generator.generate([r.text for r in group], group[0].duration, sampling, seed=group[0].seed)
+        for request, clip in zip(group, audio):
+            write_audio(out_dir / f"{request.id}.wav", clip, generator.sample_rate)
+            used_seed[request.id] = group[0].seed
+        audio_seconds += group[0].duration * len(group)
+        bar.update(len(group))
+        bar.set_postfix(rtf=f"{audio_seconds / (time.perf_counter() - start):.2f}x")
+    bar.close()
+    manifest = "".join(json.dumps({"id": r.id, "path": f"{r.id}.wav", "text": r.text, "duration": r.duration,
+                                   "seed": used_seed[r.id]}) + "\n" for r in requests)
+    write_text_atomic(out_dir / "manifest.jsonl", manifest)
+    elapsed = time.perf_counter() - start
+    return {"generated": len(todo), "skipped": len(requests) - len(todo),
+            "real_time_factor": audio_seconds / elapsed if todo else 0.0}
+
+
+def _batches(requests: list[Request], size: int):
+    """Consecutive runs of equal duration, at most ``size`` each."""
+    group: list[Request] = []
+    for request in requests:
+        if group and (len(group) == size or request.duration != group[0].duration):
+            yield group
+            group = []
+        group.append(request)
+    if group:
+        yield group
