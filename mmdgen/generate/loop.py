@@ -8,7 +8,9 @@ classifier-free guidance the conditional and the null rows run as one batch of 2
 audio prompt are forced, and the leading steps that the prompt fixes entirely run as one prefill pass.
 
 Everything the loop needs is allocated before the first step: the caches (``lm.new_caches``), the text's
-keys and values (computed once), the sequence, the prompt's forced cells. ``on_step`` is called after each
+keys and values (computed once), the sequence, the prompt's forced cells, the stacked embedding tables and
+the position table; each step's input (the previous step's K codes embedded and summed, plus the position)
+is one fused op (``mmdgen.kernels.step_input``). ``on_step`` is called after each
 step with the step index and the sequence so far (streaming decodes the frames that became final).
 """
 
@@ -20,7 +22,8 @@ from typing import Callable
 import torch
 
 from mmdgen.kernels.sampling import sample_next
-from mmdgen.model.lm import MusicLM
+from mmdgen.kernels.step_input import pattern_step_input
+from mmdgen.model.lm import MusicLM, sinusoidal_positions
 from mmdgen.model.patterns import Pattern
 
 
@@ -85,11 +88,14 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
     greedy = sampling.temperature == 0 or sampling.top_k == 1
     start = prefill_steps(pattern, forced, frames)
     if start > 0:  # the prompt's fully known steps in one pass; their logits are not needed
-        lm.hidden(_repeat(_inputs(sequence, 0, start, special), rows), None, None, caches=caches, start=0,
+        lm.hidden(_repeat(_inputs(sequence, start, special), rows), None, None, caches=caches, start=0,
                   memory=memory, backend=backend)
+    embeddings = lm.embedding_weights()
+    positions = sinusoidal_positions(torch.arange(steps, device=device), lm.cfg.dim).to(embeddings.dtype)
     for step in range(start, steps):
-        tokens = _repeat(_inputs(sequence, step, step + 1, special), rows)
-        hidden = lm.hidden(tokens, None, None, caches=caches, start=step, memory=memory, backend=backend)
+        embedded = pattern_step_input(sequence, step, embeddings, positions, special, backend=backend)
+        hidden = lm.hidden(None, None, None, caches=caches, start=step, memory=memory, backend=backend,
+                           embedded=_repeat(embedded, rows))
         logits = lm.logits(hidden)[:, :, 0]
         chosen = sample_next(logits, guidance_scale=sampling.guidance_scale if guided else None,
                              temperature=0.0 if greedy else sampling.temperature,
@@ -102,14 +108,12 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
     return pattern.revert(sequence)
 
 
-def _inputs(sequence: torch.Tensor, first: int, end: int, special: int) -> torch.Tensor:
-    """The inputs of steps first..end-1: the sequence shifted one step right behind the special token."""
-    if first == 0:
-        head = torch.full_like(sequence[..., :1], special)
-        return torch.cat([head, sequence[..., : end - 1]], dim=-1)
-    return sequence[..., first - 1: end - 1]
+def _inputs(sequence: torch.Tensor, end: int, special: int) -> torch.Tensor:
+    """The inputs of steps 0..end-1: the sequence shifted one step right behind the special token."""
+    head = torch.full_like(sequence[..., :1], special)
+    return torch.cat([head, sequence[..., : end - 1]], dim=-1)
 
 
-def _repeat(tokens: torch.Tensor, rows: int) -> torch.Tensor:
-    """The same tokens for the conditional and the null rows."""
-    return tokens if tokens.shape[0] == rows else tokens.repeat(rows // tokens.shape[0], 1, 1)
+def _repeat(inputs: torch.Tensor, rows: int) -> torch.Tensor:
+    """The same inputs for the conditional and the null rows."""
+    return inputs if inputs.shape[0] == rows else inputs.repeat(rows // inputs.shape[0], *[1] * (inputs.dim() - 1))

@@ -202,21 +202,32 @@ class MusicLM(nn.Module):
         attend[:, 0] |= ~mask.any(dim=1)
         return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
 
-    def hidden(self, tokens: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None,
-               caches: list[KVCache] | None = None, start: int = 0, memory=None, backend: str = "auto"
-               ) -> torch.Tensor:
-        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
-        the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
-        ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``)."""
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Tokens [B, K, S] (steps start..start+S-1) -> the summed code embeddings plus positions [B, S, dim]."""
         self._check_tokens(tokens)
         x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
         positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
-        x = F.dropout(x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype), self.cfg.dropout, self.training)
+        return x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype)
+
+    def hidden(self, tokens: torch.Tensor | None, states: torch.Tensor | None, mask: torch.Tensor | None,
+               caches: list[KVCache] | None = None, start: int = 0, memory=None, backend: str = "auto",
+               embedded: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
+        the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
+        ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``);
+        ``embedded`` replaces ``embed(tokens, start)`` (the decode loop's fused step input)."""
+        x = self.embed(tokens, start) if embedded is None else embedded
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         for index, layer in enumerate(self.layers):
             x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions, start,
                       backend)
         return self.norm(x)
+
+    def embedding_weights(self) -> torch.Tensor:
+        """[K, V + 1, dim]: the K embedding tables stacked, as the fused step input takes them."""
+        return torch.stack([embedding.weight for embedding in self.embeddings])
 
     def head_weights(self) -> torch.Tensor:
         """[K, V, dim]: the K output heads stacked, as the fused cross-entropy takes them."""

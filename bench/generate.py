@@ -1,0 +1,488 @@
+"""LM decoding speed: mmdgen's decode loop (delay and flattening patterns) against transformers' MusicGen.
+
+For each model size ONE random transformers ``MusicgenForConditionalGeneration`` is built from a fixed seed
+(a tiny T5 text encoder over a word-level tokenizer, a tiny EnCodec at 50 frames/s, and a decoder of the
+size asked for over 4 codebooks of 2048 codes); ours is converted from the same weights
+(``lm_from_transformers``, ``T5TextEncoder(model.text_encoder, tokenizer)``, ``codec_from_transformers``).
+The flattening case loads the same state dict into a MusicLM whose ``cfg.pattern`` is ``"flatten"``.
+
+What is timed, on both sides, is text to codes: tokenizing the prompts, the T5 encoder, and the whole
+decode loop (KV caches, guidance batched as 2B rows, top-k sampling); the codec's decode is not run:
+- ours: ``Generator.generate_codes(texts, duration=frames / 50, sampling=Sampling(...), seed=0)``;
+- transformers: ``tokenizer(texts)`` + ``model.generate(**inputs, max_new_tokens=frames + 3, ...)`` with
+  ``model.audio_encoder.decode`` replaced by a stub that records the codes' shape and returns zeros of the
+  right shape as ``.audio_values`` (its default dynamic KV cache, its default attention implementation).
+Both decode frames + K - 1 steps with the delay pattern (503 for 10 s); ours with flattening K * frames
+(2000). Every run checks that it returned [B, K, frames] codes.
+
+Per case (its own subprocess on CPU): median over repeats of the whole generation's time, divided by the
+steps: seconds per step, steps/s, the real-time factor (audio seconds / wall seconds), the peak memory the
+generations added (harness; on CPU the process's high-water mark is reset after the set-up, so it is the
+timed runs' own), and the speed against transformers at the same size and batch (their time / ours, for
+the same audio). Before the timed runs a case estimates one generation's time: a ``--probe-steps`` run
+(after a warm-up run of the same length) times the early steps, and one decoder step timed at the last
+position against one near the probe's (full-length KV cache of zeros) adds the growth of attention and
+cache cost with position (assumed linear in it). A case runs ``--repeats`` times if that fits in
+``--max-seconds``, fewer if only fewer fit, and is skipped ("skipped (est. N s)") if not even one does.
+The table shows the estimate against the measured time where a case ran.
+
+The weight-read bound: the copy bandwidth is the median time of ``dst.copy_(src)`` on a ``--copy-gib`` GiB
+fp32 tensor, counting the bytes read plus the bytes written; a decode step must read every weight it uses
+once: the self-attention q/k/v/out, the cross-attention q/out (its k/v projections are applied once to the
+text), the FFN, the norms and the K heads, in fp32 (not the embeddings, of which a step reads K rows, nor
+the text projection). bound steps/s = bandwidth / those bytes; KV-cache reads are not counted, so the bound
+is loosest at batch 8 and for flattening. Prints a table and writes ``bench/results/generate-<device>.json``
+and the table as ``.txt``.
+
+    python bench/generate.py                                    # tiny, 40M, small; batch 1 and 8; 10 s
+    python bench/generate.py --models tiny --frames 30 --repeats 1 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from harness import RESULTS, device_name, fmt_mem, parse_args, run_case, synchronize, time_and_peak, write_json
+
+CODEBOOKS, CODES = 4, 2048
+FRAME_RATE = 50  # the tiny EnCodec below: 3200 Hz, hop 8 * 8 = 64
+MODELS = {  # decoder sizes: tiny and small are lm_config("tiny") / lm_config("small")'s dimensions
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256),
+    "40M": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, ffn_dim=2048),
+    "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
+}
+TEXT_DIM = 32  # the tiny T5's width (the text projection maps it to the decoder's)
+IMPLS = ("transformers", "ours-delay", "ours-flatten")
+CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle with drums", "slow piano ballad in a minor key",
+            "upbeat electronic dance track with a heavy bass line", "acoustic guitar and soft vocals",
+            "epic orchestral score with brass and timpani", "lofi hip hop beat", "jazz trio with walking bass"]
+
+
+# -- the models ---------------------------------------------------------------------------------------------
+
+def _word_tokenizer(texts):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    splitter = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def build_transformers(size: str, seed: int = 0):
+    """(model, tokenizer): a random MusicgenForConditionalGeneration, the same weights for the same seed."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer(CAPTIONS)
+    text = transformers.T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_ff=64, num_layers=1, num_heads=2,
+                                 d_kv=16)
+    # frame rate 3200 / 64 = 50; K = 1000 * 2.2 // (50 * 11 bits) = 4 codebooks of 2048
+    audio = transformers.EncodecConfig(target_bandwidths=[2.2], sampling_rate=3200, audio_channels=1, hidden_size=8,
+                                       num_filters=4, upsampling_ratios=[8, 8], num_lstm_layers=1,
+                                       codebook_size=CODES)
+    decoder = transformers.MusicgenDecoderConfig(vocab_size=CODES, num_codebooks=CODEBOOKS, pad_token_id=CODES,
+                                                 bos_token_id=CODES, decoder_start_token_id=CODES, **MODELS[size])
+    config = transformers.MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(),
+                                         decoder=decoder.to_dict())
+    model = transformers.MusicgenForConditionalGeneration(config).eval()
+    codec = model.audio_encoder.config
+    assert codec.num_quantizers == CODEBOOKS and codec.frame_rate == FRAME_RATE, "the tiny EnCodec's K or frame rate"
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:  # transformers initialises codebooks to zero
+            layer.codebook.embed.copy_(torch.randn_like(layer.codebook.embed))
+        for head in model.decoder.lm_heads:  # sharper logits, as a trained model has: greedy far from ties
+            head.weight.mul_(20.0)
+    model.generation_config.update(decoder_start_token_id=CODES, pad_token_id=CODES, bos_token_id=CODES)
+    return model, tokenizer
+
+
+def build_ours(model, tokenizer, pattern: str, device: torch.device):
+    from mmdgen.generate import Generator
+    from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
+    from mmdgen.model.lm import MusicLM
+    from mmdgen.model.text import T5TextEncoder
+
+    lm = lm_from_transformers(model)
+    if pattern != lm.cfg.pattern:
+        patterned = MusicLM(dataclasses.replace(lm.cfg, pattern=pattern))
+        patterned.load_state_dict(lm.state_dict())
+        lm = patterned
+    return Generator(lm.to(device), T5TextEncoder(model.text_encoder.to(device), tokenizer),
+                     codec_from_transformers(model.audio_encoder).to(device))
+
+
+def _sampling(spec: dict):
+    from mmdgen.generate import Sampling
+
+    greedy = spec["sampling"] == "greedy"
+    return Sampling(guidance_scale=spec["guidance"], temperature=0.0 if greedy else 1.0,
+                    top_k=1 if greedy else spec["top_k"])
+
+
+def _transformers_kwargs(spec: dict) -> dict:
+    kwargs = {"guidance_scale": spec["guidance"]}
+    if spec["sampling"] == "greedy":
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, top_k=spec["top_k"], temperature=1.0)
+    return kwargs
+
+
+class Side:
+    """One implementation on one model: ``run(frames)`` (text to codes) and ``step_seconds(position, steps)``
+    (one decoder step at ``position`` over a KV cache sized for ``steps``, for the estimate)."""
+
+    def __init__(self, spec: dict, device: torch.device):
+        self.spec, self.device = spec, device
+        self.texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(spec["batch"])]
+        self.guided = spec["guidance"] is not None
+        self.rows = 2 * spec["batch"] if self.guided else spec["batch"]
+        model, self.tokenizer = build_transformers(spec["model"])
+        if spec["impl"] == "transformers":
+            self.model = model.to(device)
+            self.seen: dict = {}
+            hop = model.audio_encoder.config.hop_length
+
+            def decode_stub(codes, *args, **kwargs):  # the codec's decode is not what we measure
+                self.seen["shape"] = tuple(codes.shape)
+                self.seen["codes"] = codes
+                return SimpleNamespace(audio_values=torch.zeros(codes.shape[1], 1, codes.shape[-1] * hop,
+                                                                device=codes.device))
+
+            self.model.audio_encoder.decode = decode_stub
+            self.pattern_name = "delay"
+        else:
+            self.pattern_name = spec["impl"].split("-", 1)[1]
+            self.generator = build_ours(model, self.tokenizer, self.pattern_name, device)
+            del model  # the text encoder lives on in the generator; the transformers decoder goes
+        gc.collect()
+
+    def steps(self, frames: int) -> int:
+        return CODEBOOKS * frames if self.pattern_name == "flatten" else frames + CODEBOOKS - 1
+
+    def frames_for(self, steps: int) -> int:
+        return max(steps // CODEBOOKS, 1) if self.pattern_name == "flatten" else max(steps - CODEBOOKS + 1, 1)
+
+    @torch.no_grad()
+    def run(self, frames: int, sampling: str | None = None) -> torch.Tensor:
+        spec = dict(self.spec, sampling=sampling or self.spec["sampling"])
+        batch = spec["batch"]
+        if spec["impl"] == "transformers":
+            torch.manual_seed(0)
+            inputs = self.tokenizer(self.texts, padding=True, return_tensors="pt").to(self.device)
+            self.seen.clear()
+            self.model.generate(**inputs, max_new_tokens=self.steps(frames), **_transformers_kwargs(spec))
+            codes = self.seen["codes"][0]
+        else:
+            codes = self.generator.generate_codes(self.texts, duration=frames / FRAME_RATE, sampling=_sampling(spec),
+                                                  seed=0)
+        if tuple(codes.shape) != (batch, CODEBOOKS, frames):
+            raise AssertionError(f"{spec['impl']} returned codes {tuple(codes.shape)}, expected "
+                                 f"{(batch, CODEBOOKS, frames)}")
+        return codes
+
+    @torch.no_grad()
+    def step_seconds(self, positions: list[int], steps: int, repeats: int = 3) -> list[float]:
+        """Median seconds of one decoder forward (hidden states and the K heads' logits) at each position."""
+        k, special = CODEBOOKS, CODES
+        if self.spec["impl"] != "transformers":
+            lm = self.generator.lm
+            memory = self.generator._memory(self.texts, self.guided)
+            caches = lm.new_caches(self.rows, steps)  # static: the same buffers serve every position
+            tokens = torch.full((self.rows, k, 1), special, dtype=torch.long, device=self.device)
+
+            def prepare(position):
+                return position
+
+            def forward(position):
+                lm.logits(lm.hidden(tokens, None, None, caches=caches, start=position, memory=memory,
+                                    backend=self.generator.backend))
+        else:
+            from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+            config = self.model.decoder.config
+            heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+            states = torch.randn(self.rows, 8, config.hidden_size, device=self.device)  # projected text states
+            mask = torch.ones(self.rows, 8, dtype=torch.long, device=self.device)
+            ids = torch.full((self.rows * k, 1), special, dtype=torch.long, device=self.device)
+
+            def prepare(position):  # a dynamic cache already holding ``position`` steps (built untimed)
+                shape = (self.rows, heads, position, head_dim)
+                layers = [(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
+                          for _ in range(config.num_hidden_layers)]
+                return EncoderDecoderCache(DynamicCache(layers), DynamicCache())
+
+            def forward(cache):  # MusicgenForCausalLM: hidden states and the K heads' logits
+                self.model.decoder(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask,
+                                   cache=cache, use_cache=True)
+
+        out = []
+        for position in positions:
+            times = []
+            for i in range(repeats + 1):  # the first is a warm-up
+                prepared = prepare(position)
+                synchronize(self.device)
+                start = time.perf_counter()
+                forward(prepared)
+                synchronize(self.device)
+                if i:
+                    times.append(time.perf_counter() - start)
+                del prepared
+            out.append(statistics.median(times))
+        return out
+
+
+# -- measuring ----------------------------------------------------------------------------------------------
+
+def _reset_peak(device: torch.device) -> bool:
+    """Give freed heap pages back to the system (glibc ``malloc_trim``: else the timed runs reuse pages the
+    set-up left resident, and their memory is not seen) and reset the process's peak resident memory
+    (Linux: ``clear_refs`` 5 resets VmHWM and ru_maxrss), so that the harness's peak is the timed runs' own
+    and not the model building's."""
+    if device.type == "cuda":
+        return True  # time_and_peak resets the CUDA peak itself
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_bandwidth(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    n = int(spec["gib"] * 2**30) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of the pages and warm-up
+    result = time_and_peak(lambda: dst.copy_(src), spec["repeats"], device)
+    moved = 2 * n * 4  # bytes read + bytes written
+    return {"seconds": result["seconds"], "times": result["times"], "bytes_moved": moved,
+            "bytes_per_s": moved / result["seconds"], "tensor_bytes": n * 4, "threads": torch.get_num_threads()}
+
+
+def measure_check(spec: dict) -> dict:
+    """Greedy codes of ours (delay) and transformers on the same weights, batch 1, with guidance."""
+    device = torch.device(spec["device"])
+    mine = Side(dict(spec, impl="ours-delay"), device)
+    theirs = Side(dict(spec, impl="transformers"), device)
+    a, b = mine.run(spec["frames"], "greedy"), theirs.run(spec["frames"], "greedy")
+    diff = (a != b).nonzero()
+    return {"equal": bool(torch.equal(a, b)), "frames": spec["frames"],
+            "distinct_codes": len(set(a.flatten().tolist())),
+            "first_difference": diff[0].tolist() if len(diff) else None}
+
+
+def measure_generate(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    side = Side(spec, device)
+    frames, steps = spec["frames"], side.steps(spec["frames"])
+    probe_frames = side.frames_for(spec["probe_steps"])
+    probe_steps = side.steps(probe_frames)
+    side.run(probe_frames)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    side.run(probe_frames)
+    synchronize(device)
+    probe_seconds = time.perf_counter() - start
+    # growth with position: one step near the probe's mean position against one at the last position
+    early_position, late_position = probe_steps // 2, steps - 1
+    slope = 0.0
+    if late_position > early_position:
+        early, late = side.step_seconds([early_position, late_position], steps)
+        slope = max(late - early, 0.0) / (late_position - early_position)
+    estimate = probe_seconds * steps / probe_steps + slope * steps * ((steps - 1) / 2 - early_position)
+    info = {"steps": steps, "frames": frames, "probe_steps": probe_steps, "probe_seconds": probe_seconds,
+            "seconds_per_step_growth": slope, "estimate_seconds": estimate}
+    repeats = min(spec["repeats"], int(spec["max_seconds"] // estimate)) if estimate > 0 else spec["repeats"]
+    if repeats < 1:
+        return dict(info, skipped=f"estimated {estimate:.0f} s for one generation > --max-seconds "
+                                  f"{spec['max_seconds']:.0f}")
+    gc.collect()
+    info["peak_reset"] = _reset_peak(device)
+    result = time_and_peak(lambda: side.run(frames), repeats, device)
+    seconds = result["seconds"]
+    return dict(result, **info, repeats=repeats, seconds_per_step=seconds / steps, steps_per_s=steps / seconds,
+                rtf=frames / FRAME_RATE / seconds)
+
+
+def measure(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return {"bandwidth": measure_bandwidth, "check": measure_check, "generate": measure_generate}[spec["kind"]](spec)
+
+
+# -- sizes and the bound ------------------------------------------------------------------------------------
+
+def parameter_counts(size: str) -> dict:
+    """Exact parameter counts of our LM at this size (built on the meta device), and what a step reads."""
+    from mmdgen.model.lm import LMConfig, MusicLM
+
+    dims = MODELS[size]
+    cfg = LMConfig(num_codebooks=CODEBOOKS, codebook_size=CODES, dim=dims["hidden_size"],
+                   layers=dims["num_hidden_layers"], heads=dims["num_attention_heads"], ffn_dim=dims["ffn_dim"],
+                   text_dim=TEXT_DIM)
+    with torch.device("meta"):
+        lm = MusicLM(cfg)
+    total = sum(p.numel() for p in lm.parameters())
+    embeddings = sum(p.numel() for p in lm.embeddings.parameters())
+    text = sum(p.numel() for p in lm.text_projection.parameters())
+    cross_kv = sum(p.numel() for name, p in lm.named_parameters()
+                   if ".cross_attn.k_proj." in name or ".cross_attn.v_proj." in name)
+    per_step = total - embeddings - text - cross_kv
+    return {"total": total, "embeddings": embeddings, "text_projection": text, "cross_attention_kv": cross_kv,
+            "read_per_step": per_step, "read_bytes_per_step": 4 * per_step}
+
+
+# -- the table ----------------------------------------------------------------------------------------------
+
+HEADER = (f"{'model':<6} {'impl':<13} {'B':>2} {'steps':>5} {'s/step':>9} {'steps/s':>8} {'RTF':>7} "
+          f"{'peak mem':>9} {'reps':>4} {'est/real':>8} {'vs transformers':>15}")
+
+
+def _row(size: str, impl: str, batch: int, steps: int, result: dict, baseline: dict | None) -> str:
+    lead = f"{size:<6} {impl:<13} {batch:>2} {steps:>5} "
+    if "oom" in result:
+        return lead + f"OOM ({result['oom']})"
+    if "skipped" in result:
+        return lead + f"skipped (est. {result['estimate_seconds']:.0f} s)"
+    versus = "-"
+    if impl != "transformers" and baseline and "seconds" in baseline:
+        versus = f"{baseline['seconds'] / result['seconds']:.2f}x"
+    return (lead + f"{result['seconds_per_step']:>9.5f} {result['steps_per_s']:>8.1f} {result['rtf']:>6.2f}x "
+            f"{fmt_mem(result):>9} {result['repeats']:>4} {result['estimate_seconds'] / result['seconds']:>8.2f} "
+            f"{versus:>15}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--frames", type=int, default=500, help="frames to generate (50 per second; 500 = 10 s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=600.0,
+                        help="time budget of a case's timed runs (fewer repeats, or skipped, past it)")
+    parser.add_argument("--probe-steps", type=int, default=20, help="steps of the run that estimates a case's time")
+    parser.add_argument("--sampling", choices=["sample", "greedy"], default="sample",
+                        help="top-k sampling (default, the realistic setting) or greedy")
+    parser.add_argument("--top-k", type=int, default=250)
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (0: none)")
+    parser.add_argument("--copy-gib", type=float, default=1.0, help="tensor size for the copy bandwidth")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default, one per core); fewer helps on a busy machine")
+    parser.add_argument("--check", action="store_true",
+                        help="first assert that ours and transformers give the same greedy codes (tiny, batch 1)")
+    parser.add_argument("--check-frames", type=int, default=50)
+    args = parse_args(parser, measure, argv)
+    if args is None:
+        return
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = device_name(device)
+    guidance = args.guidance if args.guidance > 0 else None
+    sampling = "greedy" if args.sampling == "greedy" else f"top-k {args.top_k} sampling"
+    lines = [f"LM decoding, text to codes (codec decode excluded), {args.frames} frames = "
+             f"{args.frames / FRAME_RATE:g} s, "
+             f"K={CODEBOOKS} x {CODES} codes, guidance {guidance}, {sampling}, fp32, on {name}; "
+             f"median of up to {args.repeats} (budget {args.max_seconds:.0f} s per case)"]
+    print(lines[0], flush=True)
+    payload = {"device": name, "torch": torch.__version__, "frames": args.frames, "frame_rate": FRAME_RATE,
+               "codebooks": CODEBOOKS, "codes": CODES, "guidance": guidance, "sampling": args.sampling,
+               "top_k": args.top_k, "repeats": args.repeats, "max_seconds": args.max_seconds,
+               "probe_steps": args.probe_steps, "threads": torch.get_num_threads(),
+               "models": {k: MODELS[k] for k in args.models},
+               "date": time.strftime("%Y-%m-%d")}
+    import transformers
+
+    payload["transformers"] = transformers.__version__
+
+    if args.check:
+        spec = {"kind": "check", "model": "tiny", "batch": 1, "frames": args.check_frames, "guidance": guidance,
+                "sampling": "greedy", "top_k": args.top_k, "device": str(device), "impl": "ours-delay",
+                "threads": args.threads}
+        check = run_case(__file__, measure, spec, device)
+        line = (f"check: greedy codes of ours (delay) and transformers, tiny, batch 1, guidance {guidance}, "
+                f"{args.check_frames} frames: {'equal' if check.get('equal') else 'DIFFERENT'} "
+                f"({check.get('distinct_codes')} distinct codes)")
+        print(line, flush=True)
+        lines.append(line)
+        payload["check"] = check
+        if not check.get("equal"):
+            raise SystemExit(f"ours and transformers disagree on greedy codes: {check}")
+
+    bandwidth = run_case(__file__, measure, {"kind": "bandwidth", "gib": args.copy_gib, "repeats": 5,
+                                             "device": str(device), "threads": args.threads}, device)
+    payload["bandwidth"] = bandwidth
+    lines += [HEADER, "-" * len(HEADER)]
+    print("\n".join(lines[-2:]), flush=True)
+    rows = []
+    for size in args.models:
+        for batch in args.batches:
+            results = {}
+            for impl in args.impls:  # transformers first: the others are compared to it
+                spec = {"kind": "generate", "model": size, "impl": impl, "batch": batch, "frames": args.frames,
+                        "repeats": args.repeats, "max_seconds": args.max_seconds, "probe_steps": args.probe_steps,
+                        "guidance": guidance, "sampling": args.sampling, "top_k": args.top_k, "device": str(device),
+                        "threads": args.threads}
+                result = results[impl] = run_case(__file__, measure, spec, device)
+                steps = CODEBOOKS * args.frames if impl == "ours-flatten" else args.frames + CODEBOOKS - 1
+                line = _row(size, impl, batch, steps, result, results.get("transformers"))
+                print(line, flush=True)
+                lines.append(line)
+                rows.append({"model": size, "impl": impl, "batch": batch, "steps": steps, "result": result})
+
+    if "oom" not in bandwidth:
+        rate = bandwidth["bytes_per_s"]
+        bound_lines = ["", f"weight-read bound: copy bandwidth {rate / 1e9:.1f} GB/s (median of 5 dst.copy_(src) "
+                           f"on a {args.copy_gib:g} GiB fp32 tensor, bytes read + written / time); a step reads each "
+                           "weight it uses once (fp32; layers without the cross-attention k/v, final norm, K heads; "
+                           "not the embeddings, the text projection or the KV cache)"]
+        payload["bound"] = {}
+        for size in args.models:
+            counts = parameter_counts(size)
+            bound = rate / counts["read_bytes_per_step"]
+            achieved = {f"{row['impl']} B{row['batch']}": row["result"]["steps_per_s"] / bound for row in rows
+                        if row["model"] == size and "steps_per_s" in row["result"]}
+            payload["bound"][size] = dict(counts, bound_steps_per_s=bound, achieved_fraction=achieved)
+            bound_lines.append(f"{size}: {counts['total']:,} LM parameters ({counts['embeddings']:,} in embeddings); "
+                               f"{counts['read_bytes_per_step'] / 1e6:.1f} MB read per step -> bound "
+                               f"{bound:.1f} steps/s")
+            if achieved:
+                bound_lines.append("    achieved / bound: " + ", ".join(f"{key} {value:.2f}"
+                                                                        for key, value in achieved.items()))
+        print("\n".join(bound_lines), flush=True)
+        lines += bound_lines
+    payload["rows"] = rows
+    out = args.out or RESULTS / f"generate-{device.type}.json"
+    write_json(out, payload)
+    from mmdgen.files import write_text_atomic
+
+    write_text_atomic(out.with_suffix(".txt"), "\n".join(lines) + f"\nwrote {out}\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
