@@ -159,7 +159,6 @@ class Side:
             hop = model.audio_encoder.config.hop_length
 
             def decode_stub(codes, *args, **kwargs):  # the codec's decode is not what we measure
-                self.seen["shape"] = tuple(codes.shape)
                 self.seen["codes"] = codes
                 return SimpleNamespace(audio_values=torch.zeros(codes.shape[1], 1, codes.shape[-1] * hop,
                                                                 device=codes.device))
@@ -294,6 +293,10 @@ def measure_check(spec: dict) -> dict:
             "first_difference": diff[0].tolist() if len(diff) else None}
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def measure_generate(spec: dict) -> dict:
     device = torch.device(spec["device"])
     side = Side(spec, device)
@@ -317,8 +320,8 @@ def measure_generate(spec: dict) -> dict:
             "seconds_per_step_growth": slope, "estimate_seconds": estimate}
     repeats = min(spec["repeats"], int(spec["max_seconds"] // estimate)) if estimate > 0 else spec["repeats"]
     if repeats < 1:
-        return dict(info, skipped=f"estimated {estimate:.0f} s for one generation > --max-seconds "
-                                  f"{spec['max_seconds']:.0f}")
+        return dict(info, skipped=f"estimated {_seconds(estimate)} s for one generation > --max-seconds "
+                                  f"{spec['max_seconds']:g}")
     gc.collect()
     info["peak_reset"] = _reset_peak(device)
     result = time_and_peak(lambda: side.run(frames), repeats, device)
@@ -366,7 +369,7 @@ def _row(size: str, impl: str, batch: int, steps: int, result: dict, baseline: d
     if "oom" in result:
         return lead + f"OOM ({result['oom']})"
     if "skipped" in result:
-        return lead + f"skipped (est. {result['estimate_seconds']:.0f} s)"
+        return lead + f"skipped (est. {_seconds(result['estimate_seconds'])} s)"
     versus = "-"
     if impl != "transformers" and baseline and "seconds" in baseline:
         versus = f"{baseline['seconds'] / result['seconds']:.2f}x"
@@ -407,7 +410,7 @@ def main(argv=None) -> None:
     lines = [f"LM decoding, text to codes (codec decode excluded), {args.frames} frames = "
              f"{args.frames / FRAME_RATE:g} s, "
              f"K={CODEBOOKS} x {CODES} codes, guidance {guidance}, {sampling}, fp32, on {name}; "
-             f"median of up to {args.repeats} (budget {args.max_seconds:.0f} s per case)"]
+             f"median of up to {args.repeats} (budget {args.max_seconds:g} s per case)"]
     print(lines[0], flush=True)
     payload = {"device": name, "torch": torch.__version__, "frames": args.frames, "frame_rate": FRAME_RATE,
                "codebooks": CODEBOOKS, "codes": CODES, "guidance": guidance, "sampling": args.sampling,
@@ -442,7 +445,7 @@ def main(argv=None) -> None:
     for size in args.models:
         for batch in args.batches:
             results = {}
-            for impl in args.impls:  # transformers first: the others are compared to it
+            for impl in [impl for impl in IMPLS if impl in args.impls]:  # transformers first: the others' baseline
                 spec = {"kind": "generate", "model": size, "impl": impl, "batch": batch, "frames": args.frames,
                         "repeats": args.repeats, "max_seconds": args.max_seconds, "probe_steps": args.probe_steps,
                         "guidance": guidance, "sampling": args.sampling, "top_k": args.top_k, "device": str(device),
