@@ -66,29 +66,15 @@ CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle with drums", "slow pia
 
 # -- the models ---------------------------------------------------------------------------------------------
 
-def _word_tokenizer(texts):
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    splitter = pre_tokenizers.Whitespace()
-    for text in texts:
-        for word, _ in splitter.pre_tokenize_str(text):
-            vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = splitter
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
-
-
 def build_transformers(size: str, seed: int = 0):
     """(model, tokenizer): a random MusicgenForConditionalGeneration, the same weights for the same seed."""
     import transformers
 
+    from mmdgen.model.text import word_level_t5_tokenizer
+
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(CAPTIONS)
+    tokenizer = word_level_t5_tokenizer(CAPTIONS)
     text = transformers.T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_ff=64, num_layers=1, num_heads=2,
                                  d_kv=16)
     # frame rate 3200 / 64 = 50; K = 1000 * 2.2 // (50 * 11 bits) = 4 codebooks of 2048

@@ -42,6 +42,22 @@ def signature(kernel, dtype, typed, int_ptrs, floats, constexprs):
     return sig
 
 
+def compile_in_subprocess(code: str, timeout: int = 600) -> str:
+    """Run Python ``code`` from the repository root with the interpreter off (it replaces compilation) and
+    return its standard output; the calling test fails with the child's stderr when it does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def main():
     report = {}
     for arch in (80, 90):

@@ -2,10 +2,6 @@
 the LM's own attention, compilation for sm80/sm90, bad input refused."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ from mmdgen.kernels import attention
 from mmdgen.kernels.attention import decode_attention, split_plan
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
 from mmdgen.model.lm import MusicLM, lm_config
+from tests.ptx_check import compile_in_subprocess
 from tests.test_mmd import TRITON_DEVICE, needs_triton
 
 BACKEND_DEVICES = [
@@ -242,13 +239,8 @@ def _compile_report():
 
 @pytest.mark.skipif(TRITON_IMPORT_ERROR is not None, reason=f"triton does not import: {TRITON_IMPORT_ERROR}")
 def test_kernels_compile_for_sm80_and_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the interpreter replaces compilation
-    root = Path(__file__).resolve().parents[1]
     code = "import json; from tests.test_attention import _compile_report; print(json.dumps(_compile_report()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(compile_in_subprocess(code).strip().splitlines()[-1])
     assert len(report) == 12
     for key, entry in report.items():
         assert entry["cubin_bytes"] > 0 and entry["local_memory"] == 0, key

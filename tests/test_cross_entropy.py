@@ -1,10 +1,5 @@
 """The fused heads + cross-entropy against F.cross_entropy on full float64 logits, on both backends."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +9,7 @@ from torch.utils._pytree import tree_leaves
 from mmdgen.kernels import cross_entropy
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
 from mmdgen.kernels.cross_entropy import linear_cross_entropy
+from tests.ptx_check import compile_in_subprocess
 from tests.test_mmd import TRITON_DEVICE, needs_triton
 
 BACKEND_DEVICES = [
@@ -301,8 +297,4 @@ for arch in (80, 90):
         assert "ex2.approx" in compiled.asm["ptx"] and compiled.asm["cubin"], (arch, with_grad)
 print("ok")
 """
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the interpreter replaces compilation
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert compile_in_subprocess(script).strip() == "ok"

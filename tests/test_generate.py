@@ -9,31 +9,16 @@ from mmdgen.generate import Generator, Sampling
 from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
 from mmdgen.model.lm import MusicLM, lm_config
-from mmdgen.model.text import LearnedTextEncoder, T5TextEncoder, train_caption_tokenizer
+from mmdgen.model.text import LearnedTextEncoder, T5TextEncoder, train_caption_tokenizer, word_level_t5_tokenizer
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
-
-
-def _word_tokenizer(texts):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    splitter = pre_tokenizers.Whitespace()
-    for text in texts:
-        for word, _ in splitter.pre_tokenize_str(text):
-            vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = splitter
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
 def peer():
     """A randomly initialised tiny transformers MusicGen (T5 text encoder, EnCodec, 4 x 32 codes)."""
     torch.manual_seed(0)
-    tokenizer = _word_tokenizer(TEXTS)
+    tokenizer = word_level_t5_tokenizer(TEXTS)
     text = transformers.T5Config(vocab_size=len(tokenizer), d_model=24, d_ff=32, num_layers=1, num_heads=2, d_kv=12)
     audio = transformers.EncodecConfig(target_bandwidths=[0.5], sampling_rate=200, audio_channels=1, hidden_size=8,
                                        num_filters=4, upsampling_ratios=[4, 2], num_lstm_layers=1, codebook_size=32)

@@ -1,24 +1,16 @@
 """The Triton kernels compile for Ampere and Hopper (no GPU needed) and use the hardware they should."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
+from tests.ptx_check import compile_in_subprocess
 
 
 @pytest.mark.skipif(TRITON_IMPORT_ERROR is not None, reason=f"triton does not import: {TRITON_IMPORT_ERROR}")
 def test_kernels_compile_to_tensor_core_code():
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the interpreter replaces compilation
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "tests" / "ptx_check.py")], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = json.loads(compile_in_subprocess("from tests.ptx_check import main; main()"))
     assert len(report) == 18
     for key, entry in report.items():
         arch = key.split("-")[0]

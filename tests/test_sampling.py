@@ -2,10 +2,6 @@
 on both backends, plus distribution, reproducibility, argument and compilation checks."""
 
 import functools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +9,7 @@ import torch
 from mmdgen.kernels import sampling
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
+from tests.ptx_check import compile_in_subprocess
 from tests.test_mmd import TRITON_DEVICE, needs_triton
 
 BACKEND_DEVICES = [
@@ -467,8 +464,4 @@ for arch in (80, 90):
             assert ("ex2.approx" in ptx) == config[3], (arch, dtype, config)
 print("ok")
 """
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the interpreter replaces compilation
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert compile_in_subprocess(script).strip() == "ok"

@@ -19,6 +19,7 @@ from mmdgen.model.text import (
     drop_captions,
     text_conditioner,
     train_caption_tokenizer,
+    word_level_t5_tokenizer,
 )
 
 
@@ -62,23 +63,13 @@ def minilm():
 @pytest.fixture(scope="module")
 def t5_folder(tmp_path_factory, captions):
     """A randomly initialised tiny T5 encoder plus a word-level tokenizer, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     folder = tmp_path_factory.mktemp("tiny_t5")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}  # T5's special ids
-    splitter = pre_tokenizers.Whitespace()
-    for caption in captions:
-        for word, _ in splitter.pre_tokenize_str(caption):
-            vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = splitter
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
+    tokenizer = word_level_t5_tokenizer(captions)
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, vocab_size=len(vocab))
+    config = T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, vocab_size=len(tokenizer))
     T5EncoderModel(config).save_pretrained(folder)
     return folder
 

@@ -729,6 +729,25 @@ class T5TextEncoder(FrozenConditioner):
 # Factory
 
 
+def word_level_t5_tokenizer(texts: list[str]):
+    """A transformers tokenizer over the words of ``texts`` with T5's special ids (pad 0, ``</s>`` 1 appended,
+    unk 2), built offline: what a randomly initialised T5 needs where no real tokenizer is on disk (tests,
+    benchmarks)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    splitter = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
 def text_conditioner(kind: str, **kwargs) -> TextConditioner:
     """Build a conditioner by kind.
 
