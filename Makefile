@@ -29,3 +29,5 @@ bench: $(INSTALLED)
 	$(PY) bench/vq.py
 	$(PY) bench/train_codec.py
 	$(PY) bench/cross_entropy.py
+	$(PY) bench/train_lm.py
+	$(PY) bench/generate.py
