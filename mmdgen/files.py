@@ -12,7 +12,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write`` on a temporary name beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race for the same file
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -171,12 +171,16 @@ def codebook_losses(lm: MusicLM, hidden: torch.Tensor, targets: torch.Tensor, fu
     return per_codebook.mean(), per_codebook.detach()
 
 
-def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path) -> tuple[TextConditioner, dict]:
+def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path, process: Process
+                           ) -> tuple[TextConditioner, dict]:
     """The conditioner the config asks for, and what a model directory records to rebuild it."""
     if cfg.text == "learned":
         tokenizer_path = Path(cfg.text_path) if cfg.text_path else out / "text_tokenizer.model"
         if not cfg.text_path and not tokenizer_path.exists():
-            train_caption_tokenizer([r["caption"] for r in tokens.records], tokenizer_path)
+            if process.main:  # one rank trains it; the others wait and read it
+                train_caption_tokenizer([r["caption"] for r in tokens.records], tokenizer_path)
+            if process.world > 1:
+                torch.distributed.barrier()
         encoder = LearnedTextEncoder.from_tokenizer_file(tokenizer_path, dim=cfg.text_dim, layers=cfg.text_layers,
                                                          heads=max(cfg.text_dim // 64, 1))
         return encoder, {"kind": "learned", "config": dataclasses.asdict(encoder.config)}
@@ -196,7 +200,7 @@ class LMTrainer(Trainer):
             raise ValueError(f"{cfg.tokens}: the token folder has no 'train' clips")
         self.pattern = make_pattern(cfg.pattern, train_tokens.num_codebooks, cfg.delay_values())
         self.out.mkdir(parents=True, exist_ok=True)
-        self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out)
+        self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out, self.process)
         self.lm_cfg = lm_config(cfg.preset, num_codebooks=train_tokens.num_codebooks,
                                 codebook_size=train_tokens.codebook_size, text_dim=self.text.dim,
                                 pattern=cfg.pattern, delays=self.pattern.delays)
