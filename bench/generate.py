@@ -13,7 +13,10 @@ decode loop (KV caches, guidance batched as 2B rows, top-k sampling); the codec'
   ``model.audio_encoder.decode`` replaced by a stub that records the codes' shape and returns zeros of the
   right shape as ``.audio_values`` (its default dynamic KV cache, its default attention implementation).
 Both decode frames + K - 1 steps with the delay pattern (503 for 10 s); ours with flattening K * frames
-(2000). Every run checks that it returned [B, K, frames] codes.
+(2000). Every run checks that it returned [B, K, frames] codes. ``ours-*-compiled``: the same loop with
+``Generator.compile`` on CPU (the decode step through ``torch.compile``, one graph for every step) and
+``Generator.cuda_graph`` on CUDA (the step captured in a CUDA graph); its first run at the timed length compiles
+or captures (its time is reported apart: "first run, compiling"), and the timed runs follow.
 
 Per case (its own subprocess on CPU): median over repeats of the whole generation's time, divided by the
 steps: seconds per step, steps/s, the real-time factor (audio seconds / wall seconds), the peak memory the
@@ -58,7 +61,7 @@ MODELS = {  # decoder sizes: tiny and small are lm_config("tiny") / lm_config("s
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
 }
 TEXT_DIM = 32  # the tiny T5's width (the text projection maps it to the decoder's)
-IMPLS = ("transformers", "ours-delay", "ours-flatten")
+IMPLS = ("transformers", "ours-delay", "ours-delay-compiled", "ours-flatten", "ours-flatten-compiled")
 CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle with drums", "slow piano ballad in a minor key",
             "upbeat electronic dance track with a heavy bass line", "acoustic guitar and soft vocals",
             "epic orchestral score with brass and timpani", "lofi hip hop beat", "jazz trio with walking bass"]
@@ -152,8 +155,11 @@ class Side:
             self.model.audio_encoder.decode = decode_stub
             self.pattern_name = "delay"
         else:
-            self.pattern_name = spec["impl"].split("-", 1)[1]
+            self.pattern_name = spec["impl"].split("-")[1]
             self.generator = build_ours(model, self.tokenizer, self.pattern_name, device)
+            static = spec["impl"].endswith("-compiled")  # CPU: torch.compile; CUDA: the step in a CUDA graph
+            self.generator.compile, self.generator.cuda_graph = static and device.type != "cuda", static and \
+                device.type == "cuda"
             del model  # the text encoder lives on in the generator; the transformers decoder goes
         gc.collect()
 
@@ -287,6 +293,37 @@ def measure_generate(spec: dict) -> dict:
     device = torch.device(spec["device"])
     side = Side(spec, device)
     frames, steps = spec["frames"], side.steps(spec["frames"])
+    if spec["impl"].endswith("-compiled"):
+        info = _compiled_warm_up(side, spec, frames, steps)
+    else:
+        info = _estimate(side, spec, frames, steps)
+    estimate = info["estimate_seconds"]
+    repeats = min(spec["repeats"], int(spec["max_seconds"] // estimate)) if estimate > 0 else spec["repeats"]
+    if repeats < 1:
+        return dict(info, skipped=f"estimated {_seconds(estimate)} s for one generation > --max-seconds "
+                                  f"{spec['max_seconds']:g}")
+    gc.collect()
+    info["peak_reset"] = _reset_peak(device)
+    result = time_and_peak(lambda: side.run(frames), repeats, device)
+    seconds = result["seconds"]
+    return dict(result, **info, repeats=repeats, seconds_per_step=seconds / steps, steps_per_s=steps / seconds,
+                rtf=frames / FRAME_RATE / seconds)
+
+
+def _compiled_warm_up(side: Side, spec: dict, frames: int, steps: int) -> dict:
+    """The compiled loop's first run at the timed length compiles its step (one graph per batch and length);
+    its estimate is the eager loop's (an upper bound), and it is not run when even that does not fit."""
+    info = {"steps": steps, "frames": frames, "estimate_seconds": spec["eager_estimate_seconds"]}
+    if spec["eager_estimate_seconds"] > spec["max_seconds"]:
+        return info
+    start = time.perf_counter()
+    side.run(frames)
+    synchronize(side.device)
+    return dict(info, first_run_seconds=time.perf_counter() - start)
+
+
+def _estimate(side: Side, spec: dict, frames: int, steps: int) -> dict:
+    device = side.device
     probe_frames = side.frames_for(spec["probe_steps"])
     probe_steps = side.steps(probe_frames)
     side.run(probe_frames)  # warm-up
@@ -302,18 +339,8 @@ def measure_generate(spec: dict) -> dict:
         early, late = side.step_seconds([early_position, late_position], steps)
         slope = max(late - early, 0.0) / (late_position - early_position)
     estimate = probe_seconds * steps / probe_steps + slope * steps * ((steps - 1) / 2 - early_position)
-    info = {"steps": steps, "frames": frames, "probe_steps": probe_steps, "probe_seconds": probe_seconds,
+    return {"steps": steps, "frames": frames, "probe_steps": probe_steps, "probe_seconds": probe_seconds,
             "seconds_per_step_growth": slope, "estimate_seconds": estimate}
-    repeats = min(spec["repeats"], int(spec["max_seconds"] // estimate)) if estimate > 0 else spec["repeats"]
-    if repeats < 1:
-        return dict(info, skipped=f"estimated {_seconds(estimate)} s for one generation > --max-seconds "
-                                  f"{spec['max_seconds']:g}")
-    gc.collect()
-    info["peak_reset"] = _reset_peak(device)
-    result = time_and_peak(lambda: side.run(frames), repeats, device)
-    seconds = result["seconds"]
-    return dict(result, **info, repeats=repeats, seconds_per_step=seconds / steps, steps_per_s=steps / seconds,
-                rtf=frames / FRAME_RATE / seconds)
 
 
 def measure(spec: dict) -> dict:
@@ -346,12 +373,12 @@ def parameter_counts(size: str) -> dict:
 
 # -- the table ----------------------------------------------------------------------------------------------
 
-HEADER = (f"{'model':<6} {'impl':<13} {'B':>2} {'steps':>5} {'s/step':>9} {'steps/s':>8} {'RTF':>7} "
+HEADER = (f"{'model':<6} {'impl':<21} {'B':>2} {'steps':>5} {'s/step':>9} {'steps/s':>8} {'RTF':>7} "
           f"{'peak mem':>9} {'reps':>4} {'est/real':>8} {'vs transformers':>15}")
 
 
 def _row(size: str, impl: str, batch: int, steps: int, result: dict, baseline: dict | None) -> str:
-    lead = f"{size:<6} {impl:<13} {batch:>2} {steps:>5} "
+    lead = f"{size:<6} {impl:<21} {batch:>2} {steps:>5} "
     if "oom" in result:
         return lead + f"OOM ({result['oom']})"
     if "skipped" in result:
@@ -359,9 +386,11 @@ def _row(size: str, impl: str, batch: int, steps: int, result: dict, baseline: d
     versus = "-"
     if impl != "transformers" and baseline and "seconds" in baseline:
         versus = f"{baseline['seconds'] / result['seconds']:.2f}x"
-    return (lead + f"{result['seconds_per_step']:>9.5f} {result['steps_per_s']:>8.1f} {result['rtf']:>6.2f}x "
-            f"{fmt_mem(result):>9} {result['repeats']:>4} {result['estimate_seconds'] / result['seconds']:>8.2f} "
-            f"{versus:>15}")
+    compiled = "first_run_seconds" in result
+    estimate = "-" if compiled else f"{result['estimate_seconds'] / result['seconds']:.2f}"
+    line = (lead + f"{result['seconds_per_step']:>9.5f} {result['steps_per_s']:>8.1f} {result['rtf']:>6.2f}x "
+            f"{fmt_mem(result):>9} {result['repeats']:>4} {estimate:>8} {versus:>15}")
+    return line + (f"  (first run, compiling: {result['first_run_seconds']:.1f} s)" if compiled else "")
 
 
 def main(argv=None) -> None:
@@ -387,6 +416,9 @@ def main(argv=None) -> None:
     args = parse_args(parser, measure, argv)
     if args is None:
         return
+    for impl in args.impls:
+        if impl.endswith("-compiled") and impl.removesuffix("-compiled") not in args.impls:
+            parser.error(f"{impl} needs {impl.removesuffix('-compiled')} in --impls too (its time estimate)")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -436,8 +468,11 @@ def main(argv=None) -> None:
                         "repeats": args.repeats, "max_seconds": args.max_seconds, "probe_steps": args.probe_steps,
                         "guidance": guidance, "sampling": args.sampling, "top_k": args.top_k, "device": str(device),
                         "threads": args.threads}
+                if impl.endswith("-compiled"):
+                    eager = results[impl.removesuffix("-compiled")]
+                    spec["eager_estimate_seconds"] = eager.get("estimate_seconds", float("inf"))
                 result = results[impl] = run_case(__file__, measure, spec, device)
-                steps = CODEBOOKS * args.frames if impl == "ours-flatten" else args.frames + CODEBOOKS - 1
+                steps = CODEBOOKS * args.frames if impl.startswith("ours-flatten") else args.frames + CODEBOOKS - 1
                 line = _row(size, impl, batch, steps, result, results.get("transformers"))
                 print(line, flush=True)
                 lines.append(line)

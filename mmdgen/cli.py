@@ -76,7 +76,8 @@ def _generate(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.prompts is None):
         raise ValueError("give either a text or --prompts FILE.jsonl")
     _check_device(args.device, args.backend)
-    generator = Generator.from_pretrained(args.model, args.codec, device=args.device, backend=args.backend)
+    generator = Generator.from_pretrained(args.model, args.codec, device=args.device, backend=args.backend,
+                                          compile=args.compile, cuda_graph=args.cuda_graph)
     sampling = Sampling(guidance_scale=args.guidance if args.guidance > 0 else None, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p)
     if args.prompts is not None:
@@ -214,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-audio", help="an audio file to continue")
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    generate.add_argument("--compile", action="store_true",
+                          help="run the decode step through torch.compile: faster steps after a one-off compile "
+                               "(seconds to a minute) per batch size and length; worth it for long or many clips")
+    generate.add_argument("--cuda-graph", action="store_true",
+                          help="(CUDA) capture the decode step in a CUDA graph once and replay it at every step")
     generate.set_defaults(func=_generate)
 
     codec = sub.add_parser("codec", help="encode audio to codes and back").add_subparsers(dest="codec_command",

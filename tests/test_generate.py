@@ -1,6 +1,8 @@
 """Generation: greedy codes equal to transformers' MusicGen on the same weights (with and without guidance),
 prompts continued, streaming equal to the whole, every pattern's step count, bad input refused."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -134,6 +136,21 @@ def test_bad_requests_are_refused(tiny, tmp_path):
         Generator(MusicLM(lm_config("tiny", text_dim=32, codebook_size=128)), text, codec)
     with pytest.raises(ValueError, match="config.json: missing"):
         Generator.from_pretrained(tmp_path / "nowhere")
+    from mmdgen.train.lm import save_music_lm
+
+    folder = save_music_lm(tmp_path / "model", lm, text, {"kind": "learned", "config": dataclasses.asdict(text.config)},
+                           {"weights_sha256": "0"})
+    torch.save(lm.state_dict(), folder / "lm.safetensors")  # a torch pickle under the safetensors name
+    with pytest.raises(ValueError, match=r"model/lm.safetensors: not a safetensors file of the LM"):
+        Generator.from_pretrained(folder)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3)}, str(folder / "lm.safetensors"))  # another model's weights
+    with pytest.raises(ValueError, match=r"lm.safetensors: the weights do not fit the LM of .*config.json"):
+        Generator.from_pretrained(folder)
+    (folder / "lm.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"lm.safetensors: missing; expected the weights of the LM"):
+        Generator.from_pretrained(folder)
 
 
 def test_triton_and_pytorch_decoding_paths_give_the_same_codes(tiny):
@@ -144,3 +161,58 @@ def test_triton_and_pytorch_decoding_paths_give_the_same_codes(tiny):
                                                                                    sampling=sampling, seed=5)
              for backend in ("torch", "triton")}
     assert torch.equal(codes["torch"], codes["triton"])
+
+
+def test_the_compiled_step_gives_the_eager_codes(tiny):
+    """``compile=True``: the decode step through torch.compile, one graph for every step (the step and the
+    attention length are tensors; the whole cache is attended with the future masked). Same codes as the eager
+    loop: sampled with guidance, top-k and top-p while continuing a prompt (prefill and forced cells), and
+    greedy without guidance."""
+    lm, text, codec = tiny
+    prompt = torch.randn(1, 1, 3200) * 0.1  # 5 frames
+    cases = [(Sampling(guidance_scale=3.0, top_k=20, top_p=0.9), prompt),
+             (Sampling(guidance_scale=None, temperature=0.0), None)]
+    for sampling, prompt_audio in cases:
+        eager, compiled = (Generator(lm, text, codec, compile=flag).generate_codes(
+            TEXTS, duration=0.3, sampling=sampling, seed=4, prompt_audio=prompt_audio) for flag in (False, True))
+        assert compiled.shape == (2, 4, 15) and torch.equal(compiled, eager)
+
+
+def _with_context(tiny, frames):
+    lm, text, codec = tiny
+    windowed = MusicLM(lm_config("tiny", text_dim=32, context_frames=frames))
+    windowed.load_state_dict(lm.state_dict())
+    return Generator(windowed, text, codec)
+
+
+def test_audio_beyond_the_context_is_generated_in_overlapping_windows(tiny):
+    """Context 10 frames, 25 asked, stride 6: windows [0, 10), then 4 frames of overlap as the prompt and 6 new
+    ones, ..., the last window shorter. Composed by hand from the decode loop with the same random stream."""
+    from mmdgen.generate.loop import decode
+
+    generator = _with_context(tiny, 10)
+    sampling = Sampling(guidance_scale=3.0, top_k=20)
+    codes = generator.generate_codes(TEXTS, duration=0.5, sampling=sampling, seed=7)
+    assert codes.shape == (2, 4, 25)
+    random = torch.Generator().manual_seed(7)
+    memory = generator._memory(TEXTS, guided=True)
+    expected = decode(generator.lm, memory, 2, 10, generator.pattern, sampling, random)
+    for window in (10, 10, 7):  # 4 frames of overlap + 6 new, twice; then 4 + the 3 left
+        part = decode(generator.lm, memory, 2, window, generator.pattern, sampling, random, prompt=expected[..., -4:])
+        expected = torch.cat([expected, part[..., 4:]], dim=-1)
+    assert torch.equal(codes, expected)
+    with pytest.raises(ValueError, match="extend_stride must be positive and shorter than the LM's context of 10"):
+        generator.generate_codes(TEXTS, duration=0.5, extend_stride=0.2)
+    with pytest.raises(ValueError, match="not shorter than the LM's context of 10 frames"):
+        generator.generate_codes(TEXTS, duration=0.5, prompt_audio=torch.randn(1, 1, generator.codec.cfg.hop_length * 12) * 0.1)
+
+
+def test_streaming_across_windows_adds_up_to_the_generated_audio(tiny):
+    generator = _with_context(tiny, 12)
+    sampling = Sampling(guidance_scale=3.0, top_k=20)
+    prompt = torch.randn(1, 1, generator.codec.cfg.hop_length * 5) * 0.1  # 5 frames, continued across the windows
+    whole = generator.generate(TEXTS, duration=0.7, sampling=sampling, seed=3, prompt_audio=prompt)
+    chunks = list(generator.stream(TEXTS, duration=0.7, sampling=sampling, seed=3, chunk_seconds=0.1,
+                                   prompt_audio=prompt))
+    assert len(chunks) > 3
+    assert torch.allclose(torch.cat(chunks, dim=-1), whole, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,19 +24,34 @@ from mmdgen.model.text import TextConditioner
 __all__ = ["Generator", "Sampling"]
 
 
+class Window(NamedTuple):
+    """One decode call of a generation: frames ``[start, start + frames)`` of the whole, the first ``overlap`` of
+    them given as its prompt; ``before``: the codes final before it (None for the first window)."""
+
+    start: int
+    frames: int
+    overlap: int
+    before: torch.Tensor | None
+
+
 class Generator:
-    def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto"):
+    def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
+                 cuda_graph: bool = False):
         quantizer = codec.cfg.quantizer
         if (quantizer.num_codebooks, quantizer.codebook_size) != (lm.cfg.num_codebooks, lm.cfg.codebook_size):
             raise ValueError(f"the codec makes {quantizer.num_codebooks} x {quantizer.codebook_size} codes but the LM "
                              f"predicts {lm.cfg.num_codebooks} x {lm.cfg.codebook_size}")
         self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
+        self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
+        self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {self.device}")
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
         self.device = lm.heads[0].weight.device
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, codec_dir: str | Path | None = None, device: str = "cpu",
-                        backend: str = "auto") -> "Generator":
+                        backend: str = "auto", compile: bool = False, cuda_graph: bool = False) -> "Generator":
         from mmdgen.train.lm import load_music_lm
 
         model_dir = Path(model_dir)
@@ -46,7 +62,7 @@ class Generator:
         if codec_identity(codec_dir)["weights_sha256"] != config["codec"]["weights_sha256"]:
             raise ValueError(f"{codec_dir / 'codec.safetensors'} is not the codec {model_dir} was trained on "
                              "(its weights hash differs)")
-        return cls(lm, text, load_codec(codec_dir, device), backend)
+        return cls(lm, text, load_codec(codec_dir, device), backend, compile, cuda_graph)
 
     @property
     def sample_rate(self) -> int:
@@ -65,16 +81,57 @@ class Generator:
         condition = self.text(texts + [""] * len(texts) if guided else texts)
         return self.lm.cross_memory(condition.states.to(self.device), condition.mask.to(self.device))
 
+    @property
+    def context_frames(self) -> int | None:
+        """The frames the LM was trained on at once; longer audio is generated in windows of this length."""
+        return self.lm.cfg.context_frames
+
     @torch.no_grad()
     def generate_codes(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None,
-                       seed: int = 0, prompt_audio: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
-        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues)."""
+                       seed: int = 0, prompt_audio: torch.Tensor | None = None, on_step=None,
+                       extend_stride: float | None = None) -> torch.Tensor:
+        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues).
+
+        Beyond the LM's context (``context_frames``) the audio is generated in windows, as audiocraft does: the
+        first window fills the context; each next one is prompted with the last ``context - stride`` frames and
+        adds ``stride`` frames (``extend_stride`` seconds; default 60% of the context, audiocraft's 18 s of 30).
+        ``on_step(step, sequence)`` is called after each decoding step of each window (the window's sequence).
+        """
+        return self._windows(texts, duration, sampling, seed, prompt_audio, extend_stride,
+                             lambda window: on_step)
+
+    def _windows(self, texts, duration, sampling, seed, prompt_audio, extend_stride, window_hook) -> torch.Tensor:
+        """The codes, window by window; ``window_hook(Window)`` gives each window's ``on_step`` (or None)."""
         sampling = sampling or Sampling()
         frames = self.frames(duration)
         prompt = self._prompt_codes(prompt_audio, len(texts), frames)
         generator = torch.Generator(self.device).manual_seed(seed)
-        return decode(self.lm, self._memory(texts, sampling.guidance_scale is not None), len(texts), frames,
-                      self.pattern, sampling, generator, prompt, self.backend, on_step)
+        memory = self._memory(texts, sampling.guidance_scale is not None)
+        context = self.context_frames or frames
+        stride = self._stride_frames(context, extend_stride)
+        if prompt is not None and prompt.shape[-1] >= context:
+            raise ValueError(f"the prompt is {prompt.shape[-1]} frames long, not shorter than the LM's context of "
+                             f"{context} frames: give a shorter prompt")
+        codes, first = prompt, True
+        while first or codes.shape[-1] < frames:
+            done = 0 if codes is None else codes.shape[-1]
+            overlap = done if first else context - stride  # the frames the window is prompted with
+            window = Window(done - overlap, min(context, frames - done + overlap), overlap, codes)
+            part = decode(self.lm, memory, len(texts), window.frames, self.pattern, sampling, generator,
+                          codes[..., done - overlap:] if overlap else None, self.backend, window_hook(window),
+                          self.compile, self.cuda_graph)
+            codes = part if codes is None else torch.cat([codes, part[..., overlap:]], dim=-1)
+            first = False
+        return codes
+
+    def _stride_frames(self, context: int, extend_stride: float | None) -> int:
+        if extend_stride is None:
+            return max(int(context * 0.6), 1)
+        stride = int(round(extend_stride * self.codec.cfg.frame_rate))
+        if not 1 <= stride < context or extend_stride <= 0:
+            raise ValueError(f"extend_stride must be positive and shorter than the LM's context of {context} "
+                             f"frames ({context / self.codec.cfg.frame_rate:g} s), got {extend_stride} s")
+        return stride
 
     def _prompt_codes(self, audio: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor | None:
         if audio is None:
@@ -107,18 +164,22 @@ class Generator:
         chunk_frames = max(int(round(chunk_seconds * self.codec.cfg.frame_rate)), 1)
         ready: queue.Queue = queue.Queue()
         pattern, emitted = self.pattern, [0]
-        finished_at = pattern.step_index(frames).max(dim=0).values  # [T]: the step that completes each frame
 
-        def on_step(step: int, sequence: torch.Tensor) -> None:
-            done = int((finished_at <= step).sum())
-            stable = done - self.lookahead_frames  # frames whose audio the next frames cannot change
-            if done < frames and stable - emitted[0] >= chunk_frames:
-                ready.put((done, pattern.revert(sequence)[..., :done].clone()))
-                emitted[0] = stable
+        def window_hook(window: Window):
+            finished_at = pattern.step_index(window.frames).max(dim=0).values  # [T]: the step completing each frame
+
+            def on_step(step: int, sequence: torch.Tensor) -> None:
+                done = window.start + int((finished_at <= step).sum())  # frames of the whole that are final
+                stable = done - self.lookahead_frames  # frames whose audio the next frames cannot change
+                if done < frames and stable - emitted[0] >= chunk_frames:
+                    new = pattern.revert(sequence)[..., window.overlap: done - window.start]
+                    ready.put((done, new if window.before is None else torch.cat([window.before, new], dim=-1)))
+                    emitted[0] = stable
+            return on_step
 
         def run() -> None:
             try:
-                codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio, on_step)
+                codes = self._windows(texts, duration, sampling, seed, prompt_audio, None, window_hook)
                 ready.put((frames, codes))
             except BaseException as error:  # surfaced in the consuming thread
                 ready.put(error)

@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from mmdgen.kernels.sampling import sample_next
+from mmdgen.kernels.sampling import gumbel_noise, sample_next
 from mmdgen.kernels.step_input import pattern_step_input
-from mmdgen.model.lm import MusicLM, sinusoidal_positions
+from mmdgen.model.lm import KVCache, MusicLM, sinusoidal_positions
 from mmdgen.model.patterns import Pattern
 
 
@@ -71,41 +71,134 @@ def prefill_steps(pattern: Pattern, forced: torch.Tensor, frames: int) -> int:
     return int(unsettled[0]) if len(unsettled) else settled.numel()
 
 
+@dataclass
+class DecodeState:
+    """Everything a decode step reads or writes, allocated before the first step (no per-step allocation of
+    state; a compiled or graphed step sees the same buffers every time)."""
+
+    sequence: torch.Tensor  # [B, K, S]: the pattern sequence, filled step by step
+    forced: torch.Tensor  # [B, K, S] bool: cells an audio prompt fixes
+    valid: torch.Tensor  # [K, S] bool: cells where the pattern holds a code
+    caches: list[KVCache]
+    memory: tuple  # lm.cross_memory's result: per layer (keys, values), and the text mask
+    embeddings: torch.Tensor  # [K, V + 1, dim]: the stacked code embedding tables
+    positions: torch.Tensor  # [S, dim]: the position table
+    rows: int  # 2B with guidance, else B
+
+
+def decode_step(lm: MusicLM, state: DecodeState, step: int | torch.Tensor, noise: torch.Tensor | None,
+                sampling: Sampling, backend: str = "auto") -> None:
+    """One pattern step: embed the previous step's K codes, run the LM over the caches, sample the K codes of
+    ``step`` (greedy when ``noise`` is None) and write them into ``state.sequence``. ``step``: an int, or a 0-d
+    int64 tensor (compiled and graphed steps: nothing is read on the host and every step is the same graph)."""
+    special = lm.cfg.special_token
+    embedded = pattern_step_input(state.sequence, step, state.embeddings, state.positions, special, backend=backend)
+    hidden = lm.hidden(None, None, None, caches=state.caches, start=step, memory=state.memory, backend=backend,
+                       embedded=_repeat(embedded, state.rows))
+    chosen = sample_next(lm.logits(hidden)[:, :, 0], guidance_scale=sampling.guidance_scale,
+                         temperature=0.0 if noise is None else sampling.temperature,
+                         top_k=min(sampling.top_k, lm.cfg.codebook_size),  # 250 means all of a small codebook
+                         top_p=sampling.top_p, noise=noise, backend=backend)
+    chosen = torch.where(_column(state.valid, step), chosen, special)
+    chosen = torch.where(_column(state.forced, step), _column(state.sequence, step), chosen)
+    if isinstance(step, torch.Tensor):
+        state.sequence.index_copy_(2, step.view(1), chosen[..., None])
+    else:
+        state.sequence[..., step] = chosen
+
+
+def _column(t: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """``t[..., step]``; for a tensor step an index op that reads it on the device (no host sync)."""
+    return t.index_select(-1, step.view(1)).squeeze(-1) if isinstance(step, torch.Tensor) else t[..., step]
+
+
 @torch.no_grad()
 def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampling: Sampling,
            generator: torch.Generator | None = None, prompt: torch.Tensor | None = None, backend: str = "auto",
-           on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, torch.Tensor], None] | None = None, compile: bool = False,
+           cuda_graph: bool = False) -> torch.Tensor:
     """Codes [B, K, frames]. ``memory``: ``lm.cross_memory`` of the text states, 2B rows (conditional first,
-    then null) with guidance, B without; ``prompt``: codes [B, K, T_prompt] to continue."""
+    then null) with guidance, B without; ``prompt``: codes [B, K, T_prompt] to continue. ``compile``: run the
+    step through ``torch.compile`` (one graph for every step; the first call of a shape compiles it).
+    ``cuda_graph`` (CUDA): capture the whole step once in a CUDA graph and replay it at every step."""
     special = lm.cfg.special_token
     device = lm.heads[0].weight.device
-    guided = sampling.guidance_scale is not None
-    rows = 2 * batch if guided else batch
+    rows = 2 * batch if sampling.guidance_scale is not None else batch
     steps = pattern.num_steps(frames)
     sequence, forced = forced_cells(pattern, prompt, batch, frames, special, device)
-    valid = pattern.valid_mask(frames).to(device)  # [K, S]
-    caches = lm.new_caches(rows, max(steps, 1))
+    embeddings = lm.embedding_weights()
+    state = DecodeState(sequence, forced, pattern.valid_mask(frames).to(device), lm.new_caches(rows, max(steps, 1)),
+                        memory, embeddings, sinusoidal_positions(torch.arange(steps, device=device),
+                                                                 lm.cfg.dim).to(embeddings.dtype), rows)
     greedy = sampling.temperature == 0 or sampling.top_k == 1
     start = prefill_steps(pattern, forced, frames)
     if start > 0:  # the prompt's fully known steps in one pass; their logits are not needed
-        lm.hidden(_repeat(_inputs(sequence, start, special), rows), None, None, caches=caches, start=0,
+        lm.hidden(_repeat(_inputs(sequence, start, special), rows), None, None, caches=state.caches, start=0,
                   memory=memory, backend=backend)
-    embeddings = lm.embedding_weights()
-    positions = sinusoidal_positions(torch.arange(steps, device=device), lm.cfg.dim).to(embeddings.dtype)
+    run_step, step_index = decode_step, None
+    if compile or cuda_graph:
+        step_index = torch.zeros((), dtype=torch.long, device=device)
+    if compile:
+        run_step = compiled_decode_step()
+    graph = None
     for step in range(start, steps):
-        embedded = pattern_step_input(sequence, step, embeddings, positions, special, backend=backend)
-        hidden = lm.hidden(None, None, None, caches=caches, start=step, memory=memory, backend=backend,
-                           embedded=_repeat(embedded, rows))
-        logits = lm.logits(hidden)[:, :, 0]
-        chosen = sample_next(logits, guidance_scale=sampling.guidance_scale if guided else None,
-                             temperature=0.0 if greedy else sampling.temperature,
-                             top_k=min(sampling.top_k, lm.cfg.codebook_size),  # 250 means all of a small codebook
-                             top_p=sampling.top_p, generator=None if greedy else generator, backend=backend)
-        chosen = torch.where(valid[:, step], chosen, special)
-        sequence[..., step] = torch.where(forced[..., step], sequence[..., step], chosen)
+        noise = None if greedy else gumbel_noise((batch, lm.cfg.num_codebooks, lm.cfg.codebook_size), generator,
+                                                 device)
+        if cuda_graph:
+            step_index.fill_(step)
+            if graph is None:
+                graph = GraphedStep(lm, state, step_index, noise, sampling, backend)
+            graph.replay(noise)
+        elif step_index is None:
+            run_step(lm, state, step, noise, sampling, backend)
+        else:
+            step_index.fill_(step)
+            # the first step checks the compiled graph's guards (and compiles it if needed); the others pass the
+            # very same objects and shapes, so re-checking every parameter's guards each step is pure overhead
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=step > start):
+                run_step(lm, state, step_index, noise, sampling, backend)
         if on_step is not None:
             on_step(step, sequence)
     return pattern.revert(sequence)
+
+
+class GraphedStep:
+    """``decode_step`` captured once in a CUDA graph and replayed at every step: one launch for the step's few
+    hundred kernels (at batch 1 a step is launch bound). The graph reads the step index, the noise and the
+    state from the same device buffers every time; ``replay(noise)`` copies the new noise into its buffer.
+
+    The step is run once eagerly before the capture (on a side stream, as CUDA graphs require: it compiles the
+    Triton kernels and settles the allocator); it writes the same cache position and sequence column the first
+    replay then writes again with the same inputs, so it changes nothing but the noise it used."""
+
+    def __init__(self, lm: MusicLM, state: DecodeState, step_index: torch.Tensor, noise: torch.Tensor | None,
+                 sampling: Sampling, backend: str):
+        self.noise = None if noise is None else noise.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode_step(lm, state, step_index, self.noise, sampling, backend)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            decode_step(lm, state, step_index, self.noise, sampling, backend)
+
+    def replay(self, noise: torch.Tensor | None) -> None:
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+
+
+_COMPILED_STEP = None
+
+
+def compiled_decode_step():
+    """``decode_step`` through ``torch.compile`` (one graph, shapes static: a new batch size or length compiles
+    again; inductor caches the generated code on disk between processes)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED_STEP
 
 
 def _inputs(sequence: torch.Tensor, end: int, special: int) -> torch.Tensor:

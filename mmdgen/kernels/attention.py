@@ -24,7 +24,9 @@ a query that sees no position at all (e.g. a fully padded text row) gets 0.
   with the probabilities rounded to the value dtype for the second product, as flash attention does).
 - PyTorch: ``F.scaled_dot_product_attention`` on the views ``keys[:, :, :length]`` /
   ``values[:, :, :length]`` with a boolean mask (causal offset within the Q new steps, ``key_mask``); rows
-  that see nothing are zeroed. A tensor ``length`` is read to the host (one sync on CUDA).
+  that see nothing are zeroed. A tensor ``length`` is not read on the host: the whole buffer is attended with
+  the positions past the length masked, so that one traced graph (``torch.compile``) serves every step; the
+  buffer past the length must then hold finite values (the LM's static cache starts as zeros).
 
 Why the combine is a kernel and not torch ops: it is one launch instead of about eight (at batch 1 a step's
 many small attention calls are launch bound), it reads only the splits that hold data, so the partial buffers
@@ -42,11 +44,12 @@ Dtypes: fp32, bf16, fp16 (fp64 on the PyTorch path); query, keys and values shar
 Accumulation fp32 on the Triton path.
 
 Memory and work: reads the visible cache, ``O(B H length hd)`` elements of keys and values, once; positions
-``>= length`` are never read (stale or NaN data there does not matter). Masked positions below ``length`` are
-not read on the Triton path; the PyTorch path reads them and, as SDPA does, needs them finite. Extra memory:
-the partials, ``O(B H splits Q hd)`` fp32 with ``splits <= ceil(S_max / TRITON_MIN_CHUNK)``; the PyTorch
-path builds a ``[B, 1, Q, length]`` boolean mask when a mask is needed and never copies the cache. No gradient
-(inference only).
+``>= length`` are never read (stale or NaN data there does not matter), except on the PyTorch path with a
+tensor length, which reads the whole buffer and needs it finite. Masked positions below ``length`` are not
+read on the Triton path; the PyTorch path reads them and, as SDPA does, needs them finite. Extra memory: the
+partials, ``O(B H splits Q hd)`` fp32 with ``splits <= ceil(S_max / TRITON_MIN_CHUNK)``; the PyTorch path
+builds a ``[B, 1, Q, length]`` boolean mask (``S_max`` wide for a tensor length) when a mask is needed and
+never copies the cache. No gradient (inference only).
 """
 
 from __future__ import annotations
@@ -146,20 +149,37 @@ def _check_length_value(length: int, num_queries: int, s_max: int, causal: bool)
 def _torch_attention(query, keys, values, length, key_mask, scale, causal):
     num_queries = query.shape[2]
     if isinstance(length, torch.Tensor):
-        length = int(length.reshape(()))  # one host sync on CUDA; the Triton path avoids it
-        _check_length_value(length, num_queries, keys.shape[2], causal)
+        return _torch_attention_whole_buffer(query, keys, values, length, key_mask, scale, causal)
     k, v = keys[:, :, :length], values[:, :, :length]  # views: the cache is not copied
     visible = None
     if causal and num_queries > 1:
         positions = torch.arange(length, device=query.device)
         own = length - num_queries + torch.arange(num_queries, device=query.device)
         visible = (positions[None, :] <= own[:, None])[None, None]  # [1, 1, Q, length]
+    return _masked_sdpa(query, k, v, visible, None if key_mask is None else key_mask[:, :length], scale)
+
+
+def _torch_attention_whole_buffer(query, keys, values, length, key_mask, scale, causal):
+    """A tensor length, never read on the host: the whole buffer is attended with the positions past the
+    length (and, causal, past each query's own) masked, so one traced graph serves every step."""
+    num_queries, s_max = query.shape[2], keys.shape[2]
+    length = length.reshape(()).clamp(0, s_max)
+    positions = torch.arange(s_max, device=query.device)
+    own = length - num_queries + torch.arange(num_queries, device=query.device)  # [Q]
+    last = own if causal else (length - 1).expand(num_queries)
+    visible = (positions[None, :] <= last[:, None])[None, None]  # [1, 1, Q, S_max]
+    seen_anything = (last >= 0)[None, None, :, None]  # a query with nothing to see (length < Q) gives 0
+    return _masked_sdpa(query, keys, values, visible, key_mask, scale).masked_fill(~seen_anything, 0.0)
+
+
+def _masked_sdpa(query, keys, values, visible, key_mask, scale):
+    """SDPA with a [*, *, Q, S] visibility mask and a [B, S] key mask; rows that see nothing give 0."""
     seen = None
     if key_mask is not None:
-        keep = key_mask[:, None, None, :length]  # [B, 1, 1, length]
+        keep = key_mask[:, None, None, :]  # [B, 1, 1, S]
         visible = keep if visible is None else visible & keep
         seen = visible.any(dim=-1, keepdim=True)  # [B, 1, Q, 1]; SDPA kernels give the others NaN or 0
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=scale)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale)
     if seen is not None:
         out = out.masked_fill(~seen, 0.0)
     return out

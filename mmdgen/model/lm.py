@@ -38,12 +38,16 @@ class LMConfig:
     norm_eps: float = 1e-5
     pattern: str = "delay"
     delays: tuple[int, ...] | None = None
+    # frames of the longest sequences the model was trained on (its crops); longer audio is generated in
+    # overlapping windows of this length (``mmdgen.generate``); None: no limit recorded
+    context_frames: int | None = None
 
     def __post_init__(self):
         if self.delays is not None:
             self.delays = tuple(self.delays)
-        for name in ("num_codebooks", "codebook_size", "dim", "layers", "heads", "ffn_dim", "text_dim"):
-            if getattr(self, name) < 1:
+        sizes = ("num_codebooks", "codebook_size", "dim", "layers", "heads", "ffn_dim", "text_dim", "context_frames")
+        for name in sizes:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
@@ -146,7 +150,7 @@ class DecoderLayer(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None, start: int = 0,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None, start: int | torch.Tensor = 0,
                 backend: str = "auto") -> torch.Tensor:
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.split_heads(self.self_attn.k_proj(h)), self.self_attn.split_heads(
@@ -155,7 +159,7 @@ class DecoderLayer(nn.Module):
             attended = self.self_attn(h, keys, values, causal=True)
             crossed = self.cross_attn(self.cross_attn_norm(x + attended), *memory, mask=memory_mask)
         else:  # decoding: the new steps see every cached step up to their own position
-            length = x.shape[1] + int(start)
+            length = start + x.shape[1]  # a tensor for a tensor start: no host read (compiled, graphed steps)
             keys, values = cache.update(positions, keys, values)
             attended = self.self_attn.decode(h, keys, values, length, backend=backend)
             text_keys, text_values = memory
@@ -210,15 +214,16 @@ class MusicLM(nn.Module):
         return x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype)
 
     def hidden(self, tokens: torch.Tensor | None, states: torch.Tensor | None, mask: torch.Tensor | None,
-               caches: list[KVCache] | None = None, start: int = 0, memory=None, backend: str = "auto",
+               caches: list[KVCache] | None = None, start: int | torch.Tensor = 0, memory=None, backend: str = "auto",
                embedded: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
         the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
         ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``);
-        ``embedded`` replaces ``embed(tokens, start)`` (the decode loop's fused step input)."""
+        ``embedded`` replaces ``embed(tokens, start)`` (the decode loop's fused step input). ``start`` may be a
+        0-d integer tensor (with ``caches`` and ``embedded``): then nothing is read on the host."""
         x = self.embed(tokens, start) if embedded is None else embedded
         x = F.dropout(x, self.cfg.dropout, self.training)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        positions = torch.arange(x.shape[1], device=x.device) + start
         memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         for index, layer in enumerate(self.layers):
             x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions, start,

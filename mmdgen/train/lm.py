@@ -203,7 +203,7 @@ class LMTrainer(Trainer):
         self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out, self.process)
         self.lm_cfg = lm_config(cfg.preset, num_codebooks=train_tokens.num_codebooks,
                                 codebook_size=train_tokens.codebook_size, text_dim=self.text.dim,
-                                pattern=cfg.pattern, delays=self.pattern.delays)
+                                pattern=cfg.pattern, delays=self.pattern.delays, context_frames=cfg.crop_frames)
         self.codec = train_tokens.codec
         device = self.process.device
         self.lm = MusicLM(self.lm_cfg).to(device)
@@ -348,10 +348,21 @@ def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_r
     return folder
 
 
-def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MusicLM, TextConditioner, dict]:
-    """(LM, text conditioner, config) from ``save_music_lm``'s directory, in eval mode."""
+def _read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not path.exists():
+        raise ValueError(f"{path}: missing; expected the weights of {what} (a safetensors file)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a safetensors file of {what} ({error}); models come from "
+                         "`mmdgen train lm` or mmdgen.model.convert") from error
+
+
+def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MusicLM, TextConditioner, dict]:
+    """(LM, text conditioner, config) from ``save_music_lm``'s directory, in eval mode."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -361,13 +372,18 @@ def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tup
         lm = MusicLM(LMConfig(**config["lm"]))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
-    lm.load_state_dict(load_file(str(folder / "lm.safetensors")))
+    weights = _read_weights(folder / "lm.safetensors", "the LM")
+    try:
+        lm.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"{folder / 'lm.safetensors'}: the weights do not fit the LM of {config_path} "
+                         f"({str(error).splitlines()[0]} ...)") from error
     record = config["text"]
     if record["kind"] == "learned":
         text_cfg = LearnedTextEncoderConfig(**{**record["config"],
                                                "tokenizer_path": str(folder / record["config"]["tokenizer_path"])})
         text = LearnedTextEncoder(text_cfg)
-        text.load_state_dict(load_file(str(folder / "text.safetensors")))
+        text.load_state_dict(_read_weights(folder / "text.safetensors", "the text encoder"))
     else:
         text = text_conditioner(record["kind"], **({"path": record["path"]} if record.get("path") else {}))
     return lm.to(device).eval(), text.to(device).eval(), config
