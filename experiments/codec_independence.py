@@ -20,8 +20,9 @@ import torch
 
 from mmdgen.data.build import BuildConfig, build_corpus
 from mmdgen.eval.independence import dependence_report
+from mmdgen.eval.reconstruction import si_snr
 from mmdgen.model.codec import load_codec
-from mmdgen.train.codec import CodecTrainConfig, CodecTrainer, si_snr
+from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
 from mmdgen.train.data import AudioDataset, collate, manifest_entries
 from mmdgen.train.losses import MultiScaleMelLoss
 

@@ -28,11 +28,28 @@ def _check_device(device: str, backend: str) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from mmdgen.demo import DemoConfig, run
 
-    _check_device(args.device, args.backend)
+    _check_device(args.device, "auto")
+    cfg = DemoConfig(out=args.out, hours=args.hours, codec_steps=args.codec_steps, mmd_weight=args.mmd_weight,
+                     lm_steps=args.lm_steps, clips=args.clips, duration=args.duration, seed=args.seed,
+                     device=args.device)
+    out = run(cfg)
+    print(f"mmdgen demo: everything is in {out}; the report is {out / 'report.md'}")
+    return 0
 
-    cfg = DemoConfig(steps=args.steps, seed=args.seed, backend=args.backend, device=args.device,
-                     compare_sizes=tuple(args.compare_sizes))
-    run(cfg)
+
+def _eval_report(args: argparse.Namespace) -> int:
+    from mmdgen.eval.report import report
+
+    print(report(args.run_dir, recompute=args.recompute))
+    return 0
+
+
+def _coupled_latents(args: argparse.Namespace) -> int:
+    from mmdgen.eval.coupled_latents import CoupledLatentsConfig, run
+
+    _check_device(args.device, args.backend)
+    run(CoupledLatentsConfig(steps=args.steps, seed=args.seed, backend=args.backend, device=args.device,
+                             compare_sizes=tuple(args.compare_sizes)))
     return 0
 
 
@@ -147,14 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmdgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train coupled latents to independence and compare with the naive estimator")
-    demo.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
+    demo = sub.add_parser("demo", help="the whole pipeline on CPU in minutes: corpus, codecs with and without the "
+                                       "independence loss, tokens, LMs, generation, evaluation, report")
+    demo.add_argument("--out", default="runs/demo", help="output folder (a rerun reuses what is there)")
+    demo.add_argument("--hours", type=float, default=0.5, help="hours of corpus to render (default 0.5)")
+    demo.add_argument("--codec-steps", type=int, default=700)
+    demo.add_argument("--mmd-weight", type=float, default=3.0, help="the second codec's independence-loss weight")
+    demo.add_argument("--lm-steps", type=int, default=600)
+    demo.add_argument("--clips", type=int, default=6, help="clips generated per LM")
+    demo.add_argument("--duration", type=float, default=10.0, help="seconds per generated clip")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
-    demo.add_argument("--compare-sizes", type=int, nargs="*", default=[1024, 4096],
-                      help="sample counts for the side-by-side with the naive estimator")
     demo.set_defaults(func=_demo)
+
+    evaluation = sub.add_parser("eval", help="evaluation: reports, the loss on a toy").add_subparsers(
+        dest="eval_command", required=True)
+    report = evaluation.add_parser("report", help="evaluate a `mmdgen demo` run (if not yet) and write its "
+                                                  "report.md with tables, figures and links to the clips")
+    report.add_argument("run_dir", help="the demo's output folder")
+    report.add_argument("--recompute", action="store_true", help="measure again even if evaluation.json exists")
+    report.set_defaults(func=_eval_report)
+    toy = evaluation.add_parser("coupled-latents", help="train coupled latents to independence on the loss and "
+                                                        "compare the fused estimator with the naive one")
+    toy.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    toy.add_argument("--device", default="cpu", help="cpu or cuda")
+    toy.add_argument("--compare-sizes", type=int, nargs="*", default=[1024, 4096],
+                     help="sample counts for the side-by-side with the naive estimator")
+    toy.set_defaults(func=_coupled_latents)
 
     data = sub.add_parser("data", help="build the captioned music corpus").add_subparsers(dest="data_command",
                                                                                          required=True)

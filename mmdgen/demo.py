@@ -1,128 +1,177 @@
-"""A short end-to-end demonstration of the independence loss (what `mmdgen demo` runs for now).
+"""`mmdgen demo`: the whole system end to end, on CPU, in minutes, on a small slice of the corpus.
 
-1. Four "codebook" latents are built from independent non-Gaussian sources, then coupled: stage k at
-   frame f receives a share of stage j's source at frame f + k - j. That is exactly the dependence
-   the delay pattern cannot model (the codes it predicts in one step are coupled) and one that only
-   the delay-aligned loss can see. A learnable coupling is trained on the loss and falls to zero.
-2. The fused estimator against the materialising one: same value, time, and memory held.
+Stages, each kept under ``out/`` and reused by a later run (a finished stage is skipped, an interrupted
+training resumes from its checkpoint):
+
+1. ``corpus/``: ``hours`` of captioned clips rendered from the symbolic corpus (``mmdgen.data.build``).
+2. ``codec-mmd0/``, ``codec-mmd<w>/``: the tiny codec trained twice, without and with the delay-aligned
+   independence loss (weight ``mmd_weight``, every ``mmd_every`` steps on that many steps' batches: the
+   schedule that kept reconstruction intact in our sweep, docs/results.md).
+3. ``tokens-*/``: each codec's codes of the corpus.
+4. ``lm-*/``: a tiny delay-pattern LM on each codec's codes.
+5. ``generated-*/``: clips from each LM for captions of the test split (the same captions and seeds).
+6. ``evaluation.json`` and ``report.md``: dependence between codebooks, reconstruction, generation metrics,
+   with plots (``mmdgen.eval.report``).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from mmdgen.kernels.mmd import independence_loss, joint_samples, naive_rbf_mmd, rbf_mmd
+from mmdgen.files import write_text_atomic
 
 
 @dataclass
 class DemoConfig:
-    steps: int = 150
-    clips: int = 16
-    stages: int = 4
-    dim: int = 8
-    frames: int = 50
-    init_coupling: float = 0.8
-    lr: float = 0.05
+    out: str = "runs/demo"
+    hours: float = 0.5
+    codec_steps: int = 700
+    mmd_weight: float = 3.0
+    mmd_every: int = 8
+    lm_steps: int = 600
+    lm_crop_frames: int = 150
+    clips: int = 6  # generated per LM
+    duration: float = 10.0
     seed: int = 0
-    compare_sizes: tuple[int, ...] = (1024, 4096)
-    backend: str = "auto"
     device: str = "cpu"
 
+    def check(self) -> None:
+        problems = [f"{name} must be positive, got {getattr(self, name)}"
+                    for name in ("hours", "codec_steps", "mmd_weight", "mmd_every", "lm_steps", "lm_crop_frames",
+                                 "clips", "duration") if not getattr(self, name) > 0]
+        if problems:
+            raise ValueError("; ".join(problems))
 
-def coupled_latents(sources: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
-    """sources [B, K, D, T + K]; latent k at frame f = s_k(f) + sum_{j<k} C_kj s_j(f + k - j)."""
-    stages = coupling.shape[0]
-    frames = sources.shape[-1] - stages
-    out = []
-    for k in range(stages):
-        latent = sources[:, k, :, :frames]
-        for j in range(k):
-            latent = latent + coupling[k, j] * sources[:, j, :, k - j: k - j + frames]
-        out.append(latent)
-    return torch.stack(out, dim=1)
+    @property
+    def codecs(self) -> dict[str, float]:
+        """Run name -> MMD weight: the codec without and with the independence loss."""
+        return {"mmd0": 0.0, f"mmd{self.mmd_weight:g}": self.mmd_weight}
 
+    def path(self, stage: str, name: str = "") -> Path:
+        """Where a stage keeps its output: corpus (the manifest), codec, tokens, lm (their exported models or
+        folders, per codec name), generated (per codec name)."""
+        out = Path(self.out)
+        return {"corpus": out / "corpus" / "manifest.jsonl", "codec": out / f"codec-{name}" / "model",
+                "codec_run": out / f"codec-{name}", "tokens": out / f"tokens-{name}",
+                "lm": out / f"lm-{name}" / "model", "lm_run": out / f"lm-{name}",
+                "generated": out / f"generated-{name}"}[stage]
 
-def cross_correlation(latents: torch.Tensor, delay: bool) -> float:
-    """Mean |Pearson correlation| between features of different stages, over the joint samples."""
-    samples = joint_samples(latents, delay)  # [N, K, D]
-    n, stages, dim = samples.shape
-    flat = samples.reshape(n, -1)
-    corr = torch.corrcoef(flat.T).abs()
-    same_stage = torch.block_diag(*[torch.ones(dim, dim)] * stages).bool()
-    return corr[~same_stage].mean().item()
-
-
-def train_to_independence(cfg: DemoConfig, log=print) -> list[dict]:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    mask = torch.tril(torch.ones(cfg.stages, cfg.stages), diagonal=-1).to(device)
-    coupling = torch.nn.Parameter(torch.full((cfg.stages, cfg.stages), cfg.init_coupling, device=device))
-    opt = torch.optim.Adam([coupling], lr=cfg.lr)
-    history = []
-    bar = tqdm(range(cfg.steps + 1), desc="independence loss", unit="step")
-    for step in bar:
-        sources = (torch.rand(cfg.clips, cfg.stages, cfg.dim, cfg.frames + cfg.stages, generator=gen) - 0.5).to(device)
-        latents = coupled_latents(sources, coupling * mask)
-        loss = independence_loss(latents, delay=True, generator=gen, backend=cfg.backend)
-        if step % max(cfg.steps // 6, 1) == 0 or step == cfg.steps:
-            detached = latents.detach().cpu()
-            with torch.no_grad():
-                unaligned = independence_loss(latents, delay=False, generator=gen, backend=cfg.backend).item()
-            row = {"step": step, "loss_delay": loss.item(), "loss_no_delay": unaligned,
-                   "coupling": (coupling * mask).abs().max().item(),
-                   "corr_aligned": cross_correlation(detached, True), "corr_unaligned": cross_correlation(detached, False)}
-            history.append(row)
-            bar.write(f"{step:>5} {row['loss_delay']:>12.5f} {row['loss_no_delay']:>14.5f} {row['coupling']:>9.3f} "
-                      f"{row['corr_aligned']:>13.3f} {row['corr_unaligned']:>15.3f}")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step < cfg.steps:
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return history
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "DemoConfig":
+        """The configuration a demo run recorded in ``run_dir/demo_config.json``."""
+        path = Path(run_dir) / "demo_config.json"
+        if not path.exists():
+            raise ValueError(f"{path}: missing; expected the folder of a `mmdgen demo` run")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path}: not a demo configuration ({error})") from error
 
 
-def compare_with_naive(cfg: DemoConfig, log=print) -> list[dict]:
-    rows = []
-    gen = torch.Generator().manual_seed(cfg.seed)
-    features = cfg.stages * 32
-    for n in cfg.compare_sizes:
-        x = torch.randn(n, features, generator=gen).to(cfg.device)
-        y = torch.randn(n, features, generator=gen).to(cfg.device)
-        timings, values = {}, {}
-        for name, fn in (("naive", naive_rbf_mmd), ("mmdgen", rbf_mmd)):
-            xa = x.clone().requires_grad_()
-            start = time.perf_counter()
-            value = fn(xa, y)
-            value.backward()
-            timings[name] = time.perf_counter() - start
-            values[name] = value.item()
-        naive_mib = 3 * n * n * 4 / 2**20
-        rows.append({"n": n, "f": features, **{f"{k}_seconds": v for k, v in timings.items()},
-                     **{f"{k}_value": v for k, v in values.items()}})
-        log(f"{n:>6} {features:>4} {values['naive']:>12.6f} {values['mmdgen']:>12.6f} {timings['naive']:>9.3f}s "
-            f"{timings['mmdgen']:>9.3f}s {timings['naive'] / timings['mmdgen']:>7.1f}x {naive_mib:>10.0f} MiB")
-    return rows
+def build_corpus_slice(cfg: DemoConfig, log=print) -> Path:
+    from mmdgen.data.build import BuildConfig, build_corpus
+
+    manifest = cfg.path("corpus")
+    log(f"[1/6] corpus: {cfg.hours:g} h of captioned clips -> {manifest.parent}")
+    build_corpus(manifest.parent, BuildConfig(hours=cfg.hours, seed=cfg.seed), workers=2)
+    return manifest
 
 
-def run(cfg: DemoConfig, log=print) -> dict:
-    log("mmdgen demo: the independence-promoting loss (MMD between the joint and the product of marginals)\n")
-    log(f"1. {cfg.stages} coupled codebook latents (D={cfg.dim}, {cfg.clips} clips x {cfg.frames} frames); "
-        "Adam on the delay-aligned loss")
-    log(f"{'step':>5} {'loss (delay)':>12} {'loss (no delay)':>14} {'coupling':>9} {'|corr| aligned':>13} "
-        f"{'|corr| unaligned':>15}")
-    history = train_to_independence(cfg, log)
-    first, last = history[0], history[-1]
-    log(f"\nThe delay-aligned loss fell from {first['loss_delay']:.4f} to {last['loss_delay']:.4f}; the coupling "
-        f"from {first['coupling']:.2f} to {last['coupling']:.3f}; the aligned cross-correlation from "
-        f"{first['corr_aligned']:.3f} to {last['corr_aligned']:.3f}.")
-    log("Without delay alignment the loss barely sees this dependence: it couples codes of different steps.\n")
-    log("2. Forward + backward, fused (memory O(N F)) against the materialising estimator (three N x N matrices)")
-    log(f"{'N':>6} {'F':>4} {'naive MMD^2':>12} {'mmdgen MMD^2':>12} {'naive':>10} {'mmdgen':>10} {'speedup':>8} "
-        f"{'naive holds':>14}")
-    comparison = compare_with_naive(cfg, log)
-    return {"history": history, "comparison": comparison}
+def train_codecs(cfg: DemoConfig, manifest: Path, log=print) -> dict[str, Path]:
+    from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
+
+    models = {}
+    for name, weight in cfg.codecs.items():
+        run = cfg.path("codec_run", name)
+        log(f"[2/6] codec {name}: tiny, {cfg.codec_steps} steps, MMD weight {weight:g} -> {run}")
+        schedule = {"mmd_every": cfg.mmd_every, "mmd_batches": cfg.mmd_every} if weight > 0 else {}
+        trainer_cfg = CodecTrainConfig(data=str(manifest), out=str(run), steps=cfg.codec_steps, batch_size=8,
+                                       crop_seconds=1.0, mmd_weight=weight, mmd_delay=True, adversarial=False,
+                                       seed=cfg.seed, device=cfg.device, valid_every=max(cfg.codec_steps // 4, 1),
+                                       ckpt_every=max(cfg.codec_steps // 4, 1), **schedule)
+        models[name] = _train_once(CodecTrainer, trainer_cfg, run)
+    return models
+
+
+def tokenize(cfg: DemoConfig, codecs: dict[str, Path], manifest: Path, log=print) -> dict[str, Path]:
+    from mmdgen.data.tokenize import tokenize_corpus
+
+    folders = {}
+    for name, codec_dir in codecs.items():
+        folder = folders[name] = cfg.path("tokens", name)
+        log(f"[3/6] tokens of codec {name} -> {folder}")
+        if not (folder / "tokens.json").exists():
+            tokenize_corpus(codec_dir, manifest, folder, device=cfg.device)
+    return folders
+
+
+def train_lms(cfg: DemoConfig, tokens: dict[str, Path], log=print) -> dict[str, Path]:
+    from mmdgen.train.lm import LMTrainConfig, LMTrainer
+
+    models = {}
+    for name, folder in tokens.items():
+        run = cfg.path("lm_run", name)
+        log(f"[4/6] LM on codec {name}'s codes: tiny, delay pattern, {cfg.lm_steps} steps -> {run}")
+        trainer_cfg = LMTrainConfig(tokens=str(folder), out=str(run), preset="tiny", pattern="delay",
+                                    steps=cfg.lm_steps, batch_size=16, crop_frames=cfg.lm_crop_frames, lr=2e-3,
+                                    seed=cfg.seed, device=cfg.device, valid_every=max(cfg.lm_steps // 4, 1),
+                                    ckpt_every=max(cfg.lm_steps // 4, 1))
+        models[name] = _train_once(LMTrainer, trainer_cfg, run)
+    return models
+
+
+def _train_once(trainer_class, trainer_cfg, run: Path) -> Path:
+    """The exported model of a run: trained (or resumed) unless a finished run exported it already."""
+    model = run / "model"
+    if not (model / "config.json").exists():
+        trainer_class(trainer_cfg).train()
+    return model
+
+
+def test_captions(manifest: Path, count: int, seed: int) -> list[dict]:
+    """``count`` held-out clips' records (caption, instrument, key, tempo), spread over the test split and then
+    the validation split (a small slice has few test clips)."""
+    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    held_out = [r for r in records if r.get("split") == "test"] + [r for r in records if r.get("split") == "valid"]
+    if not held_out:
+        raise ValueError(f"{manifest}: no test or validation clips to take captions from")
+    step = max(len(held_out) // count, 1)
+    return held_out[(seed % step)::step][:count]
+
+
+def generate_clips(cfg: DemoConfig, lms: dict[str, Path], manifest: Path, log=print) -> dict[str, Path]:
+    from mmdgen.generate import Generator, Sampling
+    from mmdgen.generate.batch import Request, generate_batch
+
+    prompts = test_captions(manifest, cfg.clips, cfg.seed)
+    folders = {}
+    for name, model in lms.items():
+        folder = folders[name] = cfg.path("generated", name)
+        log(f"[5/6] {len(prompts)} clips of {cfg.duration:g} s from LM {name} -> {folder}")
+        requests = [Request(id=f"clip{i:02d}", text=p["caption"], duration=cfg.duration, seed=cfg.seed + i)
+                    for i, p in enumerate(prompts)]
+        generate_batch(Generator.from_pretrained(model, device=cfg.device), requests, folder, Sampling(),
+                       batch_size=len(requests))
+    return folders
+
+
+def run(cfg: DemoConfig, log=print) -> Path:
+    """Every stage; returns the output folder."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    write_text_atomic(out / "demo_config.json", json.dumps(asdict(cfg), indent=1))
+    manifest = build_corpus_slice(cfg, log)
+    codecs = train_codecs(cfg, manifest, log)
+    lms = train_lms(cfg, tokenize(cfg, codecs, manifest, log), log)
+    generate_clips(cfg, lms, manifest, log)
+    from mmdgen.eval.report import evaluate_demo, write_report
+
+    log("[6/6] evaluation and report")
+    report = write_report(out, evaluate_demo(cfg, log))
+    log(f"done in {time.perf_counter() - started:.0f} s: {report}")
+    return out

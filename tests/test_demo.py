@@ -1,33 +1,59 @@
-"""The demo behind `mmdgen demo` and the command line around it."""
+"""`mmdgen demo` end to end on a micro configuration, its reuse of finished stages, and `mmdgen eval report`."""
+
+import json
+import math
 
 import pytest
 
 from mmdgen import cli
 from mmdgen.demo import DemoConfig, run
 
-
-def test_demo_drives_coupled_latents_to_independence():
-    result = run(DemoConfig(steps=60, compare_sizes=(300,)), log=lambda *_: None)
-    first, last = result["history"][0], result["history"][-1]
-    assert last["loss_delay"] < 0.2 * first["loss_delay"]
-    assert last["coupling"] < 0.25 * first["coupling"]
-    assert last["corr_aligned"] < 0.5 * first["corr_aligned"]
-    # the coupling links codes of one delay step: only the aligned loss sees it
-    assert first["loss_no_delay"] < 0.2 * first["loss_delay"]
-    (row,) = result["comparison"]
-    assert row["mmdgen_value"] == pytest.approx(row["naive_value"], rel=1e-3, abs=1e-6)
+MICRO = dict(hours=0.1, codec_steps=8, lm_steps=8, clips=2, duration=4.0)
 
 
-def test_cli_demo_prints_both_parts(capsys):
-    assert cli.main(["demo", "--steps", "6", "--compare-sizes", "128"]) == 0
-    out = capsys.readouterr().out
-    assert "loss (delay)" in out and "naive MMD^2" in out
-    assert out.count("\n") > 10
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run(DemoConfig(out=str(out), **MICRO), log=lambda *_: None)
+    return out
 
 
-def test_cli_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--steps", "0"])
-    assert "--steps must be at least 1" in capsys.readouterr().err
-    assert cli.main(["demo", "--steps", "2", "--backend", "triton", "--device", "meta"]) == 2
-    assert "cannot run" in capsys.readouterr().err
+def test_the_demo_runs_every_stage_and_reports_them(demo_run):
+    evaluation = json.loads((demo_run / "evaluation.json").read_text())
+    assert set(evaluation["codecs"]) == set(evaluation["lms"]) == {"mmd0", "mmd3"}
+    assert evaluation["codecs"]["mmd3"]["mmd_weight"] == 3.0
+    for result in evaluation["codecs"].values():
+        dependence = result["dependence"]
+        assert len(dependence["pairwise_mi_percent"]) == 4 and dependence["samples"] > 0
+        assert all(math.isfinite(v) for v in result["reconstruction"].values())
+    for result in evaluation["lms"].values():
+        assert len(result["clips"]) == 2 and math.isfinite(result["generation"]["fad"])
+        for clip in result["clips"]:
+            assert (demo_run / clip["wav"]).stat().st_size > 1000
+    report = (demo_run / "report.md").read_text()
+    assert "| mmd0 | 0 |" in report and "| mmd3 | 3 |" in report
+    linked = [part.split(")")[0] for part in report.split("](")[1:]]
+    assert linked and all((demo_run / path).exists() for path in linked)  # every figure and clip it links
+    assert all((demo_run / path).read_bytes()[:4] == b"\x89PNG" for path in linked if path.endswith(".png"))
+
+
+def test_a_second_run_reuses_every_finished_stage(demo_run):
+    watched = [demo_run / "codec-mmd0" / "model" / "codec.safetensors", demo_run / "lm-mmd3" / "model" /
+               "lm.safetensors", demo_run / "generated-mmd0" / "clip00.wav", demo_run / "tokens-mmd0" / "tokens.json"]
+    before = [path.stat().st_mtime_ns for path in watched]
+    run(DemoConfig(out=str(demo_run), **MICRO), log=lambda *_: None)
+    assert [path.stat().st_mtime_ns for path in watched] == before
+
+
+def test_eval_report_rewrites_the_report_of_a_run(demo_run, capsys, tmp_path):
+    (demo_run / "report.md").unlink()
+    assert cli.main(["eval", "report", str(demo_run)]) == 0
+    assert (demo_run / "report.md").exists() and str(demo_run / "report.md") in capsys.readouterr().out
+    assert cli.main(["eval", "report", str(tmp_path)]) == 2
+    assert "demo_config.json: missing" in capsys.readouterr().err
+
+
+def test_bad_demo_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="codec_steps must be positive, got 0"):
+        run(DemoConfig(out=str(tmp_path), codec_steps=0))
+    assert not any(tmp_path.iterdir())  # nothing written before the check

@@ -186,25 +186,45 @@ def _with_context(tiny, frames):
 
 
 def test_audio_beyond_the_context_is_generated_in_overlapping_windows(tiny):
-    """Context 10 frames, 25 asked, stride 6: windows [0, 10), then 4 frames of overlap as the prompt and 6 new
-    ones, ..., the last window shorter. Composed by hand from the decode loop with the same random stream."""
+    """Context 30 frames, 45 asked, stride 6 (0.12 s): windows [0, 30), then 24 frames of overlap as the prompt
+    (prefilled in passes of 16 steps) and 6 new ones, twice, then 24 + the 3 left. Composed by hand from the
+    decode loop with the same random stream."""
     from mmdgen.generate.loop import decode
 
-    generator = _with_context(tiny, 10)
+    generator = _with_context(tiny, 30)
     sampling = Sampling(guidance_scale=3.0, top_k=20)
-    codes = generator.generate_codes(TEXTS, duration=0.5, sampling=sampling, seed=7)
-    assert codes.shape == (2, 4, 25)
+    codes = generator.generate_codes(TEXTS, duration=0.9, sampling=sampling, seed=7, extend_stride=0.12)
+    assert codes.shape == (2, 4, 45)
     random = torch.Generator().manual_seed(7)
     memory = generator._memory(TEXTS, guided=True)
-    expected = decode(generator.lm, memory, 2, 10, generator.pattern, sampling, random)
-    for window in (10, 10, 7):  # 4 frames of overlap + 6 new, twice; then 4 + the 3 left
-        part = decode(generator.lm, memory, 2, window, generator.pattern, sampling, random, prompt=expected[..., -4:])
-        expected = torch.cat([expected, part[..., 4:]], dim=-1)
+    expected = decode(generator.lm, memory, 2, 30, generator.pattern, sampling, random)
+    for window in (30, 30, 27):
+        part = decode(generator.lm, memory, 2, window, generator.pattern, sampling, random, prompt=expected[..., -24:])
+        expected = torch.cat([expected, part[..., 24:]], dim=-1)
     assert torch.equal(codes, expected)
-    with pytest.raises(ValueError, match="extend_stride must be positive and shorter than the LM's context of 10"):
-        generator.generate_codes(TEXTS, duration=0.5, extend_stride=0.2)
-    with pytest.raises(ValueError, match="not shorter than the LM's context of 10 frames"):
-        generator.generate_codes(TEXTS, duration=0.5, prompt_audio=torch.randn(1, 1, generator.codec.cfg.hop_length * 12) * 0.1)
+    with pytest.raises(ValueError, match="extend_stride must be positive and shorter than the LM's context of 30"):
+        generator.generate_codes(TEXTS, duration=0.9, extend_stride=0.6)
+    hop = generator.codec.cfg.hop_length
+    with pytest.raises(ValueError, match="not shorter than the LM's context of 30 frames"):
+        generator.generate_codes(TEXTS, duration=0.9, prompt_audio=torch.randn(1, 1, hop * 32) * 0.1)
+
+
+def test_a_long_prompt_is_prefilled_in_blocks_like_a_full_pass(tiny):
+    """A 40-frame prompt: decode prefills its known steps through the cache in passes of 16 queries; the first
+    free code (codebook 0 of frame 40, greedy) is the argmax of the uncached full pass over the same steps."""
+    from mmdgen.generate.loop import _inputs, decode, forced_cells
+
+    lm, text, codec = tiny
+    generator = Generator(lm, text, codec)
+    prompt = torch.randint(0, 256, (1, 4, 40), generator=torch.Generator().manual_seed(1))
+    greedy = Sampling(guidance_scale=None, temperature=0.0)
+    codes = decode(lm, generator._memory(TEXTS[:1], guided=False), 1, 42, generator.pattern, greedy, prompt=prompt)
+    assert torch.equal(codes[..., :40], prompt)
+    sequence, _ = forced_cells(generator.pattern, prompt, 1, 42, 256, torch.device("cpu"))
+    condition = generator.text(TEXTS[:1])
+    with torch.no_grad():
+        logits = lm(_inputs(sequence, 41, 256), condition.states, condition.mask)  # [1, K, 41, V]
+    assert int(codes[0, 0, 40]) == int(logits[0, 0, 40].argmax())
 
 
 def test_streaming_across_windows_adds_up_to_the_generated_audio(tiny):

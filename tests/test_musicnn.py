@@ -28,14 +28,6 @@ from mmdgen.eval.tf_checkpoint import CheckpointError, crc32c, parse_protobuf, r
 from tests.musicnn_tf_reference import REFERENCE_PATH, REFERENCE_RATES, reference_audio, reference_patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prefix():
     return musicnn_checkpoint()  # the Makefile installs musicnn with --no-deps

@@ -5,7 +5,8 @@ step by step: the step's input is the previous step's K tokens (the special toke
 the LM's logits for the K codebooks are guided, filtered and sampled in one op
 (``mmdgen.kernels.sampling``), and cells where the pattern holds no code get the special token. With
 classifier-free guidance the conditional and the null rows run as one batch of 2B. Cells given by an
-audio prompt are forced, and the leading steps that the prompt fixes entirely run as one prefill pass.
+audio prompt are forced, and the leading steps that the prompt fixes entirely run as prefill passes of up to
+``MAX_QUERIES`` steps (the decode attention's query block).
 
 Everything the loop needs is allocated before the first step: the caches (``lm.new_caches``), the text's
 keys and values (computed once), the sequence, the prompt's forced cells, the stacked embedding tables and
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from mmdgen.kernels.attention import MAX_QUERIES
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
 from mmdgen.kernels.step_input import pattern_step_input
 from mmdgen.model.lm import KVCache, MusicLM, sinusoidal_positions
@@ -132,9 +134,10 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
                                                                  lm.cfg.dim).to(embeddings.dtype), rows)
     greedy = sampling.temperature == 0 or sampling.top_k == 1
     start = prefill_steps(pattern, forced, frames)
-    if start > 0:  # the prompt's fully known steps in one pass; their logits are not needed
-        lm.hidden(_repeat(_inputs(sequence, start, special), rows), None, None, caches=state.caches, start=0,
-                  memory=memory, backend=backend)
+    known = _repeat(_inputs(sequence, start, special), rows)
+    for first in range(0, start, MAX_QUERIES):  # the prompt's fully known steps, in passes of up to MAX_QUERIES
+        lm.hidden(known[..., first: first + MAX_QUERIES], None, None, caches=state.caches, start=first,
+                  memory=memory, backend=backend)  # only the caches are wanted, not the logits
     run_step, step_index = decode_step, None
     if compile or cuda_graph:
         step_index = torch.zeros((), dtype=torch.long, device=device)

@@ -23,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mmdgen.eval.independence import dependence_report
+from mmdgen.eval.reconstruction import si_snr
 from mmdgen.kernels.mmd import independence_loss
 from mmdgen.model.codec import Codec, codec_config, save_codec
 from mmdgen.model.discriminator import (DiscriminatorConfig, MultiScaleSTFTDiscriminator, discriminator_loss,
@@ -71,17 +72,6 @@ def _entries(data: str, split: str):
     if path.is_dir():
         return folder_entries(path) if split == "train" else []
     return manifest_entries(path, split)
-
-
-def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scale-invariant signal-to-noise ratio in dB, per item ([B, C, L] -> [B])."""
-    estimate = estimate - estimate.mean(-1, keepdim=True)
-    reference = reference - reference.mean(-1, keepdim=True)
-    scale = (estimate * reference).sum(-1, keepdim=True) / (reference.square().sum(-1, keepdim=True) + eps)
-    target = scale * reference
-    noise = estimate - target
-    ratio = target.square().sum((-1, -2)) / (noise.square().sum((-1, -2)) + eps)
-    return 10 * torch.log10(ratio + eps)
 
 
 class CodecTrainer(Trainer):
