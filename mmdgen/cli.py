@@ -44,6 +44,22 @@ def _eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_codec(args: argparse.Namespace) -> int:
+    from mmdgen.eval.report import codec_report
+
+    codecs = {}
+    for value in args.codecs:
+        name, sep, path = value.partition("=")
+        name, path = (name, path) if sep else (Path(value).name or value, value)
+        if name in codecs:
+            raise ValueError(f"two codecs named {name!r}; name them NAME=DIR")
+        codecs[name] = path
+    if args.clips < 1:
+        raise ValueError(f"--clips must be at least 1, got {args.clips}")
+    print(codec_report(codecs, args.manifest, args.out, args.split, args.clips))
+    return 0
+
+
 def _coupled_latents(args: argparse.Namespace) -> int:
     from mmdgen.eval.coupled_latents import CoupledLatentsConfig, run
 
@@ -184,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the demo's output folder")
     report.add_argument("--recompute", action="store_true", help="measure again even if evaluation.json exists")
     report.set_defaults(func=_eval_report)
+    codecs = evaluation.add_parser("codec", help="dependence between codebooks and reconstruction of codecs (ours "
+                                                 "or local transformers EnCodec folders) on a corpus split")
+    codecs.add_argument("codecs", nargs="+", help="NAME=DIR pairs (or DIRs): codec directories or transformers "
+                                                  "EncodecModel folders")
+    codecs.add_argument("--manifest", required=True, help="a corpus manifest.jsonl")
+    codecs.add_argument("--split", default="test")
+    codecs.add_argument("--clips", type=int, default=64, help="clips of the split to use (default 64)")
+    codecs.add_argument("--out", required=True, help="folder for codecs.md, codecs.json and the figures")
+    codecs.set_defaults(func=_eval_codec)
     toy = evaluation.add_parser("coupled-latents", help="train coupled latents to independence on the loss and "
                                                         "compare the fused estimator with the naive one")
     toy.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")

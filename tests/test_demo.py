@@ -57,3 +57,24 @@ def test_bad_demo_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="codec_steps must be positive, got 0"):
         run(DemoConfig(out=str(tmp_path), codec_steps=0))
     assert not any(tmp_path.iterdir())  # nothing written before the check
+
+
+def test_eval_codec_measures_ours_and_a_transformers_encodec_alike(demo_run, tmp_path, capsys):
+    """The demo's weight-3 codec, and the same weights saved as a transformers EncodecModel folder: the same
+    codes, hence the same dependence; both reported with figures."""
+    from mmdgen.model.codec import load_codec
+    from mmdgen.model.convert import codec_to_transformers
+
+    ours = demo_run / "codec-mmd3" / "model"
+    codec_to_transformers(load_codec(ours)).save_pretrained(tmp_path / "hf-encodec")
+    manifest = demo_run / "corpus" / "manifest.jsonl"
+    argv = ["eval", "codec", f"ours={ours}", f"theirs={tmp_path / 'hf-encodec'}", "--manifest", str(manifest),
+            "--split", "train", "--clips", "3", "--out", str(tmp_path / "report")]
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "report" / "codecs.json").read_text())["results"]
+    assert results["ours"]["dependence"] == results["theirs"]["dependence"]
+    assert results["ours"]["dependence"]["samples"] > 0
+    assert (tmp_path / "report" / "figures" / "mi-theirs.png").exists()
+    assert "| theirs | - |" in (tmp_path / "report" / "codecs.md").read_text()
+    assert cli.main(["eval", "codec", str(tmp_path), "--manifest", str(manifest), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a codec directory" in capsys.readouterr().err

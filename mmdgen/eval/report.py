@@ -40,22 +40,90 @@ def _read(manifest: Path, records: list[dict], sample_rate: int) -> list[torch.T
     return [read_audio(manifest.parent / r["path"], sample_rate) for r in records]
 
 
-def codec_evaluation(codec_dir: Path, tokens_dir: Path, clips: list[torch.Tensor], figure: Path, name: str) -> dict:
-    from mmdgen.data.tokenize import TokenSet
+def load_any_codec(path: str | Path, device: str = "cpu"):
+    """Our codec directory (config.json + codec.safetensors), or a local transformers ``EncodecModel``
+    folder (converted with ``mmdgen.model.convert``; nothing is downloaded)."""
+    from mmdgen.model.codec import load_codec
+
+    path = Path(path)
+    if (path / "codec.safetensors").exists():
+        return load_codec(path, device)
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path}: neither a codec directory (codec.safetensors) nor a transformers EnCodec folder "
+                         "(config.json + weights)")
+    import transformers
+
+    from mmdgen.model.convert import codec_from_transformers
+
+    try:
+        model = transformers.EncodecModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a transformers EncodecModel folder ({error})") from error
+    return codec_from_transformers(model).to(device).eval()
+
+
+def codec_evaluation(codec, clips: list[torch.Tensor], figure: Path, name: str) -> dict:
+    """Dependence between the codebooks of ``codec``'s codes of ``clips`` (delay-aligned; heatmap written to
+    ``figure``) and its reconstruction of them. ``clips``: ``[channels, samples]`` at the codec's rate."""
     from mmdgen.eval.independence import dependence_report
     from mmdgen.eval.plots import plot_mi_heatmap
     from mmdgen.eval.reconstruction import reconstruction_report
-    from mmdgen.model.codec import load_codec
 
-    codes = [clip.codes for split in HELD_OUT for clip in TokenSet(tokens_dir, split)]
-    frames = min(c.shape[-1] for c in codes)
-    dependence = dependence_report(torch.stack([c[:, :frames] for c in codes]), delay=True)
-    plot_mi_heatmap(dependence["pairwise_mi_percent"], figure, title=f"codec {name}: pairwise MI (delay-aligned)")
     with torch.no_grad():
-        reconstruction = reconstruction_report(load_codec(codec_dir), clips)
-    return {"dependence": dependence, "reconstruction": reconstruction, "heatmap": figure.name,
-            "mmd_weight": json.loads((codec_dir.parent / "checkpoint" / "config.json").read_text()).get("mmd_weight")
-            if (codec_dir.parent / "checkpoint" / "config.json").exists() else None}
+        codes = [codec.encode(clip[None])[0] for clip in clips]
+        frames = min(c.shape[-1] for c in codes)
+        dependence = dependence_report(torch.stack([c[:, :frames] for c in codes]), delay=True)
+        reconstruction = reconstruction_report(codec, clips)
+    plot_mi_heatmap(dependence["pairwise_mi_percent"], figure, title=f"{name}: pairwise MI (delay-aligned)")
+    return {"dependence": dependence, "reconstruction": reconstruction, "heatmap": figure.name}
+
+
+def codec_report(codecs: dict[str, str | Path], manifest: str | Path, out: str | Path, split: str = "test",
+                 limit: int = 64, log=print) -> Path:
+    """``mmdgen eval codec``: dependence and reconstruction of each codec on ``limit`` clips of a corpus split,
+    with a heatmap per codec and the MI-with-others bars; writes ``codecs.json`` and ``codecs.md`` to ``out``."""
+    from mmdgen.eval.plots import plot_mi_with_others
+
+    manifest, out = Path(manifest), Path(out)
+    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("split") == split][:limit]
+    if not records:
+        raise ValueError(f"{manifest}: no clips in the {split!r} split")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, path in codecs.items():
+        log(f"{name}: {len(records)} {split} clips")
+        codec = load_any_codec(path)
+        results[name] = codec_evaluation(codec, _read(manifest, records, codec.cfg.sample_rate),
+                                         out / "figures" / f"mi-{name}.png", name)
+    plot_mi_with_others({n: r["dependence"]["mi_with_others_bits"] for n, r in results.items()},
+                        out / "figures" / "mi-with-others.png")
+    write_text_atomic(out / "codecs.json", json.dumps({"manifest": str(manifest), "split": split,
+                                                      "codecs": {n: str(p) for n, p in codecs.items()},
+                                                      "results": results}, indent=1))
+    lines = [f"# Codecs on {len(records)} {split} clips of {manifest}", "", *_codec_table(
+        {name: (None, result) for name, result in results.items()}), "",
+        "![MI of each codebook with the others](figures/mi-with-others.png)", ""]
+    lines += [f"![{name}](figures/{result['heatmap']})" for name, result in results.items()]
+    path = out / "codecs.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _codec_table(rows: dict[str, tuple[float | None, dict]]) -> list[str]:
+    """Markdown rows: per codec (MMD weight or None, codec_evaluation's result)."""
+    lines = ["| codec | MMD weight | mel distance | SI-SNR (dB) | MR-STFT | pairwise MI % (shuffled baseline) "
+             "| excess | total correlation % (baseline) | MI with others, bits per codebook |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, (weight, result) in rows.items():
+        dep, rec = result["dependence"], result["reconstruction"]
+        excess = dep["mean_pairwise_mi_percent"] - dep["baseline_mean_pairwise_mi_percent"]
+        lines.append(f"| {name} | {'-' if weight is None else f'{weight:g}'} | {rec['mel_distance']:.3f} | "
+                     f"{rec['si_snr_db']:.2f} | {rec['mr_stft_distance']:.3f} | {dep['mean_pairwise_mi_percent']:.2f} "
+                     f"({dep['baseline_mean_pairwise_mi_percent']:.2f}) | {excess:.2f} | "
+                     f"{dep['total_correlation_percent']:.1f} ({dep['baseline_total_correlation_percent']:.1f}) | "
+                     + ", ".join(f"{v:.3f}" for v in dep["mi_with_others_bits"]) + " |")
+    return lines
 
 
 def evaluate_demo(cfg, log=print) -> dict:
@@ -74,10 +142,9 @@ def evaluate_demo(cfg, log=print) -> dict:
                         "codecs": {}, "lms": {}}
     for name, weight in cfg.codecs.items():
         log(f"  codec {name}: dependence and reconstruction on {len(held_out)} held-out clips")
-        codec_dir = cfg.path("codec", name)
-        rate = load_codec(codec_dir).cfg.sample_rate
-        result = codec_evaluation(codec_dir, cfg.path("tokens", name), _read(manifest, held_out, rate),
-                                  figures / f"mi-{name}.png", name)
+        codec = load_codec(cfg.path("codec", name))
+        result = codec_evaluation(codec, _read(manifest, held_out, codec.cfg.sample_rate), figures / f"mi-{name}.png",
+                                  f"codec {name}")
         result["mmd_weight"] = weight
         metrics = cfg.path("codec_run", name) / "metrics.jsonl"
         result["curves"] = plot_training_curves(metrics, _logged(metrics, ["mel", "mel_distance", "si_snr_db"]),
@@ -147,17 +214,7 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
              f"{evaluation['held_out_clips']} held-out clips. At this scale the numbers show the pipeline "
              "working, not the paper's effect sizes (docs/results.md has the longer runs).", "",
              "## Codecs", "",
-             "| codec | MMD weight | mel distance | SI-SNR (dB) | MR-STFT | pairwise MI % (shuffled baseline) "
-             "| excess | total correlation % (baseline) | MI with others, bits per codebook |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, result in evaluation["codecs"].items():
-        dep, rec = result["dependence"], result["reconstruction"]
-        excess = dep["mean_pairwise_mi_percent"] - dep["baseline_mean_pairwise_mi_percent"]
-        lines.append(f"| {name} | {result['mmd_weight']:g} | {rec['mel_distance']:.3f} | {rec['si_snr_db']:.2f} | "
-                     f"{rec['mr_stft_distance']:.3f} | {dep['mean_pairwise_mi_percent']:.2f} "
-                     f"({dep['baseline_mean_pairwise_mi_percent']:.2f}) | {excess:.2f} | "
-                     f"{dep['total_correlation_percent']:.1f} ({dep['baseline_total_correlation_percent']:.1f}) | "
-                     + ", ".join(f"{v:.3f}" for v in dep["mi_with_others_bits"]) + " |")
+             *_codec_table({name: (r["mmd_weight"], r) for name, r in evaluation["codecs"].items()})]
     lines += ["", f"![MI of each codebook with the others](figures/{evaluation['mi_with_others']})", ""]
     for name, result in evaluation["codecs"].items():
         lines += [f"![codec {name}: pairwise MI](figures/{result['heatmap']}) "
