@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmdgen.eval.generation import adherence
+
 DEFAULT_CODECS = "runs/exp-*/*"
 # name: (LM run folder, pattern); the codec is found by the weights hash the LM recorded
 DEFAULT_LMS = {
@@ -363,20 +365,6 @@ def musicnn_per_clip(clips: list[torch.Tensor], rate: int, tagger, desc: str
     from mmdgen.eval.generation import musicnn_outputs
 
     return [musicnn_outputs([clip], rate, tagger)[0] for clip in tqdm(clips, desc=desc, unit="clip", leave=False)]
-
-
-def adherence(clips: list[torch.Tensor], fields: list[dict], outputs, rate: int) -> dict:
-    """generation_report's adherence measures (instrument, key, tempo) from precomputed musicnn outputs."""
-    from mmdgen.eval.generation import instrument_adherence_from_probabilities, key_adherence, tempo_adherence
-
-    probabilities = torch.stack([p.mean(0) for _, p in outputs])
-    instruments = instrument_adherence_from_probabilities(probabilities, [f["instrument"] for f in fields])
-    keys = key_adherence(clips, [f["key"] for f in fields], rate)
-    _, tempo = tempo_adherence(clips, [f["tempo_bpm"] for f in fields], rate)
-    return {"instrument_per_tag_auc": instruments.per_tag_auc, "instrument_macro_auc": instruments.macro_auc,
-            "instrument_caption_tag_probability": instruments.mean_caption_tag_probability,
-            "key_exact": keys.exact_rate, "key_weighted": keys.weighted_score,
-            "tempo_within_8_percent": tempo.within, "tempo_within_8_percent_or_octave": tempo.within_octave}
 
 
 def features(outputs) -> torch.Tensor:

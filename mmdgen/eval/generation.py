@@ -431,8 +431,10 @@ def tempo_adherence(clips: Sequence[torch.Tensor], bpms: Sequence[float], sample
 # Everything for one set of generated clips
 
 
-def _adherence(clips: Sequence[torch.Tensor], fields: Sequence[dict], probabilities: torch.Tensor,
-               sample_rate: int) -> dict:
+def adherence(clips: Sequence[torch.Tensor], fields: Sequence[dict],
+              outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], sample_rate: int) -> dict:
+    """Instrument, key and tempo adherence of ``clips`` to their ``fields``, from their ``musicnn_outputs``."""
+    probabilities = torch.stack([p.mean(0) for _, p in outputs])
     instruments = instrument_adherence_from_probabilities(probabilities, [f["instrument"] for f in fields])
     keys = key_adherence(clips, [f["key"] for f in fields], sample_rate)
     _, tempo = tempo_adherence(clips, [f["tempo_bpm"] for f in fields], sample_rate)
@@ -459,10 +461,9 @@ def generation_report(generated: Sequence[torch.Tensor], fields: Sequence[dict],
     report = {"fad": fad, "generated_clips": len(generated), "reference_clips": len(reference),
               "generated_patches": sum(f.shape[0] for f, _ in generated_outputs),
               "reference_patches": sum(f.shape[0] for f, _ in reference_outputs),
-              **_adherence(generated, fields, torch.stack([p.mean(0) for _, p in generated_outputs]), sample_rate)}
+              **adherence(generated, fields, generated_outputs, sample_rate)}
     if reference_fields is not None:
         if len(reference_fields) != len(reference):
             raise ValueError(f"{len(reference)} reference clips but {len(reference_fields)} reference field records")
-        report["reference"] = _adherence(reference, reference_fields,
-                                         torch.stack([p.mean(0) for _, p in reference_outputs]), sample_rate)
+        report["reference"] = adherence(reference, reference_fields, reference_outputs, sample_rate)
     return report
