@@ -22,7 +22,9 @@
    MIREX, tempo within 8% (and the same on the real clips whose captions were used: the ceiling), the
    decoding steps for the duration (nominal single pass, and those sampled), and the measured decode time
    (text to codes only; the codec's decode is timed apart) per clip and per batched step, eager or
-   compiled, with the thread count and the load average around each LM's generation.
+   compiled, with the thread count and the load average around each LM's generation. Beside the LMs, the
+   ceiling each codec sets: the caption clips encoded and decoded by it (WAVs under
+   ``<out>/reconstructed``), through the same measures; and ``<figures>/<--table1-figure>`` shows it all.
 
 The LMs were trained on crops of ``crop_frames`` frames (2 s); as MusicGen does beyond its 30 s, longer
 audio is generated in overlapping windows of that context (``mmdgen.generate``), which the exported models
@@ -36,6 +38,11 @@ spreads can be computed from the same features.
 Writes ``--results`` (JSON) and the PNGs under ``--figures``, and prints Markdown tables.
 
     python experiments/paper_tables.py              # ~4 min on 2 CPU cores (2.5 min with the codes cached)
+    # Table 1 only, on the 10-h corpus (210 test clips) with 128 clips per LM (~14 min for six LMs):
+    python experiments/paper_tables.py --skip-dependence --corpus runs/corpus-10h --clips 128 \
+        --codecs runs/exp-a/mmd-0 runs/exp-c/mmd-3-every8x8 --lms w0-delay=... w3-delay=... \
+        --out runs/paper-tables-large --results docs/paper_tables_large_results.json \
+        --table1-figure table1_large.png
     python experiments/paper_tables.py --quick      # smoke test: 4 clips of 4 s, outputs under <out>/quick
 """
 
@@ -118,6 +125,15 @@ def find_codecs(patterns: list[str]) -> list[dict]:
     return sorted(codecs, key=lambda c: (c["seed"], c["mmd_weight"], c["run"]))
 
 
+def trained_steps(metrics: Path) -> int | None:
+    """The last training step logged in an LM run's metrics.jsonl (the checkpoint config leaves the step
+    count out, so that a run can be resumed for more steps)."""
+    if not metrics.exists():
+        return None
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if '"train"' in line]
+    return max((s for s in steps if s is not None), default=None)
+
+
 def find_lms(specs: list[str], codecs: list[dict]) -> dict[str, dict]:
     """name=folder pairs -> the LM's model dir, pattern, codec dir (matched by weights hash) and training crop."""
     from mmdgen.data.tokenize import codec_identity
@@ -145,10 +161,13 @@ def find_lms(specs: list[str], codecs: list[dict]) -> dict[str, dict]:
             fail(f"LM {name} ({run}): its codec (weights sha256 {wanted[:12]}...) is neither in {model / 'codec'} "
                  f"nor among the codecs found ({', '.join(c['run'] for c in codecs)}); pass its run with --codecs")
         train_config = run / "checkpoint" / "config.json"
-        crop = json.loads(train_config.read_text())["train"].get("crop_frames") if train_config.exists() else None
+        train = json.loads(train_config.read_text())["train"] if train_config.exists() else {}
         lms[name] = {"run": str(run), "model": str(model), "codec": str(codec_dir), "pattern": config["lm"]["pattern"],
                      "codec_mmd_weight": None if codec is None else codec["mmd_weight"],
-                     "codec_seed": None if codec is None else codec["seed"], "train_crop_frames": crop,
+                     "codec_seed": None if codec is None else codec["seed"],
+                     "train_crop_frames": train.get("crop_frames"), "train_steps": trained_steps(run / "metrics.jsonl"),
+                     "train_batch_size": train.get("batch_size"), "train_seed": train.get("seed"),
+                     "train_tokens": train.get("tokens"),
                      "recorded_context_frames": config["lm"].get("context_frames")}
     return lms
 
@@ -296,6 +315,45 @@ def plot_mi_with_others_baseline(rows: dict[str, dict], path: Path) -> Path:
 # 3: generation
 
 
+def plot_table1(gen: dict, path: Path) -> Path:
+    """Table 1 as a picture: left, each LM's FAD against the test clips with its 90% bootstrap interval over
+    the generated clips, beside the codec's own reconstructions of the same caption clips (the ceiling an LM
+    over that codec can reach) and a line at the real-vs-real floor; right, caption adherence (instrument macro
+    AUC, key MIREX score, tempo within 8%), the real caption clips last."""
+    from matplotlib.figure import Figure
+
+    rows = [(name, run, f"C{0 if run['pattern'] == 'delay' else 1}") for name, run in gen["lms"].items()]
+    rows += [(name.replace(" reconstruction", " recon."), run, "0.55")
+             for name, run in gen.get("codec_reconstructions", {}).items()]
+    figure = Figure(figsize=(11, 0.42 * (len(rows) + 1) + 1.6))
+    left, right = figure.subplots(1, 2, sharey=True)
+    y = np.arange(len(rows) + 1)[::-1]
+    fads = np.array([run["fad"] for _, run, _ in rows])
+    spread = np.array([[run["fad"] - run["fad_bootstrap"]["p05"], run["fad_bootstrap"]["p95"] - run["fad"]]
+                       for _, run, _ in rows]).T
+    left.barh(y[:-1], fads, xerr=spread, color=[colour for *_, colour in rows], capsize=2)
+    floor = gen["fad_real_vs_real"]["real_vs_real_mean"]
+    left.axvline(floor, color="C2", linestyle="--", label=f"real vs real: {floor:.1f}")
+    left.set_yticks(y, [name for name, *_ in rows] + ["real caption clips"], fontsize=8)
+    left.set_xlabel("FAD vs the test clips (musicnn; 90% bootstrap interval)")
+    left.set_title("lower is better; grey: the codec's own reconstructions", fontsize=9)
+    left.legend(fontsize=8, loc="lower right")
+    measures = [("instrument_macro_auc", "instrument AUC"), ("key_weighted", "key MIREX"),
+                ("tempo_within_8_percent", "tempo within 8%")]
+    runs = [run for _, run, _ in rows] + [gen["real"]["caption_sources"]]
+    height = 0.8 / len(measures)
+    for index, (key, label) in enumerate(measures):
+        values = [np.nan if run.get(key) is None else run[key] for run in runs]
+        right.barh(y + (1 - index) * height, values, height, label=label, color=f"C{index + 3}")
+    right.set_xlim(0, 1)
+    right.set_xlabel("caption adherence")
+    right.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3)
+    figure.suptitle(f"{gen['clips']} clips of {gen['duration_seconds']:g} s per LM, {gen['reference_clips']} "
+                    "test clips as reference", fontsize=10)
+    figure.tight_layout()
+    return save_png(figure, path)
+
+
 def spread_captions(records: list[dict], count: int) -> list[dict]:
     """``count`` records spread evenly over ``records`` (every step-th)."""
     if count > len(records):
@@ -417,6 +475,51 @@ def fad_spreads(generated: dict[str, list], reference: list, args, rng: np.rando
     return out
 
 
+def reconstruct_sources(lms: dict[str, dict], sources: list[torch.Tensor], rate: int, folder: Path) -> dict[str, dict]:
+    """The codec ceiling: the caption-source clips encoded and decoded by each codec the LMs use, written as
+    WAVs the way the generated clips are (mono, 16-bit) so that both go through the same evaluation."""
+    import soundfile
+
+    from mmdgen.model.codec import load_codec
+
+    ceilings = {}
+    for codec_dir, weight in sorted({(lm["codec"], lm["codec_mmd_weight"]) for lm in lms.values()},
+                                    key=lambda c: (c[1] is None, c[1] or 0.0, c[0])):
+        name = f"codec w{weight:g} reconstruction" if weight is not None else f"{codec_dir} reconstruction"
+        codec = load_codec(codec_dir)
+        if codec.cfg.sample_rate != rate:
+            fail(f"codec {codec_dir} runs at {codec.cfg.sample_rate} Hz, the generated clips at {rate} Hz")
+        out = folder / slug(codec_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for index, clip in enumerate(tqdm(sources, desc=f"reconstruct ({name})", unit="clip", leave=False)):
+            with torch.no_grad():
+                audio = codec.decode(codec.encode(clip[None]), clip.shape[-1])[0]
+            soundfile.write(str(out / f"clip{index:03d}.wav"), audio.mean(0).numpy(), rate)
+        ceilings[name] = {"codec": codec_dir, "codec_mmd_weight": weight, "wavs": str(out)}
+    return ceilings
+
+
+def flatten_over_delay(runs: dict[str, dict]) -> dict[str, dict]:
+    """Decode time and sampled steps of flattening over delay, for each codec weight and LM training recipe
+    (steps, batch, crop, seed) that has both patterns."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for run in runs.values():
+        recipe = (run["codec_mmd_weight"], run.get("train_steps"), run.get("train_batch_size"),
+                  run.get("train_crop_frames"), run.get("train_seed"))
+        groups.setdefault(recipe, {})[run["pattern"]] = run
+    ratios = {}
+    for (weight, steps, batch, crop, seed), pair in groups.items():
+        if "delay" in pair and "flatten" in pair:
+            key = f"codec weight {'?' if weight is None else f'{weight:g}'}, LMs {steps} x {batch} x {crop}, seed {seed}"
+            ratios[key] = {
+                "delay": pair["delay"]["name"], "flatten": pair["flatten"]["name"],
+                "flatten_over_delay_seconds_per_clip": pair["flatten"]["decode_seconds_per_clip"]
+                / pair["delay"]["decode_seconds_per_clip"],
+                "flatten_over_delay_sampled_steps": sum(pair["flatten"]["sampled_steps_per_batch"])
+                / sum(pair["delay"]["sampled_steps_per_batch"])}
+    return ratios
+
+
 def table1(lms: dict[str, dict], prompts: list[dict], test_records: list[dict], args) -> dict:
     from mmdgen.eval.generation import frechet_distance, load_musicnn
     from mmdgen.train.data import read_audio
@@ -437,34 +540,57 @@ def table1(lms: dict[str, dict], prompts: list[dict], test_records: list[dict], 
             "all_test_clips": adherence(reference, test_records, reference_outputs, rate),
             "fad_caption_sources_vs_all_test": frechet_distance(features([reference_outputs[i] for i in sources]),
                                                                 features(reference_outputs))}
+    ceilings = reconstruct_sources(lms, [reference[i] for i in sources], rate, args.out / "reconstructed")
     generated_outputs = {}
-    for name, run in runs.items():
+    for name, run in {**runs, **ceilings}.items():
         clips = [read_audio(Path(run["wavs"]) / f"clip{i:03d}.wav", rate) for i in range(len(prompts))]
         generated_outputs[name] = musicnn_per_clip(clips, rate, tagger, f"musicnn: {name}")
         run["fad"] = frechet_distance(features(generated_outputs[name]), features(reference_outputs))
         run["generated_patches"] = int(features(generated_outputs[name]).shape[0])
         run.update(adherence(clips, prompts, generated_outputs[name], rate))
     spreads = fad_spreads(generated_outputs, reference_outputs, args, np.random.default_rng(args.seed))
-    for name, run in runs.items():
+    for name, run in {**runs, **ceilings}.items():
         run["fad_bootstrap"] = spreads["bootstrap"][name]
         run["fad_vs_half"] = spreads["split_half"]["lms"][name]
-    ratios = {}
-    for weight in sorted({run["codec_mmd_weight"] for run in runs.values()}, key=lambda w: (w is None, w)):
-        pair = {run["pattern"]: run for run in runs.values() if run["codec_mmd_weight"] == weight}
-        if "delay" in pair and "flatten" in pair:
-            ratios[f"{weight:g}" if weight is not None else "?"] = {
-                "flatten_over_delay_seconds_per_clip": pair["flatten"]["decode_seconds_per_clip"]
-                / pair["delay"]["decode_seconds_per_clip"],
-                "flatten_over_delay_sampled_steps": sum(pair["flatten"]["sampled_steps_per_batch"])
-                / sum(pair["delay"]["sampled_steps_per_batch"])}
+    ratios = flatten_over_delay(runs)
     return {"clips": len(prompts), "duration_seconds": args.duration, "reference_clips": len(test_records),
             "reference_patches": int(features(reference_outputs).shape[0]),
             "captions": [{"caption": p["caption"], "source_clip": p["id"], "instrument": p["instrument"],
                           "key": p["key"], "tempo_bpm": p["tempo_bpm"]} for p in prompts],
-            "lms": runs, "real": real, "fad_paired_bootstrap_differences": spreads["paired_differences"],
+            "lms": runs, "codec_reconstructions": ceilings, "real": real,
+            "fad_paired_bootstrap_differences": spreads["paired_differences"],
             "fad_real_vs_real": {k: v for k, v in spreads["split_half"].items()
                                                            if k != "lms"},
             "time_ratios": ratios}
+
+
+def dependence_figures(codecs: list[dict], test_records: list[dict], results: dict, args) -> dict[str, str]:
+    """Figures 2 and 4-5: fills ``results["dependence"]`` and ``results["mi_with_others"]``; the PNG paths."""
+    from mmdgen.eval.plots import plot_mi_heatmap
+
+    compare = {}
+    for weight in args.compare_weights:
+        match = [c for c in codecs if c["seed"] == 0 and c["mmd_weight"] == weight]
+        if not match:
+            fail(f"--compare-weights {weight:g}: no seed-0 codec of that weight among "
+                 f"{', '.join(c['run'] for c in codecs)}")
+        compare[f"weight {weight:g}"] = match[0]["run"]
+    results["dependence"] = dependence(codecs, args.corpus, test_records, args.out / "codes")
+    by_run = {r["run"]: r for r in results["dependence"]}
+    figures = {"dependence_vs_weight": str(plot_dependence_vs_weight(results["dependence"],
+                                                                     args.figures / "dependence_vs_weight.png"))}
+    results["mi_with_others"] = {name: {key: by_run[run][key] for key in
+                                        ("run", "mmd_weight", "mi_with_others_bits", "baseline_mi_with_others_bits",
+                                         "pairwise_mi_sum_bits", "baseline_pairwise_mi_sum_bits")}
+                                 for name, run in compare.items()}
+    figures["mi_with_others"] = str(plot_mi_with_others_baseline(results["mi_with_others"],
+                                                                 args.figures / "mi_with_others.png"))
+    for name, run in list(compare.items())[:2]:
+        weight = by_run[run]["mmd_weight"]
+        figures[f"mi_heatmap_w{weight:g}"] = str(plot_mi_heatmap(
+            by_run[run]["pairwise_mi_percent"], args.figures / f"mi_heatmap_w{weight:g}.png",
+            title=f"pairwise MI, codec MMD weight {weight:g} (seed 0)"))
+    return figures
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +602,13 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def print_tables(results: dict) -> None:
+    if "dependence" in results:
+        print_dependence(results)
+    if "generation" in results:
+        print_table1(results["generation"])
+
+
+def print_dependence(results: dict) -> None:
     print("\n## Figure 2 at our scale: dependence vs MMD weight (delay-aligned codes, test split)\n")
     print("| codec run | seed | MMD weight | code entropy (bits, mean) | pairwise MI % (shuffled baseline) | "
           "excess | total correlation % (baseline) |")
@@ -501,28 +634,38 @@ def print_tables(results: dict) -> None:
             cells += [f"{compare[n]['pairwise_mi_sum_bits'][k] - compare[n]['baseline_pairwise_mi_sum_bits'][k]:.3f}"
                       for n in names]
             print(f"| {k + 1} | " + " | ".join(cells) + " |")
-    gen = results.get("generation")
-    if not gen:
-        return
+
+
+def print_table1(gen: dict) -> None:
     lms = gen["lms"]
     first = next(iter(lms.values()))
     print(f"\n## Table 1 at our scale: {gen['clips']} clips of {gen['duration_seconds']:g} s per LM "
           f"(guidance 3, top-k 250), FAD against {gen['reference_clips']} test clips\n")
-    print("| codec weight | pattern | steps (nominal; sampled) | FAD (bootstrap sd) | FAD vs half (sd over splits) | "
-          "instrument macro AUC | caption-tag prob. | key exact | key MIREX | tempo within 8% | "
-          "decode s / clip | ms / batched step |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for run in lms.values():
+    print("| LM | training (steps x batch x crop frames, seed) | codec weight | pattern | steps (nominal; sampled) | "
+          "FAD (bootstrap sd) | FAD vs half (sd over splits) | instrument macro AUC | caption-tag prob. | key exact | "
+          "key MIREX | tempo within 8% | decode s / clip | ms / batched step |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, run in lms.items():
         steps = run["sampled_steps_per_batch"][0]
         weight = "?" if run["codec_mmd_weight"] is None else f"{run['codec_mmd_weight']:g}"
-        print(f"| {weight} | {run['pattern']} | {run['nominal_decoding_steps']}; {steps} | {run['fad']:.2f} "
+        training = (f"{run.get('train_steps')} x {run.get('train_batch_size')} x {run.get('train_crop_frames')}, "
+                    f"{run.get('train_seed')}")
+        print(f"| {name} | {training} | {weight} | {run['pattern']} | {run['nominal_decoding_steps']}; {steps} | "
+              f"{run['fad']:.2f} "
               f"({run['fad_bootstrap']['std']:.2f}) | {run['fad_vs_half']['mean']:.2f} "
               f"({run['fad_vs_half']['std']:.2f}) | "
               f"{fmt(run['instrument_macro_auc'])} | {fmt(run['instrument_caption_tag_probability'], 3)} | "
               f"{run['key_exact']:.2f} | {run['key_weighted']:.2f} | {run['tempo_within_8_percent']:.2f} | "
               f"{run['decode_seconds_per_clip']:.2f} | {1000 * run['decode_seconds_per_batched_step']:.1f} |")
+    for name, run in gen.get("codec_reconstructions", {}).items():
+        print(f"| {name} (the {gen['clips']} caption clips) | - | {run['codec_mmd_weight']:g} | - | - | "
+              f"{run['fad']:.2f} ({run['fad_bootstrap']['std']:.2f}) "
+              f"| {run['fad_vs_half']['mean']:.2f} ({run['fad_vs_half']['std']:.2f}) | "
+              f"{fmt(run['instrument_macro_auc'])} | {fmt(run['instrument_caption_tag_probability'], 3)} | "
+              f"{run['key_exact']:.2f} | {run['key_weighted']:.2f} | {run['tempo_within_8_percent']:.2f} | - | - |")
     real, floor = gen["real"]["caption_sources"], gen["fad_real_vs_real"]
-    print(f"| real (the {gen['clips']} caption clips) | - | - | {gen['real']['fad_caption_sources_vs_all_test']:.2f} "
+    print(f"| real (the {gen['clips']} caption clips) | - | - | - | - | "
+          f"{gen['real']['fad_caption_sources_vs_all_test']:.2f} "
           f"(subset of the reference) | {floor['real_vs_real_mean']:.2f} ({floor['real_vs_real_std']:.2f}): "
           f"{floor['compared_clips']} real vs {floor['reference_half_clips']} | {fmt(real['instrument_macro_auc'])} | "
           f"{fmt(real['instrument_caption_tag_probability'], 3)} | {real['key_exact']:.2f} | "
@@ -532,8 +675,8 @@ def print_tables(results: dict) -> None:
     print(f"\nDecode timing: {first['mode']}, {first['threads']} threads, batch {first['batch_size']} "
           f"({2 * first['batch_size']} rows with guidance), text to codes only; codec decode apart "
           f"({codec_times}).")
-    for weight, ratio in gen["time_ratios"].items():
-        print(f"codec weight {weight}: flatten / delay decode time {ratio['flatten_over_delay_seconds_per_clip']:.2f}x "
+    for recipe, ratio in gen["time_ratios"].items():
+        print(f"{recipe}: flatten / delay decode time {ratio['flatten_over_delay_seconds_per_clip']:.2f}x "
               f"(sampled steps {ratio['flatten_over_delay_sampled_steps']:.2f}x)")
     print("FAD differences between LMs, paired bootstrap over the clips (the same captions and seeds): "
           + "; ".join(f"{pair} = {d['mean']:+.2f} (90%: {d['p05']:+.2f} to {d['p95']:+.2f})"
@@ -570,6 +713,9 @@ def main(argv=None) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the FAD")
     parser.add_argument("--fad-splits", type=int, default=20, help="random half splits for the real-vs-real FAD")
     parser.add_argument("--skip-generation", action="store_true", help="only the codec results (Figures 2, 4-5)")
+    parser.add_argument("--table1-figure", default="table1.png", help="file name of Table 1's figure under --figures")
+    parser.add_argument("--skip-dependence", action="store_true",
+                        help="only Table 1 (for LMs evaluated on another corpus than the codec sweep's)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 4 clips of 4 s, batch 4, few resamples; outputs under <out>/quick")
     args = parser.parse_args(argv)
@@ -589,43 +735,24 @@ def main(argv=None) -> None:
     test_records = read_manifest(args.corpus, args.split)
     codecs = find_codecs(args.codecs)
     lms = {} if args.skip_generation else find_lms(args.lms, codecs)
-    compare = {}
-    for weight in args.compare_weights:
-        match = [c for c in codecs if c["seed"] == 0 and c["mmd_weight"] == weight]
-        if not match:
-            fail(f"--compare-weights {weight:g}: no seed-0 codec of that weight among "
-                 f"{', '.join(c['run'] for c in codecs)}")
-        compare[f"weight {weight:g}"] = match[0]["run"]
-
-    from mmdgen.eval.plots import plot_mi_heatmap
-
+    if args.skip_dependence and args.skip_generation:
+        fail("--skip-dependence with --skip-generation leaves nothing to do")
     timings = {}
-    start = time.perf_counter()
     results: dict = {"config": {k: str(v) for k, v in vars(args).items()},
                      "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "torch": torch.__version__, "platform": platform.platform()}}
-    results["dependence"] = dependence(codecs, args.corpus, test_records, args.out / "codes")
-    by_run = {r["run"]: r for r in results["dependence"]}
-    figures = {"dependence_vs_weight": str(plot_dependence_vs_weight(results["dependence"],
-                                                                     args.figures / "dependence_vs_weight.png"))}
-    results["mi_with_others"] = {name: {key: by_run[run][key] for key in
-                                        ("run", "mmd_weight", "mi_with_others_bits", "baseline_mi_with_others_bits",
-                                         "pairwise_mi_sum_bits", "baseline_pairwise_mi_sum_bits")}
-                                 for name, run in compare.items()}
-    figures["mi_with_others"] = str(plot_mi_with_others_baseline(results["mi_with_others"],
-                                                                 args.figures / "mi_with_others.png"))
-    for name, run in list(compare.items())[:2]:
-        weight = by_run[run]["mmd_weight"]
-        figures[f"mi_heatmap_w{weight:g}"] = str(plot_mi_heatmap(
-            by_run[run]["pairwise_mi_percent"], args.figures / f"mi_heatmap_w{weight:g}.png",
-            title=f"pairwise MI, codec MMD weight {weight:g} (seed 0)"))
-    results["figures"] = figures
-    timings["codecs_seconds"] = time.perf_counter() - start
+    figures = {}
+    if not args.skip_dependence:
+        start = time.perf_counter()
+        figures = dependence_figures(codecs, test_records, results, args)
+        timings["codecs_seconds"] = time.perf_counter() - start
     if lms:
         start = time.perf_counter()
         prompts = spread_captions(test_records, args.clips)
         results["generation"] = table1(lms, prompts, test_records, args)
+        figures["table1"] = str(plot_table1(results["generation"], args.figures / args.table1_figure))
         timings["generation_and_evaluation_seconds"] = time.perf_counter() - start
+    results["figures"] = figures
     timings["total_seconds"] = time.perf_counter() - began
     results["timings"] = timings
     from mmdgen.files import write_text_atomic
