@@ -328,10 +328,11 @@ def plot_table1(gen: dict, path: Path) -> Path:
     figure = Figure(figsize=(11, 0.42 * (len(rows) + 1) + 1.6))
     left, right = figure.subplots(1, 2, sharey=True)
     y = np.arange(len(rows) + 1)[::-1]
-    fads = np.array([run["fad"] for _, run, _ in rows])
-    spread = np.array([[run["fad"] - run["fad_bootstrap"]["p05"], run["fad_bootstrap"]["p95"] - run["fad"]]
-                       for _, run, _ in rows]).T
-    left.barh(y[:-1], fads, xerr=spread, color=[colour for *_, colour in rows], capsize=2)
+    left.barh(y[:-1], [run["fad"] for _, run, _ in rows], color=[colour for *_, colour in rows])
+    # the interval is drawn on its own: resampling repeats clips, which biases FAD, so the point estimate
+    # can fall outside its bootstrap interval when there are few clips
+    low, high = (np.array([run["fad_bootstrap"][q] for _, run, _ in rows]) for q in ("p05", "p95"))
+    left.errorbar((low + high) / 2, y[:-1], xerr=(high - low) / 2, fmt="none", ecolor="black", capsize=2)
     floor = gen["fad_real_vs_real"]["real_vs_real_mean"]
     left.axvline(floor, color="C2", linestyle="--", label=f"real vs real: {floor:.1f}")
     left.set_yticks(y, [name for name, *_ in rows] + ["real caption clips"], fontsize=8)
@@ -483,9 +484,11 @@ def reconstruct_sources(lms: dict[str, dict], sources: list[torch.Tensor], rate:
     from mmdgen.model.codec import load_codec
 
     ceilings = {}
-    for codec_dir, weight in sorted({(lm["codec"], lm["codec_mmd_weight"]) for lm in lms.values()},
-                                    key=lambda c: (c[1] is None, c[1] or 0.0, c[0])):
-        name = f"codec w{weight:g} reconstruction" if weight is not None else f"{codec_dir} reconstruction"
+    codecs = {(lm["codec"], lm["codec_mmd_weight"], lm["codec_seed"]) for lm in lms.values()}
+    for codec_dir, weight, seed in sorted(codecs, key=lambda c: (c[1] is None, c[1] or 0.0, c[2] or 0, c[0])):
+        # seed-0 codecs keep the short name; a codec of unknown weight is named by its folder
+        name = (f"{codec_dir} reconstruction" if weight is None
+                else f"codec w{weight:g}{f' seed {seed}' if seed else ''} reconstruction")
         codec = load_codec(codec_dir)
         if codec.cfg.sample_rate != rate:
             fail(f"codec {codec_dir} runs at {codec.cfg.sample_rate} Hz, the generated clips at {rate} Hz")
