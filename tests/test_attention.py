@@ -181,16 +181,16 @@ def test_tensor_length_is_clamped_not_checked(backend, device):
     assert torch.allclose(under[:, :, 1:].double(), reference_attention(query[:, :, 1:], keys, values, 2), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("new_steps", [1, 3])
-def test_the_lms_cached_steps_through_the_kernel_equal_its_full_pass(backend, new_steps):
+def test_the_lms_cached_steps_through_the_kernel_equal_its_full_pass(backend, device, new_steps):
     """The tiny LM decodes through decode_attention (self-attention on its static cache, cross-attention on the
     text memory with padding and a null condition); its hidden states equal the uncached full pass (SDPA)."""
     torch.manual_seed(0)
-    lm = MusicLM(lm_config("tiny", layers=1)).eval()
-    tokens = torch.randint(0, 257, (3, 4, 5 + new_steps))
-    states = torch.randn(3, 6, 64)
-    text_mask = torch.ones(3, 6, dtype=torch.bool)
+    lm = MusicLM(lm_config("tiny", layers=1)).eval().to(device)
+    tokens = torch.randint(0, 257, (3, 4, 5 + new_steps), device=device)
+    states = torch.randn(3, 6, 64, device=device)
+    text_mask = torch.ones(3, 6, dtype=torch.bool, device=device)
     text_mask[1, 4:] = False
     text_mask[2] = False  # a null condition
     with torch.no_grad():

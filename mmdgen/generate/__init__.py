@@ -44,10 +44,10 @@ class Generator:
         self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
         self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
         self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
+        self.device = lm.heads[0].weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {self.device}")
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
-        self.device = lm.heads[0].weight.device
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, codec_dir: str | Path | None = None, device: str = "cpu",
