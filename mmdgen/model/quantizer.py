@@ -128,6 +128,7 @@ class EMACodebook(nn.Module):
         return F.embedding(codes, self.embed)
 
     @torch.no_grad()
+    @torch.compiler.disable  # random draws: inductor would draw them from its own generator, not torch's
     def initialize(self, vectors: torch.Tensor) -> None:
         """k-means on the first training batch (rank 0's, broadcast)."""
         centroids, sizes = kmeans(vectors.float(), self.cfg.codebook_size, self.cfg.kmeans_iters)
@@ -150,6 +151,7 @@ class EMACodebook(nn.Module):
         self.embed.copy_(self.embed_sum / smoothed[:, None])
         self._replace_dead_codes(vectors)
 
+    @torch.compiler.disable  # random draws: inductor would draw them from its own generator, not torch's
     def _replace_dead_codes(self, vectors: torch.Tensor) -> None:
         dead = self.cluster_size < self.cfg.dead_code_threshold
         if not bool(dead.any()):
@@ -169,6 +171,7 @@ class ResidualVectorQuantizer(nn.Module):
         self.cfg = cfg
         self.stages = nn.ModuleList(EMACodebook(cfg) for _ in range(cfg.num_codebooks))
 
+    @torch.compiler.disable  # a random draw (see EMACodebook.initialize)
     def _stages_to_use(self) -> int:
         if self.training and self.cfg.dropout:
             count = torch.randint(1, self.cfg.num_codebooks + 1, (1,), device=self.stages[0].embed.device)
