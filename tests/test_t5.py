@@ -10,7 +10,10 @@ import sys
 from collections.abc import Mapping
 
 import pytest
+import safetensors.torch
+import sentencepiece
 import torch
+import transformers
 
 from mmdgen.model.t5 import (
     T5Config,
@@ -19,9 +22,6 @@ from mmdgen.model.t5 import (
     load_t5_weights,
     relative_position_buckets,
 )
-
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 # t5-base widths (MusicGen's text encoder), 2 layers and a small vocabulary to stay fast
 BASE_WIDTHS = dict(d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=2, vocab_size=320)
@@ -215,7 +215,7 @@ def test_loads_a_musicgen_checkpoint_below_its_prefix(small_model, tmp_path):
     tensors["decoder.model.decoder.layers.0.self_attn.q_proj.weight"] = torch.ones(4, 4)
     tensors["audio_encoder.quantizer.layers.0.codebook.embed"] = torch.ones(8, 4)
     tensors["enc_to_dec_proj.weight"] = torch.ones(4, SMALL_WIDTHS["d_model"])
-    safetensors_torch.save_file(tensors, str(path))
+    safetensors.torch.save_file(tensors, str(path))
     musicgen_config = {"model_type": "musicgen", "text_encoder": small_model.config.to_dict(),
                        "decoder": {"model_type": "musicgen_decoder"}}
     encoder = T5Encoder(T5Config.from_dict(musicgen_config, "musicgen config.json")).eval()
@@ -373,7 +373,6 @@ CAPTIONS = [
 @pytest.fixture(scope="module")
 def spiece_model(tmp_path_factory):
     """A small unigram sentencepiece model with T5's special ids (pad 0, </s> 1, unk 2, no <s>)."""
-    sentencepiece = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
     captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + rng.choice([".", "!", ",", ""])
                 for _ in range(60)]
@@ -390,8 +389,8 @@ def spiece_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_tokenizers(spiece_model, tmp_path_factory):
     """transformers' T5Tokenizer and T5TokenizerFast built from the sentencepiece model (the two are one class
-    from transformers 5 on), and a save_pretrained folder of the first (tokenizer.json only)."""
-    pytest.importorskip("google.protobuf")  # transformers reads the .model proto with protobuf
+    from transformers 5 on; reading the .model needs protobuf), and a save_pretrained folder of the first
+    (tokenizer.json only)."""
     source = spiece_model.parent
     slow = transformers.T5Tokenizer.from_pretrained(source)
     fast = transformers.T5TokenizerFast.from_pretrained(source)
@@ -462,7 +461,6 @@ def test_tokenizer_errors(spiece_model, tmp_path):
 
 
 def test_rejects_a_sentencepiece_model_without_t5_ids(tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
     # the project's caption tokenizer convention: pad 0, unk 1, no </s>
     sentencepiece.SentencePieceTrainer.train(

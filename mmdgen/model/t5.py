@@ -256,8 +256,8 @@ class T5Encoder(nn.Module):
                 f"[0, {self.config.vocab_size}) (the model's vocab_size)"
             )
 
-    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
-        """Additive attention mask ``[B, H, L, L]``: the relative position bias, the dtype's minimum at padded keys."""
+    def _attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask ``[B, H, L, L]``: the relative position bias; the dtype's minimum at padded keys."""
         config = self.config
         buckets = relative_position_buckets(
             mask.shape[1], config.relative_attention_num_buckets, config.relative_attention_max_distance, mask.device
@@ -268,7 +268,7 @@ class T5Encoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(ids, mask)
-        bias = self.attention_bias(mask)
+        bias = self._attention_bias(mask)
         x = self.token_embedding(ids)
         for layer in self.layers:
             x = layer(x, bias)
@@ -295,7 +295,9 @@ def t5_weight_names(config: T5Config) -> dict[str, str]:
         "encoder.final_layer_norm.weight": "final_norm.weight",
     }
     attention = {"q": "query", "k": "key", "v": "value", "o": "attention_out"}
-    ffn = {"wi_0": "ffn_gate", "wi_1": "ffn_in", "wo": "ffn_out"} if config.gated else {"wi": "ffn_in", "wo": "ffn_out"}
+    ffn = {"wi": "ffn_in", "wo": "ffn_out"}
+    if config.gated:  # T5 v1.1: wi_0 feeds the gelu, wi_1 the linear branch
+        ffn = {"wi_0": "ffn_gate", "wi_1": "ffn_in", "wo": "ffn_out"}
     for i in range(config.num_layers):
         block, ours = f"encoder.block.{i}.layer.", f"layers.{i}."
         names[f"{block}0.layer_norm.weight"] = f"{ours}attention_norm.weight"
@@ -325,8 +327,8 @@ def load_t5_weights(
         name = key[len(prefix):]
         if name not in names and not name.startswith(_NOT_ENCODER):
             raise ValueError(
-                f"{source}: unexpected tensor {key!r}: not a weight of a T5 encoder with "
-                f"{encoder.config.num_layers} layers and a {encoder.config.feed_forward_proj} FFN"
+                f"{source}: unexpected tensor {key!r} under the prefix {prefix!r}: not a weight of a T5 encoder "
+                f"with {encoder.config.num_layers} layers and a {encoder.config.feed_forward_proj} FFN"
             )
     sources: dict[str, list[str]] = {}
     for name, ours in names.items():
@@ -389,7 +391,9 @@ class T5Tokenizer:
                 f"{json_file} needs the 'tokenizers' package (pip install tokenizers), and there is no "
                 f"{spm_file.name} to read with sentencepiece instead"
             )
-        raise FileNotFoundError(f"{folder} holds neither {json_file.name} nor {spm_file.name}: not a T5 tokenizer folder")
+        raise FileNotFoundError(
+            f"{folder} holds neither {json_file.name} nor {spm_file.name}: not a T5 tokenizer folder"
+        )
 
     def encode(self, captions: Iterable[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids ``[B, L]`` int64 and mask ``[B, L]`` bool (True = real token), as transformers' T5 tokenizer
