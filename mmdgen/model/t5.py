@@ -108,7 +108,7 @@ class T5Config:
             config, source = config["text_encoder"], f"{source} (text_encoder)"
         model_type = config.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
-            raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5' (a T5 text encoder config)")
+            raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5' or 'mt5' (a T5 encoder config)")
         if config.get("is_decoder", False):
             raise ValueError(f"{source}: is_decoder is true: a T5 decoder config, expected an encoder one")
         missing = [name for name in _REQUIRED_FIELDS if name not in config]
