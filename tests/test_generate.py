@@ -132,6 +132,8 @@ def test_bad_requests_are_refused(tiny, tmp_path):
         generator.generate(TEXTS, duration=0.0)
     with pytest.raises(ValueError, match="top_k must be >= 0"):
         Sampling(top_k=-1)
+    with pytest.raises(ValueError, match=r"cuda_graph needs the LM on a CUDA device, it is on cpu"):
+        Generator(lm, text, codec, cuda_graph=True)  # the constructor reaches its check (it once read an unset field)
     with pytest.raises(ValueError, match=r"the codec makes 4 x 256 codes but the LM predicts 4 x 128"):
         Generator(MusicLM(lm_config("tiny", text_dim=32, codebook_size=128)), text, codec)
     with pytest.raises(ValueError, match="config.json: missing"):

@@ -4,7 +4,8 @@ A prompts file is JSONL, one object per clip: ``{"text": ..., "id": optional, "d
 "seed": optional}``. Clips are generated in batches of equal duration; each lands atomically as
 ``<out-dir>/<id>.wav`` (so a file that exists is complete, and a rerun skips it) and is listed in
 ``<out-dir>/manifest.jsonl`` with its text, duration and the seed of its batch (the clips of a batch share
-one sampling generator, seeded by the first clip's seed; give a clip its own batch to reproduce it alone). The progress bar shows the real-time factor
+one sampling generator, seeded by the first clip's seed; give a clip its own batch to reproduce it alone). An
+interrupted job resumes with the same batches, audio and records. The progress bar shows the real-time factor
 (seconds of audio per second of wall time).
 """
 
@@ -62,32 +63,65 @@ def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
 
 def generate_batch(generator: Generator, requests: list[Request], out_dir: str | Path, sampling: Sampling,
                    batch_size: int = 8, progress: bool = True) -> dict:
-    """Generate every request whose file is missing; returns counts and the real-time factor."""
+    """Generate every request whose file is missing; returns counts and the real-time factor.
+
+    The batches are cut from the whole request list (not from what is left), so an interrupted job resumes with
+    the very batches, seeds and audio of an uninterrupted one: a batch with some clips already written is
+    generated whole again and only its missing clips are written. The manifest is rewritten after every batch
+    and lists the clips on disk with the seed their batch used."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in requests if not (out_dir / f"{r.id}.wav").exists()]
+    done = {r.id for r in requests if (out_dir / f"{r.id}.wav").exists()}
+    records = {r["id"]: r for r in _previous_manifest(out_dir) if r.get("id") in done}
+    groups = list(_batches(requests, batch_size))
+    for group in groups:  # clips written before the manifest listed them (a kill between the two)
+        records.update({r.id: _record(r, group[0].seed) for r in group if r.id in done and r.id not in records})
+    todo = [r for r in requests if r.id not in done]
     audio_seconds, start = 0.0, time.perf_counter()
-    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generating", unit="clip",
-               disable=not progress)
-    used_seed = {r.id: r.seed for r in requests}
-    if (out_dir / "manifest.jsonl").exists():  # the seeds a previous run used for the clips it wrote
-        previous = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines() if line]
-        used_seed.update({p["id"]: p["seed"] for p in previous if p.get("id") in used_seed})
-    for group in _batches(todo, batch_size):
+    bar = tqdm(total=len(requests), initial=len(done), desc="generating", unit="clip", disable=not progress)
+    for group in groups:
+        missing = [r for r in group if r.id not in done]
+        if not missing:
+            continue
         audio = generator.generate([r.text for r in group], group[0].duration, sampling, seed=group[0].seed)
         for request, clip in zip(group, audio):
-            write_audio(out_dir / f"{request.id}.wav", clip, generator.sample_rate)
-            used_seed[request.id] = group[0].seed
-        audio_seconds += group[0].duration * len(group)
-        bar.update(len(group))
+            if request.id not in done:
+                write_audio(out_dir / f"{request.id}.wav", clip, generator.sample_rate)
+                records[request.id] = _record(request, group[0].seed)
+        done.update(r.id for r in missing)
+        manifest = "".join(json.dumps(records[r.id]) + "\n" for r in requests if r.id in records)
+        write_text_atomic(out_dir / "manifest.jsonl", manifest)
+        audio_seconds += group[0].duration * len(missing)
+        bar.update(len(missing))
         bar.set_postfix(rtf=f"{audio_seconds / (time.perf_counter() - start):.2f}x")
     bar.close()
-    manifest = "".join(json.dumps({"id": r.id, "path": f"{r.id}.wav", "text": r.text, "duration": r.duration,
-                                   "seed": used_seed[r.id]}) + "\n" for r in requests)
-    write_text_atomic(out_dir / "manifest.jsonl", manifest)
+    if not todo:  # nothing generated: the manifest still lists every clip there
+        write_text_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(records[r.id]) + "\n" for r in requests))
     elapsed = time.perf_counter() - start
     return {"generated": len(todo), "skipped": len(requests) - len(todo),
             "real_time_factor": audio_seconds / elapsed if todo else 0.0}
+
+
+def _record(request: Request, seed: int) -> dict:
+    return {"id": request.id, "path": f"{request.id}.wav", "text": request.text, "duration": request.duration,
+            "seed": seed}
+
+
+def _previous_manifest(out_dir: Path) -> list[dict]:
+    """The records of an earlier run; a line torn by a kill during the write cannot exist (atomic writes), a
+    damaged file is an error naming it."""
+    path = out_dir / "manifest.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON line ({error}); remove the file to rebuild it from "
+                                 "the clips") from error
+    return records
 
 
 def _batches(requests: list[Request], size: int):
