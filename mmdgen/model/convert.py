@@ -1,13 +1,17 @@
-"""Weights to and from Hugging Face transformers, so users can start from official checkpoints on disk.
+"""Weights to and from Hugging Face transformers' layouts, so users can start from official checkpoints on disk.
 
 Codec: transformers' ``EncodecModel`` (weight-normalised convolutions, non-chunked, no input
 normalisation: the layout of the 32 kHz MusicGen codec). The SEANet layers share their names; only
 the quantizer's differ (``quantizer.layers.k.codebook.{embed, embed_avg, cluster_size, inited}`` there,
-``quantizer.stages.k.{embed, embed_sum, cluster_size, initialized}`` here).
+``quantizer.stages.k.{embed, embed_sum, cluster_size, initialized}`` here), and checkpoints saved by older
+transformers name the weight-norm parts ``weight_g`` / ``weight_v``.
 
-Language model: the decoder of ``MusicgenForCausalLM`` or ``MusicgenForConditionalGeneration`` (mono,
-unscaled embeddings, GELU); with the latter, its ``enc_to_dec_proj`` becomes our ``text_projection``. The
-text and audio encoders stay in transformers.
+Language model: the decoder of ``MusicgenForCausalLM`` or ``MusicgenForConditionalGeneration`` (unscaled
+embeddings, GELU; mono, or stereo as 2 x K interleaved codebooks with delays 0, 0, 1, 1, ...); with the latter,
+its ``enc_to_dec_proj`` becomes our ``text_projection``.
+
+The configurations are read from ``config.json`` dictionaries (``*_config_from_dict``), with transformers'
+defaults for the keys a file leaves out, so no transformers object is needed to load a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,29 +31,58 @@ _THEIRS = re.compile(r"^quantizer\.layers\.(\d+)\.codebook\.(\w+)$")
 _OURS = re.compile(r"^quantizer\.stages\.(\d+)\.(\w+)$")
 
 
-def codec_config_from_transformers(config) -> CodecConfig:
-    """CodecConfig of a transformers ``EncodecConfig``; ValueError for what this codec does not do."""
+# transformers' defaults for the keys a config.json may leave out (facts of EncodecConfig / MusicgenDecoderConfig)
+ENCODEC_DEFAULTS = dict(sampling_rate=24000, audio_channels=1, normalize=False, chunk_length_s=None, hidden_size=128,
+                        num_filters=32, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2], norm_type="weight_norm",
+                        kernel_size=7, last_kernel_size=7, residual_kernel_size=3, dilation_growth_rate=2,
+                        use_causal_conv=True, pad_mode="reflect", compress=2, num_lstm_layers=2, trim_right_ratio=1.0,
+                        codebook_size=1024, codebook_dim=None, use_conv_shortcut=True,
+                        target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0])
+DECODER_DEFAULTS = dict(vocab_size=2048, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                        activation_function="gelu", hidden_size=1024, scale_embedding=False, num_codebooks=4,
+                        audio_channels=1, cross_attention_hidden_size=None)
+
+
+def _with_defaults(config: dict, defaults: dict) -> dict:
+    return {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+
+
+def encodec_quantizers(config: dict) -> int:
+    """Codebooks an EnCodec config uses at its last (highest) target bandwidth (transformers' rule)."""
+    c = _with_defaults(config, ENCODEC_DEFAULTS)
+    frame_rate = math.ceil(c["sampling_rate"] / math.prod(c["upsampling_ratios"]))
+    bits = math.ceil(math.log2(c["codebook_size"]))
+    return int(1000 * c["target_bandwidths"][-1] // (frame_rate * bits))
+
+
+def codec_config_from_dict(config: dict) -> CodecConfig:
+    """CodecConfig of a transformers ``EncodecConfig`` dictionary; ValueError for what this codec does not do."""
+    c = _with_defaults(config, ENCODEC_DEFAULTS)
     unsupported = []
-    if config.norm_type != "weight_norm":
-        unsupported.append(f"norm_type={config.norm_type!r} (weight_norm only)")
-    if config.normalize:
+    if c["norm_type"] != "weight_norm":
+        unsupported.append(f"norm_type={c['norm_type']!r} (weight_norm only)")
+    if c["normalize"]:
         unsupported.append("normalize=True (input loudness normalisation)")
-    if config.chunk_length_s is not None:
-        unsupported.append(f"chunk_length_s={config.chunk_length_s} (chunked encoding)")
+    if c["chunk_length_s"] is not None:
+        unsupported.append(f"chunk_length_s={c['chunk_length_s']} (chunked encoding)")
     if unsupported:
-        raise ValueError("this EncodecConfig uses features mmdgen's codec does not have: " + "; ".join(unsupported))
-    dim = config.codebook_dim or config.hidden_size
+        raise ValueError("this EnCodec configuration uses features mmdgen's codec does not have: "
+                         + "; ".join(unsupported))
     return CodecConfig(
-        sample_rate=config.sampling_rate, channels=config.audio_channels, num_filters=config.num_filters,
-        ratios=tuple(config.upsampling_ratios), dimension=config.hidden_size,
-        num_residual_layers=config.num_residual_layers, residual_kernel_size=config.residual_kernel_size,
-        dilation_base=config.dilation_growth_rate, kernel_size=config.kernel_size,
-        last_kernel_size=config.last_kernel_size, lstm_layers=config.num_lstm_layers, compress=config.compress,
-        causal=config.use_causal_conv, pad_mode=config.pad_mode, trim_right_ratio=config.trim_right_ratio,
-        conv_shortcut=config.use_conv_shortcut,
-        quantizer=QuantizerConfig(dim=dim, codebook_size=config.codebook_size, num_codebooks=config.num_quantizers,
-                                  kmeans_init=False),
+        sample_rate=c["sampling_rate"], channels=c["audio_channels"], num_filters=c["num_filters"],
+        ratios=tuple(c["upsampling_ratios"]), dimension=c["hidden_size"],
+        num_residual_layers=c["num_residual_layers"], residual_kernel_size=c["residual_kernel_size"],
+        dilation_base=c["dilation_growth_rate"], kernel_size=c["kernel_size"], last_kernel_size=c["last_kernel_size"],
+        lstm_layers=c["num_lstm_layers"], compress=c["compress"], causal=c["use_causal_conv"],
+        pad_mode=c["pad_mode"], trim_right_ratio=c["trim_right_ratio"], conv_shortcut=c["use_conv_shortcut"],
+        quantizer=QuantizerConfig(dim=c["codebook_dim"] or c["hidden_size"], codebook_size=c["codebook_size"],
+                                  num_codebooks=encodec_quantizers(c), kmeans_init=False),
     )
+
+
+def codec_config_from_transformers(config) -> CodecConfig:
+    """CodecConfig of a transformers ``EncodecConfig`` object."""
+    return codec_config_from_dict(config.to_dict())
 
 
 def codec_config_to_transformers(cfg: CodecConfig):
@@ -70,9 +103,17 @@ def codec_config_to_transformers(cfg: CodecConfig):
     )
 
 
+_OLD_WEIGHT_NORM = re.compile(r"\.weight_(g|v)$")
+
+
 def _to_ours(key: str) -> str:
+    """A transformers EnCodec tensor name -> ours (older files' ``weight_g``/``weight_v`` included)."""
+    key = _OLD_WEIGHT_NORM.sub(lambda m: ".parametrizations.weight.original" + ("0" if m[1] == "g" else "1"), key)
     match = _THEIRS.match(key)
     return f"quantizer.stages.{match[1]}.{_QUANTIZER_NAMES[match[2]]}" if match else key
+
+
+codec_key_from_transformers = _to_ours
 
 
 def _to_theirs(key: str) -> str:
@@ -121,24 +162,42 @@ _LM_NAMES = [  # (theirs, ours), after the decoder prefix is stripped
 _DECODER_PREFIX = re.compile(r"^(decoder\.)?(model\.decoder\.)?")
 
 
-def lm_config_from_transformers(decoder_config, text_dim: int | None = None) -> LMConfig:
-    """LMConfig of a transformers ``MusicgenDecoderConfig``; ValueError for what this LM does not do."""
+def lm_config_from_dict(decoder: dict, text_dim: int | None = None) -> LMConfig:
+    """LMConfig of a transformers ``MusicgenDecoderConfig`` dictionary; ValueError for what this LM does not do.
+    Stereo (``audio_channels=2``): 2K codebooks, left and right interleaved, delays 0, 0, 1, 1, ..."""
+    d = _with_defaults(decoder, DECODER_DEFAULTS)
     unsupported = []
-    if decoder_config.activation_function != "gelu":
-        unsupported.append(f"activation_function={decoder_config.activation_function!r} (gelu only)")
-    if decoder_config.scale_embedding:
+    if d["activation_function"] != "gelu":
+        unsupported.append(f"activation_function={d['activation_function']!r} (gelu only)")
+    if d["scale_embedding"]:
         unsupported.append("scale_embedding=True")
-    if getattr(decoder_config, "audio_channels", 1) != 1:
-        unsupported.append(f"audio_channels={decoder_config.audio_channels} (mono only)")
+    if d["audio_channels"] not in (1, 2):
+        unsupported.append(f"audio_channels={d['audio_channels']} (1 or 2)")
+    elif d["num_codebooks"] % d["audio_channels"]:
+        unsupported.append(f"num_codebooks={d['num_codebooks']} not a multiple of audio_channels")
+    if d["cross_attention_hidden_size"] is not None:
+        unsupported.append("cross_attention_hidden_size is set (text states projected another way)")
     if unsupported:
-        raise ValueError("this MusicgenDecoderConfig uses features mmdgen's LM does not have: " + "; ".join(unsupported))
-    return LMConfig(num_codebooks=decoder_config.num_codebooks, codebook_size=decoder_config.vocab_size,
-                    dim=decoder_config.hidden_size, layers=decoder_config.num_hidden_layers,
-                    heads=decoder_config.num_attention_heads, ffn_dim=decoder_config.ffn_dim,
-                    text_dim=text_dim or decoder_config.hidden_size)
+        raise ValueError("this MusicGen decoder configuration uses features mmdgen's LM does not have: "
+                         + "; ".join(unsupported))
+    channels = d["audio_channels"]
+    per_channel = d["num_codebooks"] // channels
+    delays = None if channels == 1 else tuple(k for k in range(per_channel) for _ in range(channels))
+    return LMConfig(num_codebooks=d["num_codebooks"], codebook_size=d["vocab_size"], dim=d["hidden_size"],
+                    layers=d["num_hidden_layers"], heads=d["num_attention_heads"], ffn_dim=d["ffn_dim"],
+                    text_dim=text_dim or d["hidden_size"], delays=delays, audio_channels=channels)
 
 
-def _lm_key(key: str) -> str:
+def lm_config_from_transformers(decoder_config, text_dim: int | None = None) -> LMConfig:
+    """LMConfig of a transformers ``MusicgenDecoderConfig`` object."""
+    return lm_config_from_dict(decoder_config.to_dict(), text_dim)
+
+
+def lm_key_from_transformers(key: str) -> str | None:
+    """A tensor name of a transformers MusicGen checkpoint -> the LM's, or None for another part (text or audio
+    encoder) and for the sinusoidal position table older files store."""
+    if key.startswith(("text_encoder.", "audio_encoder.")) or key.endswith("embed_positions.weights"):
+        return None
     key = _DECODER_PREFIX.sub("", key)
     for theirs, ours in _LM_NAMES:
         key = re.sub(theirs, ours, key)
@@ -151,10 +210,8 @@ def lm_from_transformers(model) -> MusicLM:
     conditional = hasattr(model, "text_encoder")
     decoder_config = model.config.decoder if conditional else model.config
     text_dim = model.text_encoder.config.hidden_size if conditional else None
-    if conditional and getattr(decoder_config, "cross_attention_hidden_size", None) is not None:
-        raise ValueError("cross_attention_hidden_size is set: the text states are not projected the usual way")
     lm = MusicLM(lm_config_from_transformers(decoder_config, text_dim))
-    state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith(("text_encoder.", "audio_encoder.")) and not k.endswith("embed_positions.weights")}
-    _load_renamed(lm, state, _lm_key)
+    state = {lm_key_from_transformers(k): v for k, v in model.state_dict().items()}
+    state.pop(None, None)
+    _load_renamed(lm, state, lambda key: key)
     return lm.eval()

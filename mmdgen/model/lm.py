@@ -41,10 +41,16 @@ class LMConfig:
     # frames of the longest sequences the model was trained on (its crops); longer audio is generated in
     # overlapping windows of this length (``mmdgen.generate``); None: no limit recorded
     context_frames: int | None = None
+    # stereo: the codebooks interleave the channels (left k, right k, left k+1, ...), each channel decoded by the
+    # mono codec (transformers' stereo MusicGen layout)
+    audio_channels: int = 1
 
     def __post_init__(self):
         if self.delays is not None:
             self.delays = tuple(self.delays)
+        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
+            raise ValueError(f"audio_channels must be 1 or 2 and divide num_codebooks ({self.num_codebooks}), got "
+                             f"{self.audio_channels}")
         sizes = ("num_codebooks", "codebook_size", "dim", "layers", "heads", "ffn_dim", "text_dim", "context_frames")
         for name in sizes:
             if getattr(self, name) is not None and getattr(self, name) < 1:
