@@ -1,17 +1,31 @@
 """audiocraft's exported checkpoints, read without audiocraft: ``state_dict.bin`` (the MusicGen LM) and
 ``compression_state_dict.bin`` (its EnCodec), each a torch pickle of ``{"best_state": tensors, "xp.cfg": the
-training configuration as YAML, ...}`` loaded with ``weights_only=True``.
+training configuration as YAML, "version", "exported"}`` loaded with ``weights_only=True``.
 
-The LM's architecture comes from ``xp.cfg`` (``transformer_lm``, ``codebooks_pattern``, ``conditioners``,
-``fuser``, ``dataset.segment_duration``); its text encoder is not in the file (audiocraft fetches T5 by name), so
-a T5 folder or cache id must be given or found. A compression file that only names a pretrained codec
-(``{"pretrained": "facebook/encodec_32khz"}``) points to that model, resolved like any other source.
+``xp.cfg`` is hydra's configuration as ``OmegaConf.to_yaml`` writes it: interpolations are kept, not resolved
+(``seanet.causal: ${encodec.causal}``, ``encodec.sample_rate: ${sample_rate}``), so every value read here is
+resolved first. A setting the file leaves out takes the value audiocraft's builders would then use (the
+defaults of its classes' signatures); sizes must be in the file.
 
-Tensor names (facts of audiocraft's modules): ``emb.k``, ``transformer.layers.i.{self_attn, cross_attention}
-.{in_proj_weight (q, k, v stacked), out_proj}``, ``norm1``, ``norm_cross``, ``norm2``, ``linear1``, ``linear2``,
-``out_norm``, ``linears.k``, ``condition_provider.conditioners.description.output_proj``; the codec's SEANet
-``{encoder,decoder}.model.i.{conv.conv, convtr.convtr, block.j.conv.conv, shortcut.conv.conv, lstm}`` with
-``weight_g``/``weight_v``, and ``quantizer.vq.layers.k._codebook.*``.
+The LM's architecture comes from ``transformer_lm``, ``codebooks_pattern``, ``conditioners`` and ``fuser``.
+Its text encoder is not in the file (audiocraft fetches ``conditioners.description.t5.name`` by name), and
+neither is the codec's frame rate, which ``context_frames`` needs (``dataset.segment_duration`` seconds): the
+caller gives both. A compression file that only names a pretrained codec (``{"pretrained":
+"facebook/encodec_32khz"}``) points to that model, resolved like any other source.
+
+Tensor names (checked against audiocraft 1.3.0, tests/audiocraft_reference.py): ``emb.k``,
+``transformer.layers.i.{self_attn, cross_attention}.{in_proj_weight (q, k, v stacked by rows), out_proj}``
+(``.mha.`` inside both when the LM was built with ``memory_efficient`` and ``custom`` false), ``norm1``,
+``norm_cross``, ``norm2``, ``linear1``, ``linear2``, ``out_norm``, ``linears.k``,
+``condition_provider.conditioners.description.output_proj`` (always a Linear, even where the widths agree); the
+codec's SEANet ``{encoder,decoder}.model.i.{conv.conv, convtr.convtr, block.j.conv.conv, shortcut.conv.conv,
+lstm}`` with ``weight_g``/``weight_v``, and ``quantizer.vq.layers.k._codebook.{inited, cluster_size, embed,
+embed_avg}``.
+
+One difference in the maths: audiocraft's cross-attention takes no mask. Its text conditioner zeroes the
+projected states at padded positions, and those zero keys stay in the softmax (score 0, value 0); mmdgen's LM
+leaves them out. The two agree for a text without padding and for a null condition (no text at all), not for
+the shorter texts of a padded batch.
 """
 
 from __future__ import annotations
@@ -30,9 +44,14 @@ from mmdgen.pretrained.tensor_files import TensorFiles, read_pickle
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
 
+_ABSENT = object()
+_MISSING_VALUE = "???"  # OmegaConf's mandatory value never set
+_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+
 
 class AudiocraftCheckpoint:
-    """One exported file: its tensors, its configuration (a dict), and where it came from."""
+    """One exported file: its tensors, its configuration (a dict, read through ``get``), and where it came
+    from."""
 
     def __init__(self, path: Path):
         payload = read_pickle(path)
@@ -53,13 +72,45 @@ class AudiocraftCheckpoint:
         self.tensors = TensorFiles.from_mapping(state, path)
 
     def get(self, dotted: str, default=None):
-        """``config["a"]["b"]`` for ``"a.b"``; ``default`` when a part is missing."""
+        """``config["a"]["b"]`` for ``"a.b"`` with its interpolations resolved; ``default`` when a part is
+        missing (or holds OmegaConf's unset ``???``)."""
+        parts = dotted.split(".")
+        value = self._lookup(parts)
+        return default if value is _ABSENT else self._resolve(value, parts, ())
+
+    def _lookup(self, parts: list[str]):
         value = self.config
-        for part in dotted.split("."):
+        for part in parts:
             if not isinstance(value, dict) or part not in value:
-                return default
+                return _ABSENT
             value = value[part]
-        return value
+        return _ABSENT if value == _MISSING_VALUE else value
+
+    def _resolve(self, value, parts: list[str], seen: tuple[str, ...]):
+        if isinstance(value, dict):
+            return {key: self._resolve(item, [*parts, str(key)], seen) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._resolve(item, [*parts, str(index)], seen) for index, item in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _INTERPOLATION.fullmatch(value)
+        if whole:  # "${a.b}" alone takes the referenced value with its type
+            return self._follow(whole[1], parts, seen)
+        return _INTERPOLATION.sub(lambda match: str(self._follow(match[1], parts, seen)), value)
+
+    def _follow(self, reference: str, parts: list[str], seen: tuple[str, ...]):
+        setting = f"{self.path}: xp.cfg's {'.'.join(parts)} = ${{{reference}}}"
+        if ":" in reference:
+            raise ValueError(f"{setting} calls an OmegaConf resolver, which mmdgen does not evaluate")
+        ups = len(reference) - len(reference.lstrip("."))  # ${.x}: beside the key; ${..x}: one level up
+        target = parts[: len(parts) - ups] + reference[ups:].split(".") if ups else reference.split(".")
+        name = ".".join(target)
+        if name in seen:
+            raise ValueError(f"{setting} is circular (through {' -> '.join(seen)})")
+        value = self._lookup(target)
+        if value is _ABSENT:
+            raise ValueError(f"{setting} refers to {name}, which xp.cfg does not set")
+        return self._resolve(value, target, (*seen, name))
 
 
 def _parse_config(raw, path: Path) -> dict:
@@ -85,36 +136,57 @@ def _require(checkpoint: AudiocraftCheckpoint, dotted: str):
     return value
 
 
+def _unsupported(checkpoint: AudiocraftCheckpoint, settings: dict) -> list[str]:
+    """``settings``: key -> (audiocraft's value when xp.cfg leaves the key out, the value mmdgen implements)."""
+    problems = []
+    for key, (absent, implemented) in settings.items():
+        value = checkpoint.get(key, _ABSENT)
+        if value is _ABSENT and absent != implemented:
+            problems.append(f"{key} not set, so audiocraft's default {absent!r} (mmdgen implements {implemented!r})")
+        elif value is not _ABSENT and value != implemented:
+            problems.append(f"{key}={value!r} (mmdgen implements {implemented!r})")
+    return problems
+
+
 # -- the LM ------------------------------------------------------------------------------------------------
 
-_LM_SUPPORTED = {  # xp.cfg key -> the value mmdgen's LM implements (audiocraft's MusicGen settings)
-    "transformer_lm.activation": "gelu", "transformer_lm.norm": "layer_norm", "transformer_lm.norm_first": True,
-    "transformer_lm.bias_ff": False, "transformer_lm.bias_attn": False, "transformer_lm.positional_embedding": "sin",
-    "transformer_lm.layer_scale": None, "transformer_lm.qk_layer_norm": False, "transformer_lm.kv_repeat": 1,
-    "transformer_lm.cross_attention": True, "codebooks_pattern.modeling": "delay",
+_LM_SETTINGS = {  # LMModel's / StreamingTransformer(Layer)'s / the pattern's / ConditionFuser's defaults
+    "transformer_lm.activation": ("relu", "gelu"), "transformer_lm.norm": ("layer_norm", "layer_norm"),
+    "transformer_lm.norm_first": (False, True), "transformer_lm.bias_ff": (True, False),
+    "transformer_lm.bias_attn": (True, False), "transformer_lm.bias_proj": (True, False),
+    "transformer_lm.causal": (False, True), "transformer_lm.past_context": (None, None),
+    "transformer_lm.positional_embedding": ("sin", "sin"), "transformer_lm.max_period": (10000, 10000),
+    "transformer_lm.positional_scale": (1.0, 1.0), "transformer_lm.layer_scale": (None, None),
+    "transformer_lm.qk_layer_norm": (False, False), "transformer_lm.qk_layer_norm_cross": (False, False),
+    "transformer_lm.kv_repeat": (1, 1), "codebooks_pattern.modeling": (None, "delay"),
+    "codebooks_pattern.delay.flatten_first": (0, 0), "codebooks_pattern.delay.empty_initial": (0, 0),
+    "fuser.cross": ([], ["description"]), "fuser.prepend": ([], []), "fuser.sum": ([], []),
+    "fuser.input_interpolate": ([], []), "fuser.cross_attention_pos_emb": (False, False),
 }
 
 
-def lm_config_from_audiocraft(checkpoint: AudiocraftCheckpoint, text_dim: int) -> LMConfig:
-    """LMConfig of an exported MusicGen LM; ValueError naming every setting mmdgen's LM does not implement."""
-    problems = [f"{key}={checkpoint.get(key)!r} (mmdgen implements {value!r})"
-                for key, value in _LM_SUPPORTED.items()
-                if checkpoint.get(key, value) != value and not (value is None and checkpoint.get(key) in (None, 0))]
-    conditioners = checkpoint.get("conditioners") or {}
-    if set(conditioners) - {"description"} or checkpoint.get("conditioners.description.model") != "t5":
-        problems.append(f"conditioners {sorted(conditioners)} (text through T5 only; melody / chroma or other "
-                        "conditioners are not supported)")
-    if checkpoint.get("fuser.prepend") or checkpoint.get("fuser.sum"):
-        problems.append("conditions prepended or summed to the input (melody conditioning)")
+def lm_config_from_audiocraft(checkpoint: AudiocraftCheckpoint, text_dim: int,
+                              frame_rate: float | None = None) -> LMConfig:
+    """LMConfig of an exported MusicGen LM; ValueError naming every setting mmdgen's LM does not implement.
+    ``text_dim``: the width of the text encoder's states; ``frame_rate``: the codec's frames per second (for
+    ``context_frames``; None leaves it unset). ``transformer_lm.cross_attention`` is not read: audiocraft's
+    builder turns cross-attention on whenever ``fuser.cross`` names a condition."""
+    problems = _unsupported(checkpoint, _LM_SETTINGS)
+    conditioners = {name for name in (checkpoint.get("conditioners") or {}) if name != "args"}  # args: options
+    if conditioners != {"description"} or checkpoint.get("conditioners.description.model") != "t5":
+        problems.append(f"conditioners {sorted(conditioners)} (a T5 description only; melody / chroma, CLAP or "
+                        "other conditioners are not supported)")
+    dim = int(_require(checkpoint, "transformer_lm.dim"))
+    if text_dim == dim:
+        problems.append(f"transformer_lm.dim={dim} equals the text width: audiocraft still projects the text "
+                        "states (output_proj), mmdgen's LM has no projection at equal widths")
     if problems:
         raise ValueError(f"{checkpoint.path}: this MusicGen uses what mmdgen's LM does not implement: "
                          + "; ".join(problems))
-    dim = int(_require(checkpoint, "transformer_lm.dim"))
     codebooks = int(_require(checkpoint, "transformer_lm.n_q"))
     channels = int(checkpoint.get("channels", 1))
     stereo = bool(checkpoint.get("interleave_stereo_codebooks.use", False))
     delays = checkpoint.get("codebooks_pattern.delay.delays")
-    frame_rate = _frame_rate(checkpoint)
     segment = checkpoint.get("dataset.segment_duration")
     return LMConfig(num_codebooks=codebooks, codebook_size=int(_require(checkpoint, "transformer_lm.card")), dim=dim,
                     layers=int(_require(checkpoint, "transformer_lm.num_layers")),
@@ -125,78 +197,82 @@ def lm_config_from_audiocraft(checkpoint: AudiocraftCheckpoint, text_dim: int) -
                     context_frames=None if segment is None or frame_rate is None else int(round(segment * frame_rate)))
 
 
-def _frame_rate(checkpoint: AudiocraftCheckpoint) -> float | None:
-    rate, ratios = checkpoint.get("sample_rate"), checkpoint.get("seanet.ratios")
-    if rate is None or not ratios:
-        return None
-    hop = 1
-    for ratio in ratios:
-        hop *= int(ratio)
-    return rate / hop
-
-
 _LM_NAMES = [(r"^emb\.", "embeddings."), (r"^transformer\.layers\.", "layers."), (r"\.cross_attention\.", ".cross_attn."),
-             (r"\.linear1\.", ".fc1."), (r"\.linear2\.", ".fc2."), (r"\.norm1\.", ".self_attn_norm."),
-             (r"\.norm_cross\.", ".cross_attn_norm."), (r"\.norm2\.", ".ffn_norm."), (r"^out_norm\.", "norm."),
-             (r"^linears\.", "heads."), (r"^condition_provider\.conditioners\.description\.output_proj\.",
-                                         "text_projection.")]
+             (r"\.mha\.", "."), (r"\.in_proj_weight\[([qkv])\]$", r".\1_proj.weight"), (r"\.linear1\.", ".fc1."),
+             (r"\.linear2\.", ".fc2."), (r"\.norm1\.", ".self_attn_norm."), (r"\.norm_cross\.", ".cross_attn_norm."),
+             (r"\.norm2\.", ".ffn_norm."), (r"^out_norm\.", "norm."), (r"^linears\.", "heads."),
+             (r"^condition_provider\.conditioners\.description\.output_proj\.", "text_projection.")]
 
 
 def lm_tensors_from_audiocraft(checkpoint: AudiocraftCheckpoint, dim: int) -> TensorFiles:
-    """The LM's tensors under our names (the stacked q/k/v projections split)."""
-    renamed = {}
+    """The LM's tensors under audiocraft's names, each stacked ``in_proj_weight`` split into its q, k and v rows
+    (``...in_proj_weight[q]``); load them with ``load_module(lm, tensors, lm_key_from_audiocraft)``."""
+    tensors = {}
     for name in checkpoint.tensors.names():
-        ours = name
-        for theirs, replacement in _LM_NAMES:
-            ours = re.sub(theirs, replacement, ours)
         value = checkpoint.tensors.get(name)
-        if ours.endswith(".in_proj_weight"):
-            if value.shape[0] != 3 * dim:
-                raise ValueError(f"{checkpoint.path}: tensor {name} has shape {tuple(value.shape)}, expected "
-                                 f"({3 * dim}, {dim}) stacked q, k, v projections")
-            base = ours.removesuffix("in_proj_weight")
-            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.split(dim)):
-                renamed[f"{base}{part}.weight"] = chunk
-        else:
-            renamed[ours] = value
-    return TensorFiles.from_mapping(renamed, checkpoint.path)
+        if not name.endswith(".in_proj_weight"):
+            tensors[name] = value
+            continue
+        if value.dim() != 2 or value.shape[0] != 3 * dim:
+            raise ValueError(f"{checkpoint.path}: tensor {name} has shape {tuple(value.shape)}, expected "
+                             f"({3 * dim}, {dim}) stacked q, k, v projections")
+        for part, rows in zip("qkv", value.split(dim)):
+            tensors[f"{name}[{part}]"] = rows
+    return TensorFiles.from_mapping(tensors, checkpoint.path)
+
+
+def lm_key_from_audiocraft(name: str) -> str:
+    """A name of ``lm_tensors_from_audiocraft`` -> the LM's."""
+    for theirs, ours in _LM_NAMES:
+        name = re.sub(theirs, ours, name)
+    return name
 
 
 # -- the codec ---------------------------------------------------------------------------------------------
 
+_CODEC_SETTINGS = {  # EncodecModel's / SEANetEncoder's / SEANetDecoder's defaults (None: the builder needs it)
+    "compression_model": (None, "encodec"), "encodec.autoencoder": (None, "seanet"),
+    "encodec.quantizer": (None, "rvq"), "encodec.renormalize": (False, False),
+    "seanet.norm": ("none", "weight_norm"), "seanet.norm_params": ({}, {}), "seanet.activation": ("ELU", "ELU"),
+    "seanet.activation_params": ({"alpha": 1.0}, {"alpha": 1.0}), "seanet.disable_norm_outer_blocks": (0, 0),
+    "seanet.decoder.final_activation": (None, None),
+}
+_SEANET_DEFAULTS = dict(n_residual_layers=3, residual_kernel_size=3, dilation_base=2, kernel_size=7,
+                        last_kernel_size=7, compress=2, lstm=0, causal=False, pad_mode="reflect", true_skip=True,
+                        channels=1)
+_DECODER_ONLY = {"trim_right_ratio", "final_activation", "final_activation_params"}
+
+
 def codec_config_from_audiocraft(checkpoint: AudiocraftCheckpoint) -> CodecConfig:
     """CodecConfig of an exported EnCodec (``compression_model: encodec`` with a SEANet and an RVQ)."""
-    problems = []
-    if checkpoint.get("compression_model", "encodec") != "encodec":
-        problems.append(f"compression_model={checkpoint.get('compression_model')!r} (encodec only)")
-    if checkpoint.get("seanet.norm", "weight_norm") != "weight_norm":
-        problems.append(f"seanet.norm={checkpoint.get('seanet.norm')!r} (weight_norm only)")
-    if checkpoint.get("encodec.renormalize", False):
-        problems.append("encodec.renormalize=true (input loudness normalisation)")
-    if checkpoint.get("seanet.activation", "ELU") != "ELU":
-        problems.append(f"seanet.activation={checkpoint.get('seanet.activation')!r} (ELU only)")
-    if int(checkpoint.get("seanet.disable_norm_outer_blocks", 0)):
-        problems.append("seanet.disable_norm_outer_blocks (every block weight-normalised only)")
+    problems = _unsupported(checkpoint, _CODEC_SETTINGS)
+    seanet = {key: checkpoint.get(f"seanet.{key}", default) for key, default in _SEANET_DEFAULTS.items()}
+    for side in ("encoder", "decoder"):  # per-side overrides of the shared seanet settings
+        for key, value in (checkpoint.get(f"seanet.{side}") or {}).items():
+            if not (side == "decoder" and key in _DECODER_ONLY) and value != checkpoint.get(f"seanet.{key}"):
+                problems.append(f"seanet.{side}.{key}={value!r} (encoder and decoder built alike only)")
+    if int(seanet["lstm"]) < 1:
+        problems.append(f"seanet.lstm={seanet['lstm']} (mmdgen's SEANet has its LSTM; 1 layer or more)")
+    if seanet["pad_mode"] not in ("reflect", "constant", "replicate"):
+        problems.append(f"seanet.pad_mode={seanet['pad_mode']!r} (reflect, constant or replicate)")
+    channels = int(_require(checkpoint, "encodec.channels"))
+    if int(seanet["channels"]) != channels:
+        problems.append(f"seanet.channels={seanet['channels']} while encodec.channels={channels}")
     if problems:
         raise ValueError(f"{checkpoint.path}: this EnCodec uses what mmdgen's codec does not implement: "
                          + "; ".join(problems))
-    causal = bool(checkpoint.get("seanet.causal", checkpoint.get("encodec.causal", False)))
+    dimension = int(_require(checkpoint, "seanet.dimension"))
     return CodecConfig(
-        sample_rate=int(_require(checkpoint, "sample_rate")), channels=int(checkpoint.get("channels", 1)),
+        sample_rate=int(_require(checkpoint, "encodec.sample_rate")), channels=channels,
         num_filters=int(_require(checkpoint, "seanet.n_filters")),
-        ratios=tuple(int(r) for r in _require(checkpoint, "seanet.ratios")),
-        dimension=int(_require(checkpoint, "seanet.dimension")),
-        num_residual_layers=int(checkpoint.get("seanet.n_residual_layers", 1)),
-        residual_kernel_size=int(checkpoint.get("seanet.residual_kernel_size", 3)),
-        dilation_base=int(checkpoint.get("seanet.dilation_base", 2)),
-        kernel_size=int(checkpoint.get("seanet.kernel_size", 7)),
-        last_kernel_size=int(checkpoint.get("seanet.last_kernel_size", 7)),
-        lstm_layers=int(checkpoint.get("seanet.lstm", 2)), compress=int(checkpoint.get("seanet.compress", 2)),
-        causal=causal, pad_mode=str(checkpoint.get("seanet.pad_mode", "reflect")),
+        ratios=tuple(int(r) for r in _require(checkpoint, "seanet.ratios")), dimension=dimension,
+        num_residual_layers=int(seanet["n_residual_layers"]), residual_kernel_size=int(seanet["residual_kernel_size"]),
+        dilation_base=int(seanet["dilation_base"]), kernel_size=int(seanet["kernel_size"]),
+        last_kernel_size=int(seanet["last_kernel_size"]), lstm_layers=int(seanet["lstm"]),
+        compress=int(seanet["compress"]), causal=bool(seanet["causal"]), pad_mode=str(seanet["pad_mode"]),
         trim_right_ratio=float(checkpoint.get("seanet.decoder.trim_right_ratio", 1.0)),
-        conv_shortcut=not bool(checkpoint.get("seanet.true_skip", True)),
-        quantizer=QuantizerConfig(dim=int(_require(checkpoint, "seanet.dimension")),
-                                  codebook_size=int(_require(checkpoint, "rvq.bins")),
+        conv_shortcut=not bool(seanet["true_skip"]),
+        quantizer=QuantizerConfig(dim=dimension, codebook_size=int(_require(checkpoint, "rvq.bins")),
                                   num_codebooks=int(_require(checkpoint, "rvq.n_q")), kmeans_init=False),
     )
 
