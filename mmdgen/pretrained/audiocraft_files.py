@@ -197,8 +197,9 @@ def lm_config_from_audiocraft(checkpoint: AudiocraftCheckpoint, text_dim: int,
                     context_frames=None if segment is None or frame_rate is None else int(round(segment * frame_rate)))
 
 
-_LM_NAMES = [(r"^emb\.", "embeddings."), (r"^transformer\.layers\.", "layers."), (r"\.cross_attention\.", ".cross_attn."),
-             (r"\.mha\.", "."), (r"\.in_proj_weight\[([qkv])\]$", r".\1_proj.weight"), (r"\.linear1\.", ".fc1."),
+_LM_NAMES = [(r"^emb\.", "embeddings."), (r"^transformer\.layers\.", "layers."),
+             (r"\.cross_attention\.", ".cross_attn."), (r"\.mha\.", "."),
+             (r"\.in_proj_weight\[([qkv])\]$", r".\1_proj.weight"), (r"\.linear1\.", ".fc1."),
              (r"\.linear2\.", ".fc2."), (r"\.norm1\.", ".self_attn_norm."), (r"\.norm_cross\.", ".cross_attn_norm."),
              (r"\.norm2\.", ".ffn_norm."), (r"^out_norm\.", "norm."), (r"^linears\.", "heads."),
              (r"^condition_provider\.conditioners\.description\.output_proj\.", "text_projection.")]
