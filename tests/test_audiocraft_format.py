@@ -89,26 +89,20 @@ def test_lm_configuration_comes_from_xp_cfg():
     assert lm_config_from_audiocraft(AudiocraftCheckpoint(LM_PATH), T5_WIDTH).context_frames is None
 
 
-def test_lm_logits_match_audiocraft_for_a_whole_text_and_for_no_text(reference):
+def test_lm_logits_match_audiocraft_for_whole_padded_and_null_texts(reference):
+    """audiocraft's cross-attention has no mask: the zeroed padding positions stay in the softmax; the reader sets
+    ``attend_text_padding`` so every row agrees (row 0 unpadded, row 1 padded, row 2 a null condition)."""
     lm = build_lm(LM_PATH)
+    assert lm.cfg.attend_text_padding
     mask = reference["lm.text_mask"].bool()
     with torch.no_grad():
         logits = lm(reference["lm.tokens"], reference["lm.text_states"], mask)
-    rows = [0, 2]  # row 0: no padding; row 2: a null condition (the whole text masked)
-    torch.testing.assert_close(logits[rows], reference["lm.logits"][rows], **LOGITS_TOLERANCE)
-
-
-def test_lm_logits_match_audiocraft_on_a_padded_text_when_padding_is_attended_as_audiocraft_does(reference):
-    """audiocraft's cross-attention has no mask: the zeroed padding positions stay in the softmax. mmdgen's LM
-    leaves them out (row 1 then differs by ~0.7); with every position attended, all rows agree, which also
-    checks the text projection and the cross-attention weights on a padded row."""
-    lm = build_lm(LM_PATH)
-    mask = reference["lm.text_mask"].bool()
-    with torch.no_grad():
-        memories, _ = lm.cross_memory(reference["lm.text_states"], mask)  # zero where mask is False
-        attend_all = torch.ones_like(mask)[:, None, None, :]
-        logits = lm.logits(lm.hidden(reference["lm.tokens"], None, None, memory=(memories, attend_all)))
     torch.testing.assert_close(logits, reference["lm.logits"], **LOGITS_TOLERANCE)
+    lm.cfg.attend_text_padding = False  # transformers' rule: the padded row differs, the others do not
+    with torch.no_grad():
+        masked = lm(reference["lm.tokens"], reference["lm.text_states"], mask)
+    torch.testing.assert_close(masked[[0, 2]], reference["lm.logits"][[0, 2]], **LOGITS_TOLERANCE)
+    assert (masked[1] - reference["lm.logits"][1]).abs().max() > 0.1
 
 
 def test_lm_reads_the_names_of_torch_multihead_attention(reference, tmp_path):

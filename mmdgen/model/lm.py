@@ -44,6 +44,9 @@ class LMConfig:
     # stereo: the codebooks interleave the channels (left k, right k, left k+1, ...), each channel decoded by the
     # mono codec (transformers' stereo MusicGen layout)
     audio_channels: int = 1
+    # audiocraft's cross-attention has no mask: its zeroed text padding stays in the softmax (transformers' port
+    # leaves it out, as we do by default); True reproduces audiocraft's numbers for padded texts
+    attend_text_padding: bool = False
 
     def __post_init__(self):
         if self.delays is not None:
@@ -208,8 +211,11 @@ class MusicLM(nn.Module):
             raise ValueError(f"expected a text mask {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
         mask = mask.bool()
         projected = self.text_projection(states) * mask[..., None].to(states.dtype)
-        attend = mask.clone()
-        attend[:, 0] |= ~mask.any(dim=1)
+        if self.cfg.attend_text_padding:
+            attend = torch.ones_like(mask)
+        else:
+            attend = mask.clone()
+            attend[:, 0] |= ~mask.any(dim=1)
         return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:

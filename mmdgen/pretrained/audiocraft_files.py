@@ -193,7 +193,7 @@ def lm_config_from_audiocraft(checkpoint: AudiocraftCheckpoint, text_dim: int,
                     heads=int(_require(checkpoint, "transformer_lm.num_heads")),
                     ffn_dim=int(dim * float(checkpoint.get("transformer_lm.hidden_scale", 4))), text_dim=text_dim,
                     delays=None if delays is None else tuple(int(d) for d in delays),
-                    audio_channels=2 if stereo and channels == 2 else 1,
+                    audio_channels=2 if stereo and channels == 2 else 1, attend_text_padding=True,
                     context_frames=None if segment is None or frame_rate is None else int(round(segment * frame_rate)))
 
 
