@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from mmdgen.data.audio import read_audio
 from mmdgen.data.corpus import Work
 from mmdgen.data.render import parse_work
-from mmdgen.eval.generation import (MIREX_KEY_WEIGHTS, estimate_key, instrument_adherence, key_adherence,
-                                    key_relation, tempo_adherence, tempo_reliability)
-from mmdgen.train.data import read_audio
+from mmdgen.metrics.instruments import instrument_adherence
+from mmdgen.metrics.key import MIREX_KEY_WEIGHTS, estimate_key, key_adherence, key_relation
+from mmdgen.metrics.tempo import tempo_adherence, tempo_reliability
 
 COMPOUND_METRES = ("6/8", "9/8", "12/8")
 

@@ -25,7 +25,7 @@ import soundfile
 import torch
 
 from mmdgen.data.build import BuildConfig, build_corpus
-from mmdgen.eval.musicnn import load_musicnn, log_mel_spectrogram, tag_index
+from mmdgen.metrics.musicnn import load_musicnn, log_mel_spectrogram, tag_index
 
 # MTT tag -> the corpus instruments (mmdgen.data.corpus.INSTRUMENTS) it names.
 TAG_INSTRUMENTS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mmdgen.files import write_audio, write_text_atomic
+from mmdgen.files import read_jsonl, read_jsonl_numbered, write_audio, write_text_atomic
 from mmdgen.generate import Generator, Sampling
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -38,16 +38,11 @@ def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
     if not path.exists():
         raise ValueError(f"{path}: no such prompts file")
     requests, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            text = record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" ({error})") from error
-        request = Request(str(record.get("id", f"{number:05d}")), str(text), float(record.get("duration", duration)),
-                          int(record.get("seed", seed + number)))
+    for number, record in read_jsonl_numbered(path):
+        if "text" not in record:
+            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\", got keys {sorted(record)}")
+        request = Request(str(record.get("id", f"{number:05d}")), str(record["text"]),
+                          float(record.get("duration", duration)), int(record.get("seed", seed + number)))
         if not _SAFE_ID.match(request.id) or request.id in seen:
             raise ValueError(f"{path}:{number}: id {request.id!r} must be unique and use only letters, digits, "
                              "'.', '_' and '-' (it names the output file)")
@@ -71,7 +66,7 @@ def generate_batch(generator: Generator, requests: list[Request], out_dir: str |
                disable=not progress)
     used_seed = {r.id: r.seed for r in requests}
     if (out_dir / "manifest.jsonl").exists():  # the seeds a previous run used for the clips it wrote
-        previous = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines() if line]
+        previous = read_jsonl(out_dir / "manifest.jsonl")
         used_seed.update({p["id"]: p["seed"] for p in previous if p.get("id") in used_seed})
     for group in _batches(todo, batch_size):
         audio = generator.generate([r.text for r in group], group[0].duration, sampling, seed=group[0].seed)
