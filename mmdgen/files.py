@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -64,11 +64,11 @@ def write_audio(path: str | Path, audio, sample_rate: int) -> None:
     write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
 
 
-def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
+def read_jsonl_numbered(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines file, numbered from 1.
 
-    ValueError naming the file (and ``FILE:LINE``) for a missing file, a line that is not JSON or one that
-    holds something other than a JSON object."""
+    ValueError naming the file (and ``FILE:LINE``) for a missing file, a line that is not JSON, one that holds
+    something other than a JSON object, or an object without every key in ``required``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (expected JSON lines)")
@@ -83,13 +83,16 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if not set(required) <= set(record):
+                keys = " and a ".join(json.dumps(key) for key in required)
+                raise ValueError(f"{path}:{number}: expected a JSON object with a {keys}, got keys {sorted(record)}")
             records.append((number, record))
     return records
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     """The objects of a JSON-lines file, blank lines skipped (errors as ``read_jsonl_numbered``)."""
-    return [record for _, record in read_jsonl_numbered(path)]
+    return [record for _, record in read_jsonl_numbered(path, required)]
 
 
 def save_weights(path: str | Path, tensors) -> None:

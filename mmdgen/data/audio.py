@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmdgen.files import read_jsonl_numbered
+from mmdgen.files import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,7 @@ def manifest_entries(manifest: str | Path, split: str | None = None) -> list[Ent
     if not manifest.exists():
         raise ValueError(f"{manifest}: no such manifest")
     entries = []
-    for line_number, record in read_jsonl_numbered(manifest):
-        if "path" not in record or "caption" not in record:
-            raise ValueError(f"{manifest}:{line_number}: expected a JSON object with path and caption, got keys "
-                             f"{sorted(record)}")
+    for record in read_jsonl(manifest, required=("path", "caption")):
         if split is None or record.get("split") == split:
             fields = {k: v for k, v in record.items() if k not in ("path", "caption")}
             entries.append(Entry(manifest.parent / record["path"], record["caption"], fields))

@@ -38,9 +38,7 @@ def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
     if not path.exists():
         raise ValueError(f"{path}: no such prompts file")
     requests, seen = [], set()
-    for number, record in read_jsonl_numbered(path):
-        if "text" not in record:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\", got keys {sorted(record)}")
+    for number, record in read_jsonl_numbered(path, required=("text",)):
         request = Request(str(record.get("id", f"{number:05d}")), str(record["text"]),
                           float(record.get("duration", duration)), int(record.get("seed", seed + number)))
         if not _SAFE_ID.match(request.id) or request.id in seen:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmdgen.files import read_jsonl_numbered, write_atomic
+from mmdgen.files import read_jsonl, write_atomic
 from mmdgen.model.text.conditioning import is_null_caption
 
 _VOCAB_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
@@ -164,9 +164,7 @@ def captions_from_manifest(manifest_path: str | Path, split: str | None = "train
     if not manifest_path.is_file():
         raise FileNotFoundError(f"corpus manifest {manifest_path} not found (expected a JSONL file)")
     captions, splits_seen = [], set()
-    for number, record in read_jsonl_numbered(manifest_path):
-        if "caption" not in record:
-            raise ValueError(f"{manifest_path}:{number}: expected a JSON object with a 'caption' key")
+    for record in read_jsonl(manifest_path, required=("caption",)):
         splits_seen.add(record.get("split"))
         if split is None or record.get("split") == split:
             captions.append(str(record["caption"]))
