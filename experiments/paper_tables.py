@@ -63,6 +63,7 @@ import torch
 from tqdm import tqdm
 
 from mmdgen.eval.generation import adherence
+from mmdgen.files import read_jsonl
 
 DEFAULT_CODECS = "runs/exp-*/*"
 # name: (LM run folder, pattern); the codec is found by the weights hash the LM recorded
@@ -86,7 +87,7 @@ def read_manifest(corpus: Path, split: str) -> list[dict]:
     manifest = corpus / "manifest.jsonl"
     if not manifest.exists():
         fail(f"{manifest}: missing; the corpus folder is made by `mmdgen data build --out {corpus} --hours 3`")
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    records = read_jsonl(manifest)
     chosen = [r for r in records if r.get("split") == split]
     if not chosen:
         fail(f"{manifest}: no clips in the {split!r} split")
@@ -130,7 +131,7 @@ def trained_steps(metrics: Path) -> int | None:
     count out, so that a run can be resumed for more steps)."""
     if not metrics.exists():
         return None
-    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if '"train"' in line]
+    steps = [row.get("step") for row in read_jsonl(metrics) if row.get("kind") == "train"]
     return max((s for s in steps if s is not None), default=None)
 
 
