@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmdgen.data.tokenize import TokenSet
-from mmdgen.kernels.cross_entropy import linear_cross_entropy
+from mmdgen.losses.lm import IGNORE, codebook_losses
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import Pattern, make_pattern
 from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, TextConditioner, drop_captions, text_conditioner,
@@ -37,7 +36,6 @@ from mmdgen.pretrained.directory import (BUNDLED_CODEC, codec_identity, copy_cod
                                          save_music_lm)
 from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 
@@ -150,25 +148,6 @@ class ConditionedLM(nn.Module):
         condition = self.text(captions)
         hidden = self.lm.hidden(inputs, condition.states, condition.mask)
         return codebook_losses(self.lm, hidden, targets, fused, backend)
-
-
-def codebook_losses(lm: MusicLM, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = True,
-                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-codebook mean NLL [K]) of hidden [B, S, dim] against targets [B, K, S]."""
-    k = targets.shape[1]
-    if fused:
-        flat_targets = targets.permute(0, 2, 1).reshape(-1, k)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm.head_weights().to(hidden.dtype),
-                                    flat_targets, ignore_index=IGNORE, backend=backend)
-    logits = lm.logits(hidden).float()  # [B, K, S, V]: what the fused path never materialises
-    per_codebook = []
-    for index in range(k):
-        valid = targets[:, index] != IGNORE
-        value = F.cross_entropy(logits[:, index].flatten(0, 1), targets[:, index].flatten(), ignore_index=IGNORE,
-                                reduction="sum") / valid.sum().clamp_min(1)
-        per_codebook.append(value)
-    per_codebook = torch.stack(per_codebook)
-    return per_codebook.mean(), per_codebook.detach()
 
 
 def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path, process: Process
