@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
+from mmdgen.data.audio import AudioDataset, collate, manifest_entries
 from mmdgen.data.build import BuildConfig, build_corpus
-from mmdgen.eval.independence import dependence_report
-from mmdgen.eval.reconstruction import si_snr
-from mmdgen.model.codec import load_codec
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, si_snr
+from mmdgen.metrics.dependence import dependence_report
+from mmdgen.pretrained.directory import load_codec
 from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
-from mmdgen.train.data import AudioDataset, collate, manifest_entries
-from mmdgen.train.losses import MultiScaleMelLoss
 
 
 @torch.no_grad()

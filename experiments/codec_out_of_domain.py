@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmdgen.data.audio import AudioDataset, Entry, collate, manifest_entries
 from mmdgen.data.external import fetch_debian_music, package_summaries
-from mmdgen.eval.reconstruction import si_snr
 from mmdgen.files import write_text_atomic
-from mmdgen.model.codec import load_codec
-from mmdgen.train.data import AudioDataset, Entry, collate, manifest_entries
-from mmdgen.train.losses import MultiScaleMelLoss
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, si_snr
+from mmdgen.pretrained.directory import load_codec
 
 # Orchestral and acoustic-leaning soundtracks, about 100 MB of downloads together. The descriptions rest
-# on the packages' copyright files and on MTT_musicnn's top tags per track (mmdgen.eval.musicnn).
+# on the packages' copyright files and on MTT_musicnn's top tags per track (mmdgen.metrics.musicnn).
 PACKAGES = {
     "drascula-music": "the score of the 1996 adventure game Drascula (Alcachofa Soft): mostly slow piano, "
                       "string and orchestral pieces, some guitar, synth and sung tracks",

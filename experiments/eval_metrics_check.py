@@ -21,17 +21,18 @@ These are the ceilings the same measures can reach on generated clips.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from mmdgen.data.audio import read_audio
 from mmdgen.data.corpus import Work
 from mmdgen.data.render import parse_work
-from mmdgen.eval.generation import (MIREX_KEY_WEIGHTS, estimate_key, instrument_adherence, key_adherence,
-                                    key_relation, tempo_adherence, tempo_reliability)
-from mmdgen.train.data import read_audio
+from mmdgen.files import read_jsonl
+from mmdgen.metrics.instruments import instrument_adherence
+from mmdgen.metrics.key import MIREX_KEY_WEIGHTS, estimate_key, key_adherence, key_relation
+from mmdgen.metrics.tempo import tempo_adherence, tempo_reliability
 
 COMPOUND_METRES = ("6/8", "9/8", "12/8")
 
@@ -79,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     manifest = args.corpus / "manifest.jsonl"
-    records = spread([json.loads(line) for line in manifest.read_text().splitlines()], args.clips)
+    records = spread(read_jsonl(manifest), args.clips)
     sample_rate = records[0]["sample_rate"]
     clips = [read_audio(args.corpus / record["path"], sample_rate) for record in records]
 

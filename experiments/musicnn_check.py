@@ -25,7 +25,8 @@ import soundfile
 import torch
 
 from mmdgen.data.build import BuildConfig, build_corpus
-from mmdgen.eval.musicnn import load_musicnn, log_mel_spectrogram, tag_index
+from mmdgen.files import read_jsonl
+from mmdgen.metrics.musicnn import load_musicnn, log_mel_spectrogram, tag_index
 
 # MTT tag -> the corpus instruments (mmdgen.data.corpus.INSTRUMENTS) it names.
 TAG_INSTRUMENTS = {
@@ -65,7 +66,7 @@ def main() -> None:
     start = time.perf_counter()
     build_corpus(corpus, config, progress=False)
     render_seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (corpus / "manifest.jsonl").read_text().splitlines()]
+    records = read_jsonl(corpus / "manifest.jsonl")
 
     model = load_musicnn()
     probabilities, overflow_cells, total_cells = [], 0, 0

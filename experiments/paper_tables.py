@@ -63,6 +63,7 @@ import torch
 from tqdm import tqdm
 
 from mmdgen.eval.generation import adherence
+from mmdgen.files import read_jsonl
 
 DEFAULT_CODECS = "runs/exp-*/*"
 # name: (LM run folder, pattern); the codec is found by the weights hash the LM recorded
@@ -86,7 +87,7 @@ def read_manifest(corpus: Path, split: str) -> list[dict]:
     manifest = corpus / "manifest.jsonl"
     if not manifest.exists():
         fail(f"{manifest}: missing; the corpus folder is made by `mmdgen data build --out {corpus} --hours 3`")
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    records = read_jsonl(manifest)
     chosen = [r for r in records if r.get("split") == split]
     if not chosen:
         fail(f"{manifest}: no clips in the {split!r} split")
@@ -130,13 +131,13 @@ def trained_steps(metrics: Path) -> int | None:
     count out, so that a run can be resumed for more steps)."""
     if not metrics.exists():
         return None
-    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if '"train"' in line]
+    steps = [row.get("step") for row in read_jsonl(metrics) if row.get("kind") == "train"]
     return max((s for s in steps if s is not None), default=None)
 
 
 def find_lms(specs: list[str], codecs: list[dict]) -> dict[str, dict]:
     """name=folder pairs -> the LM's model dir, pattern, codec dir (matched by weights hash) and training crop."""
-    from mmdgen.data.tokenize import codec_identity
+    from mmdgen.pretrained.directory import codec_identity
 
     hashes = {codec_identity(c["model"])["weights_sha256"]: c for c in codecs}
     lms = {}
@@ -186,10 +187,9 @@ def test_codes(codec_model: str, corpus: Path, records: list[dict], cache: Path,
     the clip ids)."""
     from safetensors.torch import load_file, save_file
 
-    from mmdgen.data.tokenize import codec_identity
+    from mmdgen.data.audio import read_audio
     from mmdgen.files import write_atomic
-    from mmdgen.model.codec import load_codec
-    from mmdgen.train.data import read_audio
+    from mmdgen.pretrained.directory import codec_identity, load_codec
 
     key = {"weights_sha256": codec_identity(codec_model)["weights_sha256"],
            "clips": ",".join(r["id"] for r in records)}
@@ -214,8 +214,8 @@ def test_codes(codec_model: str, corpus: Path, records: list[dict], cache: Path,
 
 
 def dependence(codecs: list[dict], corpus: Path, records: list[dict], cache: Path) -> list[dict]:
-    from mmdgen.eval.independence import (aligned_codes, dependence_report, pairwise_mutual_information,
-                                          shuffled_baseline)
+    from mmdgen.metrics.dependence import (aligned_codes, dependence_report, pairwise_mutual_information,
+                                           shuffled_baseline)
 
     results = []
     for codec in tqdm(codecs, desc="codecs: encode test split + dependence", unit="codec"):
@@ -421,7 +421,7 @@ def generate_all(name: str, lm: dict, prompts: list[dict], args, folder: Path) -
 
 def musicnn_per_clip(clips: list[torch.Tensor], rate: int, tagger, desc: str
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from mmdgen.eval.generation import musicnn_outputs
+    from mmdgen.metrics.musicnn import musicnn_outputs
 
     return [musicnn_outputs([clip], rate, tagger)[0] for clip in tqdm(clips, desc=desc, unit="clip", leave=False)]
 
@@ -434,7 +434,7 @@ def fad_spreads(generated: dict[str, list], reference: list, args, rng: np.rando
     """Bootstrap over generated clips (FAD against all reference clips), and split-half FADs: the reference
     split at random into halves A and B; each LM's clips against A, and the real floor, ``count`` clips of B
     against A (count = the number of generated clips, capped by B's size), over ``--fad-splits`` splits."""
-    from mmdgen.eval.generation import frechet_distance
+    from mmdgen.metrics.fad import frechet_distance
 
     reference_features = features(reference)
     out: dict = {"bootstrap": {}, "paired_differences": {}, "split_half": {"lms": {}, "splits": args.fad_splits}}
@@ -481,7 +481,7 @@ def reconstruct_sources(lms: dict[str, dict], sources: list[torch.Tensor], rate:
     WAVs the way the generated clips are (mono, 16-bit) so that both go through the same evaluation."""
     import soundfile
 
-    from mmdgen.model.codec import load_codec
+    from mmdgen.pretrained.directory import load_codec
 
     ceilings = {}
     codecs = {(lm["codec"], lm["codec_mmd_weight"], lm["codec_seed"]) for lm in lms.values()}
@@ -524,8 +524,9 @@ def flatten_over_delay(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def table1(lms: dict[str, dict], prompts: list[dict], test_records: list[dict], args) -> dict:
-    from mmdgen.eval.generation import frechet_distance, load_musicnn
-    from mmdgen.train.data import read_audio
+    from mmdgen.data.audio import read_audio
+    from mmdgen.metrics.fad import frechet_distance
+    from mmdgen.metrics.musicnn import load_musicnn
 
     tagger = load_musicnn()
     rate = 32000

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmdgen import __version__
+from mmdgen.version import __version__
 
 
 def _check_device(device: str, backend: str) -> None:
@@ -26,7 +26,8 @@ def _check_device(device: str, backend: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mmdgen.demo import DemoConfig, run
+    from mmdgen.demo.config import DemoConfig
+    from mmdgen.demo.run import run
 
     _check_device(args.device, "auto")
     cfg = DemoConfig(out=args.out, hours=args.hours, codec_steps=args.codec_steps, mmd_weight=args.mmd_weight,
@@ -38,14 +39,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_report(args: argparse.Namespace) -> int:
-    from mmdgen.eval.report import report
+    from mmdgen.demo.report import report
 
     print(report(args.run_dir, recompute=args.recompute))
     return 0
 
 
 def _eval_codec(args: argparse.Namespace) -> int:
-    from mmdgen.eval.report import codec_report
+    from mmdgen.eval.codec import codec_report
 
     codecs = {}
     for value in args.codecs:
@@ -125,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("the text is empty; give a description of the music")
     prompt = None
     if args.prompt_audio:
-        from mmdgen.train.data import read_audio
+        from mmdgen.data.audio import read_audio
 
         prompt = read_audio(Path(args.prompt_audio), generator.sample_rate)[None]
     audio = generator.generate([args.text], args.duration, sampling, seed=args.seed, prompt_audio=prompt)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from mmdgen.data.audio import read_audio
 from mmdgen.files import write_atomic, write_audio
-from mmdgen.model.codec import load_codec
-from mmdgen.train.data import read_audio
+from mmdgen.pretrained.directory import load_codec
 
 
 def encode_file(model: str, audio_path: str, codes_path: str) -> torch.Tensor:

@@ -1,9 +1,16 @@
-"""Atomic file writes: a reader never sees half a file, and a failed write leaves nothing behind."""
+"""The project's files: atomic writes (a reader never sees half a file, and a failed write leaves nothing
+behind), JSON lines read with errors naming the file and line, tensors saved and loaded as safetensors with
+errors naming the file and the tensor, audio written.
+
+No torch at import time: the command line imports this module before it needs a model.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -55,3 +62,90 @@ def write_audio(path: str | Path, audio, sample_rate: int) -> None:
         raise ValueError(f"{path}: write audio as .wav, .flac or .ogg")
     data = audio.detach().clamp(-1, 1).T.cpu().numpy()
     write_atomic(path, lambda tmp: soundfile.write(str(tmp), data, sample_rate, format=path.suffix[1:].upper()))
+
+
+def read_jsonl_numbered(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file, numbered from 1.
+
+    ValueError naming the file (and ``FILE:LINE``) for a missing file, a line that is not JSON, one that holds
+    something other than a JSON object, or an object without every key in ``required``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (expected JSON lines)")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if not set(required) <= set(record):
+                keys = " and a ".join(json.dumps(key) for key in required)
+                raise ValueError(f"{path}:{number}: expected a JSON object with a {keys}, got keys {sorted(record)}")
+            records.append((number, record))
+    return records
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    """The objects of a JSON-lines file, blank lines skipped (errors as ``read_jsonl_numbered``)."""
+    return [record for _, record in read_jsonl_numbered(path, required)]
+
+
+def save_weights(path: str | Path, tensors) -> None:
+    """``tensors`` (a name -> tensor mapping, or a module whose state dict is saved) to a safetensors file,
+    atomically; the tensors are detached, made contiguous and moved to the CPU first."""
+    from safetensors.torch import save_file
+
+    state = tensors if isinstance(tensors, Mapping) else tensors.state_dict()
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+    write_atomic(path, lambda tmp: save_file(weights, str(tmp)))
+
+
+def read_weights(path: str | Path, what: str) -> dict:
+    """Every tensor of the safetensors file at ``path`` (the weights of ``what``, for messages), on the CPU;
+    ValueError naming the file when it is missing, not a safetensors file or truncated."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; expected the weights of {what} (a safetensors file)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a safetensors file of {what} ({error})") from error
+
+
+def check_weights(path: str | Path, tensors: Mapping, expected: Mapping, what: str) -> None:
+    """ValueError naming the file and the tensors unless ``tensors`` has exactly the names of ``expected``
+    (a state dict, or a name -> shape mapping) and each tensor its shape."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not fit {what}: missing {_names(missing)}, "
+                         f"unexpected {_names(unexpected)}")
+    for name, tensor in tensors.items():
+        shape = tuple(getattr(expected[name], "shape", expected[name]))
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, {what} expects {shape}")
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(names[:shown]) or "none"
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def load_weights(path: str | Path, target, what: str) -> dict:
+    """The tensors of a safetensors file, checked against ``target``: a module (they are loaded into it) or a
+    name -> shape mapping. ValueError naming the file for a missing or unreadable file, a missing or
+    unexpected tensor, or a wrong shape."""
+    tensors = read_weights(path, what)
+    expected = target if isinstance(target, Mapping) else target.state_dict()
+    check_weights(path, tensors, expected, what)
+    if not isinstance(target, Mapping):
+        target.load_state_dict(tensors)
+    return tensors

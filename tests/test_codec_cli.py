@@ -6,7 +6,8 @@ import soundfile
 import torch
 
 from mmdgen import cli
-from mmdgen.model.codec import Codec, codec_config, load_codec, save_codec
+from mmdgen.model.codec import Codec, codec_config
+from mmdgen.pretrained.directory import load_codec, save_codec
 
 
 @pytest.fixture(scope="module")

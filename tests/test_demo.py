@@ -6,7 +6,8 @@ import math
 import pytest
 
 from mmdgen import cli
-from mmdgen.demo import DemoConfig, run
+from mmdgen.demo.config import DemoConfig
+from mmdgen.demo.run import run
 
 MICRO = dict(hours=0.1, codec_steps=8, lm_steps=8, clips=2, duration=4.0)
 
@@ -62,8 +63,8 @@ def test_bad_demo_settings_are_refused(tmp_path):
 def test_eval_codec_measures_ours_and_a_transformers_encodec_alike(demo_run, tmp_path, capsys):
     """The demo's weight-3 codec, and the same weights saved as a transformers EncodecModel folder: the same
     codes, hence the same dependence; both reported with figures."""
-    from mmdgen.model.codec import load_codec
     from mmdgen.model.convert import codec_to_transformers
+    from mmdgen.pretrained.directory import load_codec
 
     ours = demo_run / "codec-mmd3" / "model"
     codec_to_transformers(load_codec(ours)).save_pretrained(tmp_path / "hf-encodec")

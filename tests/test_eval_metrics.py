@@ -1,4 +1,5 @@
-"""Evaluation metrics (mmdgen.eval.reconstruction, generation, plots) on cases with known answers."""
+"""Evaluation metrics (mmdgen.metrics: reconstruction, fad, instruments, key, tempo; mmdgen.eval: the generation
+report, plots) on cases with known answers."""
 
 import json
 import math
@@ -9,16 +10,18 @@ import torch
 from matplotlib.image import imread
 
 from mmdgen.data.corpus import INSTRUMENTS
-from mmdgen.eval.generation import (INSTRUMENT_TAGS, KRUMHANSL_KESSLER, audio_features, chroma, estimate_key,
-                                    estimate_tempo, frechet_audio_distance, frechet_distance,
-                                    frechet_distance_from_statistics, generation_report, instrument_adherence,
-                                    key_adherence, key_relation, mirex_key_score, parse_key, roc_auc,
-                                    tempo_adherence, tempo_reliability)
-from mmdgen.eval.musicnn import MTT_TAGS, load_musicnn, tag_index
+from mmdgen.eval.generation import generation_report
 from mmdgen.eval.plots import plot_mi_heatmap, plot_mi_with_others, plot_spectrogram, plot_training_curves
-from mmdgen.eval.reconstruction import mel_distance, multi_resolution_stft_distance, reconstruction_report, si_snr
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, si_snr
+from mmdgen.metrics.fad import (audio_features, frechet_audio_distance, frechet_distance,
+                                frechet_distance_from_statistics)
+from mmdgen.metrics.instruments import INSTRUMENT_TAGS, instrument_adherence, roc_auc
+from mmdgen.metrics.key import (KRUMHANSL_KESSLER, chroma, estimate_key, key_adherence, key_relation, mirex_key_score,
+                                parse_key)
+from mmdgen.metrics.musicnn import MTT_TAGS, load_musicnn, tag_index
+from mmdgen.metrics.reconstruction import mel_distance, multi_resolution_stft_distance, reconstruction_report
+from mmdgen.metrics.tempo import estimate_tempo, tempo_adherence, tempo_reliability
 from mmdgen.model.codec import Codec, codec_config
-from mmdgen.train.losses import MultiScaleMelLoss
 
 RATE = 16000
 

@@ -14,7 +14,7 @@ import soundfile
 from mmdgen.data import external
 from mmdgen.data.external import (ExternalAudioError, apt_download, audible_clip_offsets, copyright_stanzas,
                                   fetch_debian_music, licence_of)
-from mmdgen.train.data import manifest_entries
+from mmdgen.data.audio import manifest_entries
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to build test packages")
 

@@ -138,7 +138,7 @@ def test_bad_requests_are_refused(tiny, tmp_path):
         Generator(MusicLM(lm_config("tiny", text_dim=32, codebook_size=128)), text, codec)
     with pytest.raises(ValueError, match="config.json: missing"):
         Generator.from_pretrained(tmp_path / "nowhere")
-    from mmdgen.train.lm import save_music_lm
+    from mmdgen.pretrained.directory import save_music_lm
 
     folder = save_music_lm(tmp_path / "model", lm, text, {"kind": "learned", "config": dataclasses.asdict(text.config)},
                            {"weights_sha256": "0"})

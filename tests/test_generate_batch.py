@@ -72,5 +72,5 @@ def test_the_manifest_lists_the_finished_clips_after_every_batch(tmp_path, monke
 def test_a_damaged_manifest_is_named(tmp_path):
     generate_batch(BatchDependentGenerator(), _requests(2), tmp_path, Sampling(), batch_size=2, progress=False)
     (tmp_path / "manifest.jsonl").write_text('{"id": "p01"\n')
-    with pytest.raises(ValueError, match=r"manifest.jsonl:1: not a JSON line"):
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: not valid JSON"):
         generate_batch(BatchDependentGenerator(), _requests(2), tmp_path, Sampling(), batch_size=2, progress=False)

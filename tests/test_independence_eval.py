@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmdgen.eval.independence import (aligned_codes, dependence_report, entropy_bits, mutual_information_with_others,
+from mmdgen.metrics.dependence import (aligned_codes, dependence_report, entropy_bits, mutual_information_with_others,
                                       pairwise_mutual_information, plug_in_mi_bias_bits, total_correlation)
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from mmdgen.model.discriminator import (DiscriminatorConfig, MultiScaleSTFTDiscriminator, discriminator_loss,
-                                        feature_matching_loss, generator_adversarial_loss)
-from mmdgen.train.losses import Balancer, MultiScaleMelLoss, waveform_l1
+from mmdgen.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from mmdgen.losses.balancer import Balancer
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, waveform_l1
+from mmdgen.model.discriminator import DiscriminatorConfig, MultiScaleSTFTDiscriminator
 
 
 def test_balancer_gives_each_loss_its_share_of_the_gradient():

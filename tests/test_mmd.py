@@ -7,7 +7,9 @@ import torch
 
 from mmdgen.kernels import mmd
 from mmdgen.kernels.backend import resolve_backend, triton_unusable_reason
-from mmdgen.kernels.mmd import DEFAULT_BANDWIDTHS, independence_loss, naive_rbf_mmd, rbf_mmd
+from mmdgen.kernels.mmd import DEFAULT_BANDWIDTHS, naive_rbf_mmd, rbf_mmd
+from mmdgen.losses import independence
+from mmdgen.losses.independence import independence_loss
 from tests.reference import reference_independence_loss, reference_mmd, reference_terms
 
 
@@ -200,7 +202,7 @@ def test_delay_alignment_groups_the_codes_of_one_step():
     source = torch.randn(16, 1, 4, frames + stages, generator=gen)
     latents = torch.cat([source[..., k: k + frames] for k in range(stages)], dim=1)
     # stage k at frame t - k is the source at t: once aligned, all stages coincide.
-    aligned = mmd.joint_samples(latents, delay=True)
+    aligned = independence.joint_samples(latents, delay=True)
     assert torch.equal(aligned[:, 0], aligned[:, 1]) and torch.equal(aligned[:, 0], aligned[:, 2])
     with_delay = independence_loss(latents, delay=True, generator=torch.Generator().manual_seed(1))
     without = independence_loss(latents, delay=False, generator=torch.Generator().manual_seed(1))
@@ -231,7 +233,7 @@ def test_keeping_shared_pairs_biases_the_estimate_below_zero():
 
 def test_shared_pairs_lists_each_lender_once():
     perms = torch.tensor([[2, 0, 1], [2, 1, 0], [0, 1, 2]])  # perms[k, j]: y_j's codebook k comes from x_i
-    rows, cols = mmd.shared_pairs(perms)
+    rows, cols = independence.shared_pairs(perms)
     # lenders: y_0 <- {2, 2, 0}, y_1 <- {0, 1, 1}, y_2 <- {1, 0, 2}
     assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 0), (2, 2)]
 

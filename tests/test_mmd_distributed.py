@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmdgen.kernels.backend import triton_unusable_reason
-from mmdgen.kernels.mmd import independence_loss
+from mmdgen.losses.independence import independence_loss
 
 CLIPS_PER_RANK = (3, 5)  # uneven on purpose: the gather pads and trims
 CASES = [

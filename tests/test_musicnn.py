@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchaudio
 
-from mmdgen.eval.musicnn import (
+from mmdgen.metrics.musicnn import (
     KAISER_BEST,
     MTT_TAGS,
     Musicnn,
@@ -24,7 +24,7 @@ from mmdgen.eval.musicnn import (
     musicnn_state_dict,
     tag_index,
 )
-from mmdgen.eval.tf_checkpoint import CheckpointError, crc32c, parse_protobuf, read_checkpoint, read_index
+from mmdgen.metrics.tf_checkpoint import CheckpointError, crc32c, parse_protobuf, read_checkpoint, read_index
 from tests.musicnn_tf_reference import REFERENCE_PATH, REFERENCE_RATES, reference_audio, reference_patches
 
 

@@ -10,7 +10,7 @@ import torch
 
 from mmdgen.generate.loop import Sampling, decode
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
-from mmdgen.kernels.step_input import TRITON_BLOCK_D, pattern_step_input, step_input
+from mmdgen.kernels.step_input import TRITON_BLOCK_D, pattern_step_input
 from mmdgen.model.lm import MusicLM, lm_config, sinusoidal_positions
 from mmdgen.model.patterns import PATTERNS, make_pattern
 from tests.ptx_check import compile_in_subprocess
@@ -25,7 +25,8 @@ STEP_KINDS = [pytest.param(False, id="int-step"), pytest.param(True, id="tensor-
 VOCAB = 11  # codes 0..10, special token 11
 DIM = TRITON_BLOCK_D + 44  # two feature blocks, the second partial
 FRAMES = 5
-# (B, K, delays): one codebook (undelayed and delayed), custom delays with gaps, MusicGen's default 0..K-1
+# (B, K, delays) of a delay pattern: one codebook (undelayed and delayed), custom delays with gaps, MusicGen's
+# default 0..K-1
 CONFIGS = [
     pytest.param(1, 1, (0,), id="B1-K1"),
     pytest.param(3, 1, (2,), id="B3-K1-delay2"),
@@ -42,6 +43,11 @@ def _tables(num_codebooks, dim=DIM, dtype=torch.float32, seed=0):
 def _codes(batch, num_codebooks, frames=FRAMES, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, num_codebooks, frames), generator=gen)
+
+
+def _delayed(codes, delays):
+    """The delay pattern's sequence of ``codes``."""
+    return make_pattern("delay", codes.shape[1], delays).build(codes, VOCAB)
 
 
 def reference_input(sequence, step, embeddings, position):
@@ -67,17 +73,17 @@ def _step(step, as_tensor, device):
 @pytest.mark.parametrize("as_tensor", STEP_KINDS)
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("batch,num_codebooks,delays", CONFIGS)
-def test_delay_step_input_matches_the_pattern_reference(backend, device, as_tensor, batch, num_codebooks, delays):
+def test_delay_sequences_match_the_reference(backend, device, as_tensor, batch, num_codebooks, delays):
     codes, embeddings = _codes(batch, num_codebooks), _tables(num_codebooks)
-    last = FRAMES + max(delays)
-    sequence = make_pattern("delay", num_codebooks, delays).build(codes, VOCAB)
+    sequence = _delayed(codes, delays)
+    last = sequence.shape[2]
     table = _positions(last + 1)
     dev = lambda t: t.to(device)  # noqa: E731
-    for step in range(last + 1):  # before codebooks start, all present, after they end, one past the last step
+    for step in range(last + 1):  # before codebooks start, all present, after they end, the last step
         # the graph-style call (tensor step, whole position table) or the plain one (int step, this step's row)
         positions = dev(table) if as_tensor else dev(table[step])
-        out = step_input(dev(codes), _step(step, as_tensor, device), dev(torch.tensor(delays)), dev(embeddings),
-                         positions, VOCAB, FRAMES, backend=backend)
+        out = pattern_step_input(dev(sequence), _step(step, as_tensor, device), dev(embeddings), positions, VOCAB,
+                                 backend=backend)
         assert out.shape == (batch, 1, DIM) and out.dtype == torch.float32
         expected = reference_input(sequence, step, embeddings, table[step])
         error = (out.cpu().double() - expected).abs().max()
@@ -91,13 +97,12 @@ def test_half_tables(backend, device, dtype):
     # bf16, 2^-10 for fp16; a whole ulp because the interpreter's fp32 -> bf16 cast truncates) of the exact sum
     # of the rounded table entries and the fp32 position.
     tol = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    delays = (0, 2, 3, 5)
     codes, embeddings = _codes(3, 4), _tables(4, dtype=dtype)
-    sequence = make_pattern("delay", 4, delays).build(codes, VOCAB)
+    sequence = _delayed(codes, (0, 2, 3, 5))
     table = _positions(FRAMES + 6)
     for step in (0, 1, 4, 7, FRAMES + 5):
-        out = step_input(codes.to(device), torch.tensor(step, device=device), torch.tensor(delays, device=device),
-                         embeddings.to(device), table.to(device), VOCAB, FRAMES, backend=backend).cpu()
+        out = pattern_step_input(sequence.to(device), torch.tensor(step, device=device), embeddings.to(device),
+                                 table.to(device), VOCAB, backend=backend).cpu()
         assert out.dtype == dtype
         expected = reference_input(sequence, step, embeddings, table[step])
         assert ((out.double() - expected).abs() <= tol * expected.abs() + 1e-30).all(), step
@@ -117,29 +122,22 @@ def test_pattern_step_input_matches_the_reference(backend, device, name):
             out = pattern_step_input(sequence.to(device), _step(step, as_tensor, device), embeddings.to(device),
                                      table.to(device), VOCAB, backend=backend)
             assert torch.allclose(out.cpu().double(), expected, rtol=0, atol=1e-6), (step, as_tensor)
-        if name == "delay":  # the general op and the delay op agree
-            delayed = step_input(codes.to(device), step, (0, 1, 2, 3), embeddings.to(device), table.to(device), VOCAB,
-                                 2, backend=backend)
-            assert torch.equal(delayed, out)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_unread_cells_may_hold_anything(backend, device):
-    """Frames not produced yet (and frames past ``frames`` in a longer buffer) hold garbage: nothing changes."""
-    delays = torch.tensor([0, 2, 3, 5])
-    codes, embeddings = _codes(3, 4), _tables(4)
-    table = _positions(FRAMES + 6)
-    buffer = torch.full((3, 4, FRAMES + 3), 2 ** 40)  # a longer buffer, garbage past the frames
-    for step in range(FRAMES + 6):
-        clean = step_input(codes, step, delays, embeddings, table, VOCAB, FRAMES, backend="torch")
-        read = (step - 1 - delays).tolist()
-        buffer[..., :FRAMES] = codes
-        for k in range(4):
-            for t in range(FRAMES):
-                if t != read[k]:
-                    buffer[:, k, t] = [-3, VOCAB + 7, 2 ** 40][t % 3]
-        out = step_input(buffer.to(device), step, delays.to(device), embeddings.to(device), table.to(device), VOCAB,
-                         FRAMES, backend=backend)
+    """Columns other than the step's (steps not sampled yet, steps long past) hold garbage: nothing changes."""
+    sequence, embeddings = _delayed(_codes(3, 4), (0, 2, 3, 5)), _tables(4)
+    steps = sequence.shape[2]
+    table = _positions(steps + 1)
+    garbage = torch.tensor([-3, VOCAB + 7, 2 ** 40])
+    for step in range(steps + 1):
+        clean = pattern_step_input(sequence, step, embeddings, table, VOCAB, backend="torch")
+        buffer = garbage[torch.arange(steps) % 3].expand_as(sequence).clone()
+        if step:
+            buffer[..., step - 1] = sequence[..., step - 1]
+        out = pattern_step_input(buffer.to(device), step, embeddings.to(device), table.to(device), VOCAB,
+                                 backend=backend)
         assert torch.equal(out.cpu(), clean), step
 
 
@@ -173,8 +171,8 @@ def test_equals_musiclm_hidden_input(backend, device):
     steps = sequence.shape[2]
     table = _positions(steps, lm.cfg.dim)
     for step in range(steps):
-        out = step_input(codes.to(device), step, torch.tensor(delays, device=device), _stacked(lm).to(device),
-                         table[step].to(device), special, frames, backend=backend)
+        out = pattern_step_input(sequence.to(device), step, _stacked(lm).to(device), table[step].to(device), special,
+                                 backend=backend)
         assert torch.equal(out.cpu(), x[:, step:step + 1]), step
 
 
@@ -193,118 +191,104 @@ def test_equals_the_decode_loops_input(backend, device):
     finally:
         hook.remove()
     assert len(captured) == pattern.num_steps(frames)
+    sequence = pattern.build(codes, lm.cfg.special_token)
     table = _positions(len(captured), lm.cfg.dim)
     for step, x in enumerate(captured):
-        out = step_input(codes.to(device), torch.tensor(step, device=device), torch.arange(4, device=device),
-                         _stacked(lm).to(device), table.to(device), lm.cfg.special_token, frames, backend=backend)
+        out = pattern_step_input(sequence.to(device), torch.tensor(step, device=device), _stacked(lm).to(device),
+                                 table.to(device), lm.cfg.special_token, backend=backend)
         assert torch.equal(out.cpu(), x), step
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_tensor_steps_out_of_range_read_the_special_token(backend, device):
     """Not range-checked (that would sync): out-of-range steps read special tokens, table rows past P add 0."""
-    embeddings, codes = _tables(4), _codes(2, 4)
+    embeddings, sequence = _tables(4), _codes(2, 4)
     table = _positions(12)
     specials = embeddings[:, VOCAB].double().sum(0)
     for step, position in ((-1, None), (-7, None), (FRAMES + 4, 9), (11, 11), (12, None), (2 ** 40, None)):
-        out = step_input(codes.to(device), torch.tensor([step], device=device), torch.arange(4, device=device),
-                         embeddings.to(device), table.to(device), VOCAB, FRAMES, backend=backend).cpu()
+        out = pattern_step_input(sequence.to(device), torch.tensor([step], device=device), embeddings.to(device),
+                                 table.to(device), VOCAB, backend=backend).cpu()
         expected = specials + (0.0 if position is None else table[position].double())
         assert torch.allclose(out.double(), expected.expand(2, 1, DIM), rtol=0, atol=1e-6), step
         step32 = torch.tensor(min(step, 2 ** 31 - 1), dtype=torch.int32, device=device)
-        out = pattern_step_input(codes.to(device), step32, embeddings.to(device), table[3].to(device), VOCAB,
+        out = pattern_step_input(sequence.to(device), step32, embeddings.to(device), table[3].to(device), VOCAB,
                                  backend=backend).cpu()
         assert torch.allclose(out.double(), (specials + table[3].double()).expand(2, 1, DIM), rtol=0, atol=1e-6)
-    # negative delays are not checked with a tensor step either; step 0 still reads only special tokens
-    out = step_input(codes.to(device), torch.tensor(0, device=device), torch.tensor([-1, -2, 0, 0], device=device),
-                     embeddings.to(device), table.to(device), VOCAB, FRAMES, backend=backend).cpu()
-    assert torch.allclose(out.double(), (specials + table[0].double()).expand(2, 1, DIM), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_codes_outside_the_table_add_nothing(backend, device):
-    embeddings, codes = _tables(2), _codes(2, 2)
-    codes[0, 0, 1], codes[1, 1, 0] = -1, VOCAB + 1
+    embeddings, sequence = _tables(2), _codes(2, 2)
+    sequence[0, 0, 1], sequence[1, 1, 1] = -1, VOCAB + 1
     position = _positions(3)[2]
-    out = step_input(codes.to(device), 2, (0, 1), embeddings.to(device), position.to(device), VOCAB, FRAMES,
-                     backend=backend).cpu()
-    expected = torch.stack([embeddings[1, codes[0, 1, 0]], embeddings[0, codes[1, 0, 1]]]) + position
+    out = pattern_step_input(sequence.to(device), 2, embeddings.to(device), position.to(device), VOCAB,
+                             backend=backend).cpu()
+    expected = torch.stack([embeddings[1, sequence[0, 1, 1]], embeddings[0, sequence[1, 0, 1]]]) + position
     assert torch.allclose(out[:, 0], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_strided_inputs_and_int32_codes(backend, device):
-    delays = torch.tensor([1, 0, 3], dtype=torch.int32)
-    codes, embeddings = _codes(3, 3), _tables(3)
-    table = _positions(FRAMES + 4)
-    expected = [step_input(codes, s, delays, embeddings, table, VOCAB, FRAMES, backend="torch")
-                for s in range(FRAMES + 4)]
-    codes_t = torch.full((FRAMES, 3, 3, 2), -9).permute(2, 1, 0, 3)[..., 0]  # strides (2, 6, 18)
-    codes_t.copy_(codes)
+    sequence, embeddings = _delayed(_codes(3, 3), (1, 0, 3)), _tables(3)
+    steps = sequence.shape[2]
+    table = _positions(steps + 1)
+    expected = [pattern_step_input(sequence, s, embeddings, table, VOCAB, backend="torch") for s in range(steps + 1)]
+    sequence_t = torch.full((steps, 3, 3, 2), -9).permute(2, 1, 0, 3)[..., 0]  # strides (2, 6, 18)
+    sequence_t.copy_(sequence)
     embeddings_t = embeddings.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # feature stride K * (V + 1)
-    table_t = torch.zeros(FRAMES + 4, 2 * DIM)[:, ::2]
+    table_t = torch.zeros(steps + 1, 2 * DIM)[:, ::2]
     table_t.copy_(table)
-    delays_t = torch.zeros(6, dtype=torch.int32)[::2]
-    delays_t.copy_(delays)
-    for s in range(FRAMES + 4):  # int64 codes and an int step, int32 codes and a tensor step, in turn
-        out = step_input(codes_t.int().to(device) if s % 2 else codes_t.to(device), _step(s, s % 2 == 1, device),
-                         delays_t.to(device), embeddings_t.to(device), table_t.to(device), VOCAB, FRAMES,
-                         backend=backend)
+    for s in range(steps + 1):  # int64 codes and an int step, int32 codes and a tensor step, in turn
+        out = pattern_step_input(sequence_t.int().to(device) if s % 2 else sequence_t.to(device),
+                                 _step(s, s % 2 == 1, device), embeddings_t.to(device), table_t.to(device), VOCAB,
+                                 backend=backend)
         assert torch.equal(out.cpu(), expected[s]), s
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-def test_empty_batch_and_no_frames(backend, device):
+def test_empty_batch_and_no_steps(backend, device):
     embeddings, table = _tables(2).to(device), _positions(4).to(device)
-    out = step_input(torch.zeros(0, 2, 3, dtype=torch.long, device=device), 1, (0, 1), embeddings, table, VOCAB, 3,
-                     backend=backend)
+    out = pattern_step_input(torch.zeros(0, 2, 3, dtype=torch.long, device=device), 1, embeddings, table, VOCAB,
+                             backend=backend)
     assert out.shape == (0, 1, DIM)
-    for step in (0, 1):  # zero frames: only the steps up to max(delays), all special
-        out = step_input(torch.zeros(2, 2, 0, dtype=torch.long, device=device), step, (0, 1), embeddings, table,
-                         VOCAB, 0, backend=backend).cpu()
-        expected = embeddings.cpu()[:, VOCAB].sum(0) + table.cpu()[step]
-        assert torch.allclose(out, expected.expand(2, 1, DIM), rtol=0, atol=1e-6)
+    # an empty sequence: only step 0, all special
+    out = pattern_step_input(torch.zeros(2, 2, 0, dtype=torch.long, device=device), 0, embeddings, table, VOCAB,
+                             backend=backend).cpu()
+    expected = embeddings.cpu()[:, VOCAB].sum(0) + table.cpu()[0]
+    assert torch.allclose(out, expected.expand(2, 1, DIM), rtol=0, atol=1e-6)
 
 
 def test_float64_tables_take_the_pytorch_path():
-    codes, embeddings = _codes(2, 2), _tables(2, dtype=torch.float64)
-    out = step_input(codes, 3, (0, 1), embeddings, _positions(4)[3], VOCAB, FRAMES)  # "auto"
-    sequence = make_pattern("delay", 2).build(codes, VOCAB)
+    sequence, embeddings = _delayed(_codes(2, 2), (0, 1)), _tables(2, dtype=torch.float64)
+    out = pattern_step_input(sequence, 3, embeddings, _positions(4)[3], VOCAB)  # "auto"
     assert out.dtype == torch.float64
     assert torch.allclose(out, reference_input(sequence, 3, embeddings, _positions(4)[3]), rtol=0, atol=1e-12)
     if TRITON_DEVICE is not None:
         with pytest.raises(ValueError, match="float32, bfloat16 or float16 embeddings, got torch.float64"):
-            step_input(codes.to(TRITON_DEVICE), 3, (0, 1), embeddings.to(TRITON_DEVICE),
-                       _positions(4)[3].to(TRITON_DEVICE), VOCAB, FRAMES, backend="triton")
+            pattern_step_input(sequence.to(TRITON_DEVICE), 3, embeddings.to(TRITON_DEVICE),
+                               _positions(4)[3].to(TRITON_DEVICE), VOCAB, backend="triton")
 
 
 def test_bad_input_is_refused():
-    codes, embeddings, row, delays = _codes(2, 4), _tables(4), _positions(1)[0], torch.arange(4)
-    call = lambda **kw: step_input(**dict(dict(codes=codes, step=2, delays=delays, embeddings=embeddings,  # noqa: E731
-                                               positions=row, special=VOCAB, frames=FRAMES), **kw))
-    with pytest.raises(ValueError, match=r"codes must have shape \[B, K, T\], got \(4, 5\)"):
-        call(codes=codes[0])
-    with pytest.raises(ValueError, match="codes must be an int64 or int32 tensor, got torch.float32"):
-        call(codes=codes.float())
+    sequence, embeddings, row = _codes(2, 4), _tables(4), _positions(1)[0]
+    call = lambda **kw: pattern_step_input(**dict(dict(sequence=sequence, step=2, embeddings=embeddings,  # noqa: E731
+                                                       positions=row, special=VOCAB), **kw))
+    with pytest.raises(ValueError, match=r"sequence must have shape \[B, K, S\], got \(4, 5\)"):
+        call(sequence=sequence[0])
+    with pytest.raises(ValueError, match="sequence must be an int64 or int32 tensor, got torch.float32"):
+        call(sequence=sequence.float())
     with pytest.raises(ValueError, match=r"embeddings must have shape \[K, V \+ 1, dim\].*got \(12, 300\)"):
         call(embeddings=embeddings[0])
-    with pytest.raises(ValueError, match=r"codes \(2, 3, 5\) has K=3 codebooks but embeddings \(4, 12, 300\) has K=4"):
-        call(codes=codes[:, :3])
+    with pytest.raises(ValueError, match=r"sequence \(2, 3, 5\) has K=3 codebooks but embeddings \(4, 12, 300\) has "
+                                         r"K=4"):
+        call(sequence=sequence[:, :3])
     with pytest.raises(ValueError, match="special must be V=11, the last row of the embedding tables"):
         call(special=VOCAB + 1)
     with pytest.raises(ValueError, match=r"positions must be this step's row \[dim\] or a table \[P, dim\] with "
                                          r"dim=300, got \(299,\)"):
         call(positions=row[:-1])
-    with pytest.raises(ValueError, match=r"delays must have shape \[K\] = \(4,\), one per codebook, got \(3,\)"):
-        call(delays=delays[:3])
-    with pytest.raises(ValueError, match=r"delays \(0, 1\) has length 2; expected one per codebook, K=4"):
-        call(delays=(0, 1))
-    with pytest.raises(ValueError, match=r"delays must all be >= 0, got \(0, -1, 2, 3\)"):
-        call(delays=(0, -1, 2, 3))
-    with pytest.raises(ValueError, match="delays must be an int64 or int32 tensor, got torch.float32"):
-        call(delays=delays.float())
-    with pytest.raises(ValueError, match=r"step=9 is out of range: expected 0 <= step <= frames \+ max\(delays\) = 8"):
-        call(step=FRAMES + 4)
+    with pytest.raises(ValueError, match=r"step=6 is out of range: expected 0 <= step <= S = 5"):
+        call(step=FRAMES + 1)
     with pytest.raises(ValueError, match=r"step=-1 is out of range"):
         call(step=-1)
     with pytest.raises(ValueError, match="step=3 needs row 3 of the positions table, which has P=3 rows"):
@@ -315,15 +299,11 @@ def test_bad_input_is_refused():
         call(step=torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"step \(an int or a one-element integer tensor\) must be an int, got 1.0"):
         call(step=1.0)
-    with pytest.raises(ValueError, match=r"frames=6 is out of range: expected 0 <= frames <= T=5"):
-        call(frames=FRAMES + 1)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         call(backend="cuda")
-    sequence = make_pattern("flatten", 4).build(codes, VOCAB)
+    flattened = make_pattern("flatten", 4).build(sequence, VOCAB)
     with pytest.raises(ValueError, match=r"step=21 is out of range: expected 0 <= step <= S = 20"):
-        pattern_step_input(sequence, 21, embeddings, row, VOCAB)
-    with pytest.raises(ValueError, match=r"sequence must have shape \[B, K, S\], got \(4, 20\)"):
-        pattern_step_input(sequence[0], 1, embeddings, row, VOCAB)
+        pattern_step_input(flattened, 21, embeddings, row, VOCAB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,11 +323,10 @@ def _compile_report():
 
     kernel = module._step_input_kernel
     variants = {  # name -> (dtypes, constexprs)
-        # the CUDA-graph decode step: delays, step read from memory, the position table
-        "delay-graph": (("bf16",), dict(DELAYED=True, STEP_IN_MEMORY=True, POS_TABLE=True)),
-        # any pattern from its sequence: no delays, an int step, this step's position row
-        "pattern-int": (("fp32",), dict(delays_ptr=None, step_ptr=None, DELAYED=False, STEP_IN_MEMORY=False,
-                                        POS_TABLE=False)),
+        # the CUDA-graph decode step: the step read from memory, the position table
+        "graph": (("bf16",), dict(STEP_IN_MEMORY=True, POS_TABLE=True)),
+        # an eager step: an int step, this step's position row
+        "int-step": (("fp32",), dict(step_ptr=None, STEP_IN_MEMORY=False, POS_TABLE=False)),
     }
     report = {}
     for arch in (80, 90):
@@ -355,7 +334,7 @@ def _compile_report():
             for dtype in dtypes:
                 constexprs = dict(flags, NUM_CODEBOOKS=4, BLOCK_D=module.TRITON_BLOCK_D)
                 sig = {arg: "i32" for arg in kernel.arg_names}
-                sig.update(codes_ptr="*i64", delays_ptr="*i64", step_ptr="*i64", emb_ptr=f"*{dtype}",
+                sig.update(seq_ptr="*i64", step_ptr="*i64", emb_ptr=f"*{dtype}",
                            pos_ptr="*fp32", out_ptr=f"*{dtype}")
                 sig.update({key: "constexpr" for key in constexprs})
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from mmdgen.train.codec import CodecTrainConfig, CodecTrainer, si_snr
+from mmdgen.losses.reconstruction import si_snr
+from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import soundfile
 import torch
 
 from mmdgen.data.build import BuildConfig, build_corpus
-from mmdgen.train.data import (AudioDataset, ShardedSampler, collate, folder_entries, manifest_entries,
-                               read_audio)
+from mmdgen.data.audio import AudioDataset, collate, folder_entries, manifest_entries, read_audio
+from mmdgen.train.sampler import ShardedSampler
 
 
 @pytest.fixture(scope="module")

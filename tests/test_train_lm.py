@@ -11,11 +11,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mmdgen.data.tokenize import CODES, HEADER, TokenSet, tokenize_corpus
-from mmdgen.model.codec import Codec, codec_config, save_codec
+from mmdgen.losses.lm import IGNORE, codebook_losses
+from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import make_pattern
-from mmdgen.train.lm import (IGNORE, LMTrainConfig, LMTrainer, codebook_losses, learning_rate, load_music_lm,
-                             teacher_forcing)
+from mmdgen.pretrained.directory import load_music_lm, save_codec
+from mmdgen.train.lm import LMTrainConfig, LMTrainer, learning_rate, teacher_forcing
 
 CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle", "a slow air on oboe", "a baroque chorale on organ"]
 
@@ -42,8 +43,8 @@ def corpus(tmp_path_factory):
 
 
 def test_tokenize_writes_each_clips_own_codes(corpus):
-    from mmdgen.model.codec import load_codec
-    from mmdgen.train.data import read_audio
+    from mmdgen.data.audio import read_audio
+    from mmdgen.pretrained.directory import load_codec
 
     tokens = TokenSet(corpus / "tokens", "train")
     assert len(tokens) == 8 and len(TokenSet(corpus / "tokens", "valid")) == 2

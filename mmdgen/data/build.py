@@ -34,7 +34,7 @@ from tqdm import tqdm
 from mmdgen.data.captions import caption
 from mmdgen.data.corpus import INSTRUMENTS, STYLES, Work, list_works
 from mmdgen.data.render import RenderError, check_renderer, excerpt_start, parse_work, render_clip
-from mmdgen.files import write_atomic, write_text_atomic
+from mmdgen.files import read_jsonl, write_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 
@@ -240,7 +240,7 @@ def _report(results: list[dict], cfg: BuildConfig, elapsed: float, out: Path) ->
     failures = Counter()
     for r in results:
         failures.update(r.get("failures", {}))
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "manifest.jsonl")
     rendered_now = sum(r["clips"] for r in results if not r["skipped"])
     return {
         "clips": len(records),

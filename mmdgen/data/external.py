@@ -19,7 +19,7 @@ settings is refused, never mixed.
 
 Manifest lines carry ``path`` (relative to the output folder), ``package``, ``version``, ``source_file``
 (the track's path inside the package), ``offset`` and ``duration`` (seconds), ``sample_rate``,
-``licence`` and a ``caption`` (so ``mmdgen.train.data.manifest_entries`` reads the manifest too).
+``licence`` and a ``caption`` (so ``mmdgen.data.audio.manifest_entries`` reads the manifest too).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmdgen.data.audio import read_audio
 from mmdgen.files import write_audio, write_folder_atomic, write_text_atomic
-from mmdgen.train.data import read_audio
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ complete or absent. ``TokenSet`` reads it back, checking that the codes fit the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,28 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmdgen.files import write_folder_atomic
-from mmdgen.model.codec import load_codec
-from mmdgen.train.data import collate, manifest_entries, read_audio
+from mmdgen.data.audio import collate, manifest_entries, read_audio
+from mmdgen.files import read_weights, save_weights, write_folder_atomic
+from mmdgen.pretrained.directory import codec_identity, load_codec
 
 HEADER = "tokens.json"
 CODES = "codes.safetensors"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def codec_identity(codec_dir: str | Path) -> dict:
-    """What a token set and an LM record about the codec that made their codes."""
-    codec_dir = Path(codec_dir)
-    return {"config": json.loads((codec_dir / "config.json").read_text()),
-            "weights_sha256": file_sha256(codec_dir / "codec.safetensors")}
 
 
 def tokenize_corpus(codec_dir: str | Path, manifest: str | Path, out: str | Path, batch_size: int = 8,
@@ -84,10 +68,8 @@ def tokenize_corpus(codec_dir: str | Path, manifest: str | Path, out: str | Path
 
 
 def write_token_folder(out: Path, header: dict, codes: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     def write(tmp: Path) -> None:
-        save_file({f"codes.{split}": c.contiguous() for split, c in codes.items()}, str(tmp / CODES))
+        save_weights(tmp / CODES, {f"codes.{split}": c for split, c in codes.items()})
         (tmp / HEADER).write_text(json.dumps(header, indent=1))
 
     write_folder_atomic(out, write)
@@ -104,8 +86,6 @@ class TokenSet:
     """The clips of one split of a token folder."""
 
     def __init__(self, folder: str | Path, split: str = "train"):
-        from safetensors.torch import load_file
-
         self.folder = Path(folder)
         header_path, codes_path = self.folder / HEADER, self.folder / CODES
         for path in (header_path, codes_path):
@@ -118,7 +98,7 @@ class TokenSet:
             raise ValueError(f"{header_path}: not a token header ({error})") from error
         self.num_codebooks, self.codebook_size, self.split = k, size, split
         self.records = [r for r in self.header["clips"] if r["split"] == split]
-        tensors = load_file(str(codes_path))
+        tensors = read_weights(codes_path, "a token folder's codes")
         self.codes = tensors.get(f"codes.{split}", torch.zeros(k, 0, dtype=torch.int16))
         if self.codes.shape != (k, self.header["splits"].get(split, 0)):
             raise ValueError(f"{codes_path}: split {split!r} holds codes {tuple(self.codes.shape)}, the header "

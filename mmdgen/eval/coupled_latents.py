@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from mmdgen.kernels.mmd import independence_loss, joint_samples, naive_rbf_mmd, rbf_mmd
+from mmdgen.kernels.mmd import naive_rbf_mmd, rbf_mmd
+from mmdgen.losses.independence import independence_loss, joint_samples
 
 
 @dataclass

@@ -8,7 +8,6 @@ figures. Each function writes its PNG atomically (``mmdgen.files.write_atomic``)
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torchaudio
 from matplotlib.figure import Figure
 
-from mmdgen.files import write_atomic
+from mmdgen.files import read_jsonl, write_atomic
 
 DPI = 100
 ANNOTATE_UP_TO = 12  # codebooks: beyond that the cell values no longer fit in the cells
@@ -136,8 +135,7 @@ def plot_training_curves(metrics_jsonl_path: str | Path, keys: Sequence[str], pa
     the train and valid series of a metric are separate lines."""
     if not keys:
         raise ValueError("keys is empty; expected at least one metric name")
-    lines = Path(metrics_jsonl_path).read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    rows = read_jsonl(metrics_jsonl_path)
     available = sorted({name for row in rows for name, value in row.items()
                         if name not in ("kind", "step", "time") and isinstance(value, (int, float))})
     missing = [key for key in keys if key not in available]

@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import torch
 
-from mmdgen.data.tokenize import codec_identity
 from mmdgen.generate.loop import Sampling, decode
-from mmdgen.model.codec import Codec, load_codec
+from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
 from mmdgen.model.patterns import make_pattern
 from mmdgen.model.text import TextConditioner
+from mmdgen.pretrained.directory import load_lm_codec, load_music_lm
 
 __all__ = ["Generator", "Sampling"]
 
@@ -52,17 +52,8 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, codec_dir: str | Path | None = None, device: str = "cpu",
                         backend: str = "auto", compile: bool = False, cuda_graph: bool = False) -> "Generator":
-        from mmdgen.train.lm import load_music_lm
-
-        model_dir = Path(model_dir)
         lm, text, config = load_music_lm(model_dir, device)
-        codec_dir = Path(codec_dir) if codec_dir is not None else model_dir / "codec"
-        if not (codec_dir / "codec.safetensors").exists():
-            raise ValueError(f"{codec_dir}: no codec here; pass codec_dir, the codec the LM's tokens came from")
-        if codec_identity(codec_dir)["weights_sha256"] != config["codec"]["weights_sha256"]:
-            raise ValueError(f"{codec_dir / 'codec.safetensors'} is not the codec {model_dir} was trained on "
-                             "(its weights hash differs)")
-        return cls(lm, text, load_codec(codec_dir, device), backend, compile, cuda_graph)
+        return cls(lm, text, load_lm_codec(model_dir, config, codec_dir, device), backend, compile, cuda_graph)
 
     @property
     def sample_rate(self) -> int:

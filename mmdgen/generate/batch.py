@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mmdgen.files import write_audio, write_text_atomic
+from mmdgen.files import read_jsonl, read_jsonl_numbered, write_audio, write_text_atomic
 from mmdgen.generate import Generator, Sampling
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -39,16 +39,9 @@ def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
     if not path.exists():
         raise ValueError(f"{path}: no such prompts file")
     requests, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            text = record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" ({error})") from error
-        request = Request(str(record.get("id", f"{number:05d}")), str(text), float(record.get("duration", duration)),
-                          int(record.get("seed", seed + number)))
+    for number, record in read_jsonl_numbered(path, required=("text",)):
+        request = Request(str(record.get("id", f"{number:05d}")), str(record["text"]),
+                          float(record.get("duration", duration)), int(record.get("seed", seed + number)))
         if not _SAFE_ID.match(request.id) or request.id in seen:
             raise ValueError(f"{path}:{number}: id {request.id!r} must be unique and use only letters, digits, "
                              "'.', '_' and '-' (it names the output file)")
@@ -108,20 +101,9 @@ def _record(request: Request, seed: int) -> dict:
 
 
 def _previous_manifest(out_dir: Path) -> list[dict]:
-    """The records of an earlier run; a line torn by a kill during the write cannot exist (atomic writes), a
-    damaged file is an error naming it."""
+    """The records of an earlier run (atomic writes: a kill leaves the previous whole file)."""
     path = out_dir / "manifest.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON line ({error}); remove the file to rebuild it from "
-                                 "the clips") from error
-    return records
+    return read_jsonl(path) if path.exists() else []
 
 
 def _batches(requests: list[Request], size: int):

@@ -59,7 +59,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, choose_backend, describe_shape, dot_precision
 
 MAX_QUERIES = 16
 TRITON_BLOCK_N = 64  # cache positions per tile
@@ -67,7 +67,6 @@ TRITON_MIN_CHUNK = 64  # positions per split: multiples of TRITON_BLOCK_N in [MI
 TRITON_MAX_CHUNK = 256
 TRITON_TARGET_PROGRAMS = 512  # B * H * splits to aim for: a few waves over 108-132 SMs
 TRITON_BLOCK_SPLITS = 16  # partials merged per iteration of the combine kernel
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -76,15 +75,11 @@ _LOG2E = 1.0 / math.log(2.0)
 # ----------------------------------------------------------------------------------------------
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check(query, keys, values, length, key_mask, scale, causal) -> float:
     """Raise ValueError on bad input; return the softmax scale."""
     for name, t in (("query", query), ("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must have shape [B, H, steps, head_dim], got {_shape(t)}")
+            raise ValueError(f"{name} must have shape [B, H, steps, head_dim], got {describe_shape(t)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if keys.shape != values.shape:
@@ -107,7 +102,7 @@ def _check(query, keys, values, length, key_mask, scale, causal) -> float:
                              f"and {t.dtype}/{t.device}")
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.shape != (batch, s_max):
-            raise ValueError(f"key_mask must have shape [B, S_max] = {(batch, s_max)}, got {_shape(key_mask)}")
+            raise ValueError(f"key_mask must have shape [B, S_max] = {(batch, s_max)}, got {describe_shape(key_mask)}")
         if key_mask.dtype != torch.bool:
             raise ValueError(f"key_mask must be a bool tensor (False = masked), got {key_mask.dtype}")
         if key_mask.device != query.device:
@@ -304,8 +299,6 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _triton_attention(query, keys, values, length, key_mask, scale, causal):
-    if query.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the triton decode attention takes float32, bfloat16 or float16, got {query.dtype}")
     batch, heads, num_queries, head_dim = query.shape
     s_max = keys.shape[2]
     out = torch.empty(batch, heads, num_queries, head_dim, dtype=query.dtype, device=query.device)
@@ -354,8 +347,6 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     ``"torch"``.
     """
     scale = _check(query, keys, values, length, key_mask, scale, bool(causal))
-    chosen = resolve_backend(backend, query.device)
-    if chosen == "triton" and query.dtype == torch.float64 and backend == "auto":
-        chosen = "torch"
+    chosen = choose_backend(backend, query.device, query.dtype, "decode attention")
     run = _triton_attention if chosen == "triton" else _torch_attention
     return run(query, keys, values, length, key_mask, scale, bool(causal))

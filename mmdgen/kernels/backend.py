@@ -2,7 +2,9 @@
 
 ``backend="auto"`` picks Triton for CUDA tensors when triton imports, the PyTorch path otherwise.
 The environment variable ``MMDGEN_BACKEND=triton|torch`` overrides ``"auto"``; an explicit
-``backend=`` argument overrides both. Triton also runs on CPU tensors through its interpreter when
+``backend=`` argument overrides both. Every public op chooses through ``choose_backend``, which also sends
+what a kernel does not take (a dtype outside ``TRITON_DTYPES``, a size limit) to the PyTorch path under
+"auto". Triton also runs on CPU tensors through its interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported (that is how the tests exercise it).
 """
 
@@ -14,6 +16,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MMDGEN_BACKEND"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel here takes
 
 try:
     import triton
@@ -59,6 +62,40 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend 'triton' was requested but cannot run: {reason}")
         return "triton"
     return "triton" if reason is None and device.type == "cuda" else "torch"
+
+
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, kernel: str, operand: str = "",
+                   refusal: str | None = None) -> str:
+    """The path a public op runs: ``resolve_backend``, then the PyTorch path for what its kernel does not take.
+
+    ``kernel`` and ``operand`` name the op's kernel and the tensor whose dtype counts in messages ("the triton
+    <kernel> takes float32, bfloat16 or float16 <operand>, got ..."). ``refusal``: why the kernel cannot take
+    this input for another reason (a size limit), or None. Under "auto" (or the environment) a dtype outside
+    ``TRITON_DTYPES`` or a refusal quietly takes the PyTorch path (fp64 gradchecks and references stay exact);
+    an explicit ``backend="triton"`` raises ValueError instead.
+    """
+    chosen = resolve_backend(backend, device)
+    if chosen != "triton":
+        return chosen
+    reason = refusal
+    if dtype not in TRITON_DTYPES:
+        what = f" {operand}" if operand else ""
+        reason = f"the triton {kernel} takes float32, bfloat16 or float16{what}, got {dtype}"
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(reason)
+    return "torch"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the PyTorch paths compute in: fp64 for fp64 inputs (exact references, gradcheck), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def describe_shape(value) -> str:
+    """For error messages: a tensor's shape as a tuple, the type name of anything else."""
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -50,12 +50,11 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, accumulation_dtype, choose_backend, describe_shape
 
 # Default rows per chunk: CHUNK_ELEMENTS // V (4096 rows of V = 2048, a 32 MiB fp32 logits buffer).
 CHUNK_ELEMENTS = 1 << 23
 TRITON_BLOCK_V = 2048
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # CPU exp is slow on underflowing arguments: the PyTorch path floors them (see the module docstring).
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
@@ -66,17 +65,13 @@ _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 # ----------------------------------------------------------------------------------------------
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check(hidden, weight, targets, ignore_index, chunk_rows) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must have shape [N, C], got {_shape(hidden)}")
+        raise ValueError(f"hidden must have shape [N, C], got {describe_shape(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
-        raise ValueError(f"weight must have shape [K, V, C], got {_shape(weight)}")
+        raise ValueError(f"weight must have shape [K, V, C], got {describe_shape(weight)}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(f"targets must have shape [N, K], got {_shape(targets)}")
+        raise ValueError(f"targets must have shape [N, K], got {describe_shape(targets)}")
     n, c = hidden.shape
     k, v, wc = weight.shape
     if not hidden.is_floating_point():
@@ -110,10 +105,6 @@ def _check_range(targets: torch.Tensor, valid: torch.Tensor, num_classes: int, i
         value = int(targets[row, codebook])
         raise ValueError(f"target {value} at position {row} of codebook {codebook} is out of range: expected "
                          f"0 <= target < V={num_classes} or ignore_index={ignore_index}")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +204,7 @@ def _fused_pass(hidden, weight, targets, ignore_index, chunk_rows, backend, need
     counts = valid.sum(dim=0).tolist()
     scales = [1.0 / (heads * count) if count else 0.0 for count in counts]
     with_grad = need_hidden or need_weight
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = accumulation_dtype(hidden.dtype)
     # Triton with half inputs: half matmul operands, fp32 outputs; otherwise every operand in `dtype`.
     mixed = backend == "triton" and hidden.dtype in _HALF_DTYPES
     rows_fn = _triton_rows if backend == "triton" else _torch_rows
@@ -268,7 +259,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         heads = weight.shape[0]
         denominators = torch.tensor([max(count, 1) for count in counts], dtype=torch.float64, device=sums.device)
         per_codebook = sums / denominators  # 0 for a codebook without valid targets
-        out_dtype = _compute_dtype(hidden.dtype)
+        out_dtype = accumulation_dtype(hidden.dtype)
         loss = (per_codebook.sum() / heads).to(out_dtype)
         ctx.save_for_backward(None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                               None if grad_weight is None else grad_weight.to(weight.dtype))
@@ -305,11 +296,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ``MMDGEN_BACKEND``), ``"triton"``, ``"torch"``.
     """
     _check(hidden, weight, targets, ignore_index, chunk_rows)
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "triton" and hidden.dtype not in _TRITON_DTYPES:
-        if backend != "auto":
-            raise ValueError(f"the triton cross-entropy takes float32, bfloat16 or float16, got {hidden.dtype}")
-        chosen = "torch"  # fp64 (gradcheck, references) stays exact on the PyTorch path
+    chosen = choose_backend(backend, hidden.device, hidden.dtype, "cross-entropy")
     grad_on = torch.is_grad_enabled()
     need_hidden = grad_on and hidden.requires_grad
     need_weight = grad_on and weight.requires_grad

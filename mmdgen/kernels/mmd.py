@@ -1,4 +1,5 @@
-"""The independence-promoting loss: MMD^2 with a sum of Gaussian kernels, fused and memory-linear.
+"""MMD^2 with a sum of Gaussian kernels, fused and memory-linear: the kernel of the independence loss
+(``mmdgen.losses.independence`` builds the loss's samples and calls ``sharded_rbf_mmd``).
 
 Maths. For joint samples ``x`` and product-of-marginals samples ``y``, both ``[N, F]``, and the kernel
 ``k(u, v) = sum_a exp(-|u - v|^2 / (2 a))`` over the bandwidths ``a`` (variances)::
@@ -29,9 +30,8 @@ the forward pass also produces it (the exponentials are shared), so backward is 
 
 Memory: O(N F) for the inputs, norms and gradients, plus O(tile^2) scratch; never O(N^2).
 
-Distributed: ``independence_loss`` gathers the samples of every rank (the permutation spans ranks),
-splits the pair tiles across ranks, all-reduces the kernel sums and sums the partial gradients in
-the gather's backward. Every rank gets the global loss and the exact gradient of its own samples.
+Distributed: ``sharded_rbf_mmd`` visits one rank's share of the pair tiles (``Shard``) and all-reduces
+the kernel sums; the caller gathers the samples and sums the ranks' partial gradients.
 """
 
 from __future__ import annotations
@@ -44,18 +44,16 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, accumulation_dtype, choose_backend, dot_precision
 
 DEFAULT_BANDWIDTHS = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0)
 TORCH_TILE = 512
 TRITON_BLOCK = 64
 TRITON_BLOCK_F = 64
-STANDARDIZE_EPS = 1e-8
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
-class _Shard:
+class Shard:
     """This rank's share of the pair tiles when the samples are spread over a process group."""
 
     rank: int
@@ -63,7 +61,7 @@ class _Shard:
     group: object = None
 
 
-_SINGLE = _Shard(rank=0, world=1)
+SINGLE_PROCESS = Shard(rank=0, world=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +69,7 @@ _SINGLE = _Shard(rank=0, world=1)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_bandwidths(bandwidths: Sequence[float]) -> tuple[float, ...]:
+def check_bandwidths(bandwidths: Sequence[float]) -> tuple[float, ...]:
     try:
         values = tuple(float(a) for a in bandwidths)
     except TypeError as error:
@@ -84,7 +82,7 @@ def _check_bandwidths(bandwidths: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
+def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         count = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name} holds {count} non-finite values (NaN or inf); expected finite numbers")
@@ -106,8 +104,8 @@ def _check_samples(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"the MMD needs at least 2 samples, got N={x.shape[0]}")
     if x.shape[1] < 1:
         raise ValueError(f"samples need at least one feature, got F={x.shape[1]}")
-    _check_finite("x", x)
-    _check_finite("y", y)
+    check_finite("x", x)
+    check_finite("y", y)
 
 
 def _gammas(bandwidths: tuple[float, ...]) -> tuple[float, ...]:
@@ -118,10 +116,6 @@ def _gammas(bandwidths: tuple[float, ...]) -> tuple[float, ...]:
 # ----------------------------------------------------------------------------------------------
 # PyTorch path
 # ----------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _squared_distances_into(out, a, a_norm, c, c_norm):
@@ -151,7 +145,7 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """
     tile = TORCH_TILE
     n = x.shape[0]
-    dtype = _compute_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     values = {"x": x.to(dtype), "y": y.to(dtype)}
     norms = {name: v.square().sum(dim=1) for name, v in values.items()}
     blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
@@ -332,8 +326,6 @@ if TRITON_IMPORT_ERROR is None:
 
 def _triton_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """Same contract as ``_torch_pass``, on the Triton kernels. Memory: O(N F)."""
-    if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the triton MMD kernels take float32, bfloat16 or float16, got {x.dtype}")
     block = TRITON_BLOCK
     n, f_dim = x.shape
     x, y = x.contiguous(), y.contiguous()
@@ -393,7 +385,7 @@ class _RBFMMDFunction(torch.autograd.Function):
         if with_grad:
             ctx.save_for_backward(gx, gy)
             ctx.input_dtype = x.dtype
-        return value.to(_compute_dtype(x.dtype))
+        return value.to(accumulation_dtype(x.dtype))
 
     @staticmethod
     @once_differentiable
@@ -405,12 +397,13 @@ class _RBFMMDFunction(torch.autograd.Function):
         return grad_x, grad_y, None, None, None, None, None, None
 
 
-def _rbf_mmd(x, y, bandwidths, unbiased, backend, shard, cross_pairs=None):
-    """rbf_mmd without input checks; ``cross_pairs`` (default N^2) divides the xy kernel sum."""
-    gammas = _gammas(_check_bandwidths(bandwidths))
-    chosen = resolve_backend(backend, x.device)
-    if chosen == "triton" and x.dtype == torch.float64 and backend == "auto":
-        chosen = "torch"  # the kernels are for fp32/bf16/fp16; fp64 (gradcheck, references) stays exact
+def sharded_rbf_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float], unbiased: bool, backend: str,
+                    shard: Shard, cross_pairs: int | None = None) -> torch.Tensor:
+    """``rbf_mmd`` without the sample checks, over ``shard``'s share of the pair tiles (its kernel sums are
+    all-reduced over the shard's group; each rank's gradient is its share's). ``cross_pairs`` (default N^2)
+    divides the xy kernel sum."""
+    gammas = _gammas(check_bandwidths(bandwidths))
+    chosen = choose_backend(backend, x.device, x.dtype, "MMD kernel")
     with_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     cross_pairs = cross_pairs or x.shape[0] ** 2
     return _RBFMMDFunction.apply(x, y, gammas, bool(unbiased), chosen, shard, with_grad, cross_pairs)
@@ -427,177 +420,7 @@ def rbf_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = DEFA
     ``"torch"``.
     """
     _check_samples(x, y)
-    return _rbf_mmd(x, y, bandwidths, unbiased, backend, _SINGLE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Independence loss over codec latents
-# ----------------------------------------------------------------------------------------------
-
-
-def joint_samples(latents: torch.Tensor, delay: bool = False) -> torch.Tensor:
-    """[B, K, D, T] per-stage latents -> [N, K, D] joint samples, N = B * T (or B * (T - K + 1)).
-
-    With ``delay`` the sample at step t groups stage k at frame t - k, i.e. exactly the codes the delay
-    pattern predicts in one step; frames where a stage would be padded are cropped.
-    """
-    batch, stages, dim, frames = latents.shape
-    if delay:
-        if frames < stages:
-            raise ValueError(f"delay alignment of {stages} stages needs at least {stages} frames, got T={frames}")
-        kept = frames - stages + 1
-        latents = torch.stack([latents[:, k, :, stages - 1 - k: stages - 1 - k + kept] for k in range(stages)], 1)
-    return latents.permute(0, 3, 1, 2).reshape(-1, stages, dim)
-
-
-def standardize(samples: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance per feature over the N samples (unbiased variance, eps 1e-8)."""
-    mean = samples.mean(dim=0, keepdim=True)
-    var = samples.var(dim=0, keepdim=True)
-    return (samples - mean) / torch.sqrt(var + STANDARDIZE_EPS)
-
-
-def codebook_permutations(num_samples: int, stages: int, generator: torch.Generator | None,
-                          device: torch.device) -> torch.Tensor:
-    """[K, N] independent permutations of the N samples, one per codebook."""
-    if generator is not None:
-        perms = [torch.randperm(num_samples, generator=generator, device=generator.device) for _ in range(stages)]
-    else:
-        perms = [torch.randperm(num_samples, device=device) for _ in range(stages)]
-    return torch.stack(perms).to(device)
-
-
-def product_of_marginals(samples: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """y[n, k] = samples[perms[k, n], k]: the codebooks decoupled, each marginal kept."""
-    return torch.stack([samples[perms[k], k] for k in range(samples.shape[1])], dim=1)
-
-
-def shared_pairs(perms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i, j) where the joint sample x_i lent a codebook to y_j (i = perms[k, j] for some k).
-
-    Such a pair holds the same vector twice, so its kernel value is larger than that of two independent
-    draws: kept in the xy average, it biases the estimate below zero by O(K/N), as large as its
-    standard deviation at any N. Each pair appears once even when several codebooks came from x_i.
-    """
-    sources, _ = perms.T.sort(dim=1)  # [N, K]: the samples y_j drew its codebooks from
-    first = torch.ones_like(sources, dtype=torch.bool)
-    first[:, 1:] = sources[:, 1:] != sources[:, :-1]
-    cols = torch.arange(sources.shape[0], device=perms.device)[:, None].expand_as(sources)
-    return sources[first], cols[first]
-
-
-def _pair_kernel_sum(a: torch.Tensor, b: torch.Tensor, gammas: tuple[float, ...]) -> torch.Tensor:
-    """sum_p k(a_p, b_p) over row pairs, from exact differences."""
-    sq_dist = (a - b).square().sum(dim=1)
-    return sum(torch.exp(-gamma * sq_dist).sum() for gamma in gammas)
-
-
-class _AllReduceValue(torch.autograd.Function):
-    """The sum over ranks in forward; the gradient of this rank's own term in backward (the
-    ranks' partial gradients are summed by the gather's backward)."""
-
-    @staticmethod
-    def forward(ctx, local, group):
-        total = local.clone()
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _active_group(process_group):
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-class _GatherSamples(torch.autograd.Function):
-    """All ranks' samples concatenated in rank order; backward sums the ranks' partial gradients."""
-
-    @staticmethod
-    def forward(ctx, local, group):
-        world = dist.get_world_size(group)
-        count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=group)
-        counts = [int(c) for c in counts]
-        padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
-        padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        ctx.group, ctx.counts, ctx.rank = group, counts, dist.get_rank(group)
-        return torch.cat([part[:c] for part, c in zip(parts, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        start = sum(ctx.counts[: ctx.rank])
-        return grad[start: start + ctx.counts[ctx.rank]], None
-
-
-def independence_loss(latents: torch.Tensor, *, delay: bool = False,
-                      bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, unbiased: bool = True,
-                      normalize: bool = True, generator: torch.Generator | None = None, backend: str = "auto",
-                      exclude_shared: bool = True, process_group=None) -> torch.Tensor:
-    """L_inde: MMD^2 between the joint distribution of the K per-stage latents and the product of marginals.
-
-    ``latents``: ``[B, K, D, T]``, the quantized latents of each RVQ stage. Steps: delay-align
-    (optional), flatten batch and time to N samples of ``K * D``, standardise each feature over the N
-    samples (optional), draw the product-of-marginals sample by an independent permutation of the
-    samples per codebook (seeded by ``generator``), return ``rbf_mmd``. The gradient reaches
-    ``latents`` through both samples.
-
-    ``exclude_shared`` (default): the xy average leaves out the pairs (x_i, y_j) where y_j took a
-    codebook from x_i (at most K per j, see ``shared_pairs``), dividing by the number of pairs kept.
-    With it the unbiased estimate is exactly unbiased for independent codebooks; without it (the
-    public reference's form, ``rbf_mmd`` on the two samples as they are) it sits about K/N below.
-
-    Distributed: when torch.distributed is initialised with more than one rank (``process_group`` or
-    the world), the samples of every rank form one global batch, rank 0 draws the permutations, the
-    pair work is split across ranks, and each rank gets the global loss with the exact gradient for
-    its own latents. Every rank must call this (and backward) collectively. DDP averages parameter
-    gradients over ranks, so under DDP multiply this loss by the world size to get dL/dtheta.
-    """
-    if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must have shape [B, K, D, T], got {shape}")
-    if not latents.is_floating_point():
-        raise ValueError(f"latents must be floating point, got {latents.dtype}")
-    resolve_backend(backend, latents.device)  # a bad backend fails before any collective
-    bandwidths = _check_bandwidths(bandwidths)
-    _check_finite("latents", latents)
-    stages = latents.shape[1]
-    samples = joint_samples(latents, delay)
-    group = _active_group(process_group)
-    if group is not None:
-        samples = _GatherSamples.apply(samples, group)
-    num_samples = samples.shape[0]
-    if num_samples < 2:
-        raise ValueError(f"the independence loss needs at least 2 samples (B * T after delay), got {num_samples}")
-    if normalize:
-        samples = standardize(samples)
-    perms = codebook_permutations(num_samples, stages, generator, samples.device)
-    if group is not None:
-        dist.broadcast(perms, group=group, group_src=0)
-    marginals = product_of_marginals(samples, perms)
-    shard = _SINGLE if group is None else _Shard(dist.get_rank(group), dist.get_world_size(group), group)
-    x = samples.reshape(num_samples, -1)
-    y = marginals.reshape(num_samples, -1)
-    if not exclude_shared:
-        return _rbf_mmd(x, y, bandwidths, unbiased, backend, shard)
-    rows, cols = shared_pairs(perms)
-    cross_pairs = num_samples * num_samples - rows.numel()
-    value = _rbf_mmd(x, y, bandwidths, unbiased, backend, shard, cross_pairs=cross_pairs)
-    mine = cols % shard.world == shard.rank
-    dtype = _compute_dtype(x.dtype)
-    shared = _pair_kernel_sum(x[rows[mine]].to(dtype), y[cols[mine]].to(dtype), _gammas(bandwidths))
-    if shard.world > 1:
-        shared = _AllReduceValue.apply(shared, shard.group)
-    return value + (2.0 / cross_pairs) * shared.to(value.dtype)
+    return sharded_rbf_mmd(x, y, bandwidths, unbiased, backend, SINGLE_PROCESS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,13 +70,12 @@ import numbers
 
 import torch
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, choose_backend, describe_shape
 
 TRITON_MAX_V = 16384
 # Compile options of the kernel launch: no FMA contraction, so that each fp32 multiply and add rounds as in
 # eager PyTorch (the bit-identical codes of the two paths depend on it; tests check the PTX).
 TRITON_OPTIONS = {"enable_fp_fusion": False}
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +109,6 @@ def gumbel_noise(shape, generator: torch.Generator | None = None, device: torch.
 # ----------------------------------------------------------------------------------------------
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -121,7 +116,7 @@ def _is_real(value) -> bool:
 def _check(logits, guidance_scale, temperature, top_k, top_p, generator, noise) -> tuple[int, int, int]:
     """(B, K, V); ValueError on any bad argument."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must have shape [R, K, V], got {_shape(logits)}")
+        raise ValueError(f"logits must have shape [R, K, V], got {describe_shape(logits)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     rows, heads, vocab = logits.shape
@@ -148,7 +143,7 @@ def _check(logits, guidance_scale, temperature, top_k, top_p, generator, noise) 
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, heads, vocab):
             raise ValueError(f"noise must have shape [B, K, V] = {(batch, heads, vocab)} for logits "
                              f"{tuple(logits.shape)} (guidance {'on' if guidance_scale is not None else 'off'}), "
-                             f"got {_shape(noise)}")
+                             f"got {describe_shape(noise)}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be floating point Gumbel noise, got {noise.dtype}")
         if noise.device != logits.device:
@@ -304,15 +299,9 @@ def sample_next(logits: torch.Tensor, *, guidance_scale: float | None = None, te
     ``"torch"``. "auto" falls back to PyTorch for dtypes or V (> ``TRITON_MAX_V``) the kernel does not take.
     """
     batch, heads, vocab = _check(logits, guidance_scale, temperature, top_k, top_p, generator, noise)
-    chosen = resolve_backend(backend, logits.device)
-    if chosen == "triton" and (logits.dtype not in _TRITON_DTYPES or vocab > TRITON_MAX_V):
-        if backend != "auto":
-            if logits.dtype not in _TRITON_DTYPES:
-                raise ValueError(f"the triton sampling kernel takes float32, bfloat16 or float16 logits, "
-                                 f"got {logits.dtype}")
-            raise ValueError(f"the triton sampling kernel takes V <= {TRITON_MAX_V}, got V={vocab}; "
-                             "use backend='torch'")
-        chosen = "torch"
+    too_large = f"the triton sampling kernel takes V <= {TRITON_MAX_V}, got V={vocab}; use backend='torch'"
+    chosen = choose_backend(backend, logits.device, logits.dtype, "sampling kernel", "logits",
+                            refusal=too_large if vocab > TRITON_MAX_V else None)
     greedy = temperature == 0 or top_k == 1
     scale = None if guidance_scale is None else _fp32(guidance_scale)
     inv_temperature = 0.0 if greedy else _fp32(1.0 / temperature)

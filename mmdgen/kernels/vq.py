@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, accumulation_dtype, choose_backend, dot_precision
 
 TORCH_ROWS = 1024
 TORCH_CODES = 1024
 TRITON_BLOCK_N = 64
 TRITON_BLOCK_Q = 64
 TRITON_BLOCK_D = 64
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check(x: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -44,7 +43,7 @@ def _check(x: torch.Tensor, codebook: torch.Tensor) -> None:
 
 
 def _torch_search(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(x.dtype)
     x, codebook = x.to(dtype), codebook.to(dtype)
     n, q = x.shape[0], codebook.shape[0]
     code_norms = codebook.square().sum(dim=1)
@@ -102,8 +101,6 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _triton_search(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the triton VQ kernel takes float32, bfloat16 or float16, got {x.dtype}")
     x, codebook = x.contiguous(), codebook.contiguous()
     n, dim = x.shape
     q = codebook.shape[0]
@@ -129,7 +126,5 @@ def nearest_codeword(x: torch.Tensor, codebook: torch.Tensor, backend: str = "au
     ``"torch"``.
     """
     _check(x, codebook)
-    chosen = resolve_backend(backend, x.device)
-    if chosen == "triton" and x.dtype == torch.float64 and backend == "auto":
-        chosen = "torch"
+    chosen = choose_backend(backend, x.device, x.dtype, "VQ kernel")
     return (_triton_search if chosen == "triton" else _torch_search)(x, codebook)

@@ -9,18 +9,14 @@ to and from transformers' ``EncodecModel`` by name (``mmdgen.model.convert``).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from mmdgen.files import write_atomic, write_text_atomic
 from mmdgen.model.quantizer import QuantizerConfig, QuantizerOutput, ResidualVectorQuantizer
 
 
@@ -236,33 +232,3 @@ class Codec(nn.Module):
         """codes [B, K, T] -> audio [B, C, T * hop] (or ``length`` samples)."""
         audio = self.decoder(self.quantizer.decode(codes))
         return audio if length is None else audio[..., :length]
-
-
-def save_codec(codec: Codec, folder: str | Path) -> Path:
-    """A model directory: config.json + codec.safetensors, each written atomically."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in codec.state_dict().items()}
-    write_atomic(folder / "codec.safetensors", lambda tmp: save_file(weights, str(tmp)))
-    write_text_atomic(folder / "config.json", json.dumps(dataclasses.asdict(codec.cfg), indent=1))
-    return folder
-
-
-def load_codec(folder: str | Path, device: str | torch.device = "cpu") -> Codec:
-    """The codec saved by ``save_codec`` (or exported by the trainer), in eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "codec.safetensors"
-    for path in (config_path, weights_path):
-        if not path.exists():
-            raise ValueError(f"{path}: missing; a codec directory holds config.json and codec.safetensors")
-    try:
-        cfg = CodecConfig(**json.loads(config_path.read_text()))
-    except (TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path}: not a codec configuration ({error})") from error
-    codec = Codec(cfg)
-    codec.load_state_dict(load_file(str(weights_path)))
-    return codec.to(device).eval()

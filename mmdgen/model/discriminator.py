@@ -1,4 +1,4 @@
-"""EnCodec's multi-scale STFT discriminator and its losses (hinge adversarial, feature matching).
+"""EnCodec's multi-scale STFT discriminator (its losses: ``mmdgen.losses.adversarial``).
 
 Each scale looks at the complex STFT (real and imaginary parts as channels, [B, 2C, frames, bins])
 through weight-normalised 2-D convolutions: one (3, 9) input convolution, dilated (1, 2, 4) in time
@@ -73,23 +73,3 @@ class MultiScaleSTFTDiscriminator(nn.Module):
             raise ValueError(f"the discriminator needs at least {max(self.cfg.n_ffts)} samples, got {audio.shape[-1]}")
         outputs = [scale(audio) for scale in self.scales]
         return [o[0] for o in outputs], [o[1] for o in outputs]
-
-
-def generator_adversarial_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Hinge: mean over scales of mean(relu(1 - D(fake)))."""
-    return torch.stack([F.relu(1 - logits).mean() for logits in fake_logits]).mean()
-
-
-def discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Hinge: mean over scales of mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))."""
-    return torch.stack([F.relu(1 - r).mean() + F.relu(1 + f).mean()
-                        for r, f in zip(real_logits, fake_logits)]).mean()
-
-
-def feature_matching_loss(real_features: list[list[torch.Tensor]], fake_features: list[list[torch.Tensor]]
-                          ) -> torch.Tensor:
-    """Mean over every feature map of L1(fake - real) / mean |real| (scale-free across layers)."""
-    terms = [F.l1_loss(fake, real.detach()) / (real.detach().abs().mean() + 1e-8)
-             for real_scale, fake_scale in zip(real_features, fake_features)
-             for real, fake in zip(real_scale, fake_scale)]
-    return torch.stack(terms).mean()

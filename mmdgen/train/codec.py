@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mmdgen.eval.independence import dependence_report
-from mmdgen.eval.reconstruction import si_snr
-from mmdgen.kernels.mmd import independence_loss
-from mmdgen.model.codec import Codec, codec_config, save_codec
-from mmdgen.model.discriminator import (DiscriminatorConfig, MultiScaleSTFTDiscriminator, discriminator_loss,
-                                        feature_matching_loss, generator_adversarial_loss)
-from mmdgen.train.data import AudioDataset, collate, folder_entries, manifest_entries
+from mmdgen.data.audio import AudioDataset, collate, folder_entries, manifest_entries
+from mmdgen.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from mmdgen.losses.balancer import Balancer
+from mmdgen.losses.independence import independence_loss
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, si_snr, waveform_l1
+from mmdgen.metrics.dependence import dependence_report
+from mmdgen.model.codec import Codec, codec_config
+from mmdgen.model.discriminator import DiscriminatorConfig, MultiScaleSTFTDiscriminator
+from mmdgen.pretrained.directory import save_codec
 from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
-from mmdgen.train.losses import Balancer, MultiScaleMelLoss, waveform_l1
 
 
 @dataclass

@@ -9,35 +9,33 @@ codebook over its valid cells, averaged over codebooks). The output heads and th
 (``mmdgen.kernels.cross_entropy``) unless ``fused_ce`` is off. AdamW with linear warm-up and cosine decay,
 gradient clipping, bf16 autocast on CUDA, DDP under torchrun, exact resume, validation NLL per codebook.
 
-A run folder holds ``checkpoint/``, ``metrics.jsonl`` and the final ``model/`` (``load_music_lm``).
+A run folder holds ``checkpoint/``, ``metrics.jsonl`` and the final ``model/`` (``mmdgen.pretrained``'s LM
+directory, with the codec bundled).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmdgen.data.tokenize import TokenSet, codec_identity
-from mmdgen.files import write_atomic, write_text_atomic
-from mmdgen.kernels.cross_entropy import linear_cross_entropy
-from mmdgen.model.lm import LMConfig, MusicLM, lm_config
+from mmdgen.data.tokenize import TokenSet
+from mmdgen.losses.lm import IGNORE, codebook_losses
+from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import Pattern, make_pattern
-from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner,
-                               drop_captions, text_conditioner, train_caption_tokenizer)
+from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, TextConditioner, drop_captions, text_conditioner,
+                               train_caption_tokenizer)
+from mmdgen.pretrained.directory import (BUNDLED_CODEC, codec_identity, copy_codec, is_codec_directory,
+                                         save_music_lm)
 from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 
@@ -152,25 +150,6 @@ class ConditionedLM(nn.Module):
         return codebook_losses(self.lm, hidden, targets, fused, backend)
 
 
-def codebook_losses(lm: MusicLM, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = True,
-                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-codebook mean NLL [K]) of hidden [B, S, dim] against targets [B, K, S]."""
-    k = targets.shape[1]
-    if fused:
-        flat_targets = targets.permute(0, 2, 1).reshape(-1, k)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm.head_weights().to(hidden.dtype),
-                                    flat_targets, ignore_index=IGNORE, backend=backend)
-    logits = lm.logits(hidden).float()  # [B, K, S, V]: what the fused path never materialises
-    per_codebook = []
-    for index in range(k):
-        valid = targets[:, index] != IGNORE
-        value = F.cross_entropy(logits[:, index].flatten(0, 1), targets[:, index].flatten(), ignore_index=IGNORE,
-                                reduction="sum") / valid.sum().clamp_min(1)
-        per_codebook.append(value)
-    per_codebook = torch.stack(per_codebook)
-    return per_codebook.mean(), per_codebook.detach()
-
-
 def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path, process: Process
                            ) -> tuple[TextConditioner, dict]:
     """The conditioner the config asks for, and what a model directory records to rebuild it."""
@@ -255,20 +234,18 @@ class LMTrainer(Trainer):
 
     def export(self) -> Path:
         folder = save_music_lm(self.out / "model", self.lm, self.text, self.text_record, self.codec)
-        self._bundle_codec(folder / "codec")
+        self._bundle_codec(folder / BUNDLED_CODEC)
         return folder
 
     def _bundle_codec(self, target: Path) -> None:
         """Copy the codec the tokens came from beside the LM (when it is still where it was and unchanged), so
         that the model directory alone generates audio."""
         source = Path(self.train_data.tokens.header.get("codec_dir", ""))
-        if not (source / "codec.safetensors").exists() or codec_identity(source) != self.codec:
+        if not is_codec_directory(source) or codec_identity(source) != self.codec:
             log.warning("the codec of %s is not at %s any more (or changed): the model directory holds the LM only",
                         self.cfg.tokens, source)
             return
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "codec.safetensors"):
-            write_atomic(target / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+        copy_codec(source, target)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -324,67 +301,3 @@ class LMTrainer(Trainer):
         nll = (sums / counts.clamp_min(1)).tolist()
         return {"nll": sum(nll) / len(nll), **{f"nll_k{k}": v for k, v in enumerate(nll)},
                 **{f"ppl_k{k}": math.exp(v) for k, v in enumerate(nll)}}
-
-
-# -- model directories ----------------------------------------------------------------------------------
-
-def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_record: dict, codec: dict) -> Path:
-    """A model directory: config.json (LM, text conditioner, the codec the codes came from), lm.safetensors,
-    and for a learned text encoder text.safetensors and its tokenizer."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    record = dict(text_record)
-    if record["kind"] == "learned":
-        write_atomic(folder / "text_tokenizer.model", lambda tmp: shutil.copyfile(text.tokenizer.path, tmp))
-        record["config"] = {**record["config"], "tokenizer_path": "text_tokenizer.model"}
-        weights = {k: v.detach().contiguous().cpu() for k, v in text.state_dict().items()}
-        write_atomic(folder / "text.safetensors", lambda tmp: save_file(weights, str(tmp)))
-    weights = {k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items()}
-    write_atomic(folder / "lm.safetensors", lambda tmp: save_file(weights, str(tmp)))
-    config = {"lm": dataclasses.asdict(lm.cfg), "text": record, "codec": codec}
-    write_text_atomic(folder / "config.json", json.dumps(config, indent=1))
-    return folder
-
-
-def _read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise ValueError(f"{path}: missing; expected the weights of {what} (a safetensors file)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: not a safetensors file of {what} ({error}); models come from "
-                         "`mmdgen train lm` or mmdgen.model.convert") from error
-
-
-def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MusicLM, TextConditioner, dict]:
-    """(LM, text conditioner, config) from ``save_music_lm``'s directory, in eval mode."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ValueError(f"{config_path}: missing; an LM directory holds config.json and lm.safetensors")
-    try:
-        config = json.loads(config_path.read_text())
-        lm = MusicLM(LMConfig(**config["lm"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
-    weights = _read_weights(folder / "lm.safetensors", "the LM")
-    try:
-        lm.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ValueError(f"{folder / 'lm.safetensors'}: the weights do not fit the LM of {config_path} "
-                         f"({str(error).splitlines()[0]} ...)") from error
-    record = config["text"]
-    if record["kind"] == "learned":
-        text_cfg = LearnedTextEncoderConfig(**{**record["config"],
-                                               "tokenizer_path": str(folder / record["config"]["tokenizer_path"])})
-        text = LearnedTextEncoder(text_cfg)
-        text.load_state_dict(_read_weights(folder / "text.safetensors", "the text encoder"))
-    else:
-        text = text_conditioner(record["kind"], **({"path": record["path"]} if record.get("path") else {}))
-    return lm.to(device).eval(), text.to(device).eval(), config
-

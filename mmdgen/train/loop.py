@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmdgen.files import write_folder_atomic
+from mmdgen.files import load_weights, read_jsonl, save_weights, write_folder_atomic
+from mmdgen.train.sampler import ShardedSampler
 
 STATE_FILE = "training_state.pt"
 
@@ -97,13 +98,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(folder: Path, config: dict, models: dict[str, torch.nn.Module], state: dict) -> None:
     """Atomically (re)place ``folder`` with the config, each model's weights and the training state."""
-    from safetensors.torch import save_file
-
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         for name, model in models.items():
-            weights = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
-            save_file(weights, str(tmp / f"{name}.safetensors"))
+            save_weights(tmp / f"{name}.safetensors", _unwrap(model))
         torch.save(state, tmp / STATE_FILE)
 
     write_folder_atomic(folder, write)
@@ -115,14 +113,6 @@ def checkpoint_folder(folder: Path) -> Path | None:
         if (candidate / STATE_FILE).exists() and (candidate / "config.json").exists():
             return candidate
     return None
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise ValueError(f"{path}: no such weights file")
-    _unwrap(model).load_state_dict(load_file(str(path)))
 
 
 def load_state(folder: Path) -> dict:
@@ -176,8 +166,8 @@ class MetricLog:
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
         if self.enabled and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_jsonl(self.path) if record["step"] <= step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 @dataclass
@@ -240,8 +230,6 @@ class Trainer:
         self.step, self.epoch, self.consumed = 0, 0, 0
 
     def _start(self, train_data, collate) -> None:
-        from mmdgen.train.data import ShardedSampler
-
         self.train_data, self.collate = train_data, collate
         self.sampler = ShardedSampler.for_current_process(len(train_data), seed=self.cfg.seed)
         if self.sampler.per_rank < self.cfg.batch_size * self.cfg.grad_accum:
@@ -297,7 +285,7 @@ class Trainer:
             raise ValueError(f"{folder} was written by a run with another configuration (differs in "
                              f"{', '.join(differing)}); use another --out to start afresh")
         for name, model in self.checkpoint_models().items():
-            load_weights(model, folder / f"{name}.safetensors")
+            load_weights(folder / f"{name}.safetensors", _unwrap(model), f"the checkpoint's {name}")
         state = load_state(folder)
         for name, optimizer in self.optimizers().items():
             optimizer.load_state_dict(state["optimizers"][name])

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from mmdgen.kernels.mmd import joint_samples
+from mmdgen.losses.independence import joint_samples
 
 
 def aligned_codes(codes: torch.Tensor, delay: bool = False) -> torch.Tensor:

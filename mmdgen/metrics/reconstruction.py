@@ -1,5 +1,6 @@
-"""How well a codec reconstructs audio: SI-SNR, the trainer's multi-scale mel distance, and a
-multi-resolution STFT distance, each per clip and averaged over clips by ``reconstruction_report``.
+"""How well a codec reconstructs audio: the trainer's multi-scale mel distance and a multi-resolution STFT
+distance, with SI-SNR (``mmdgen.losses.reconstruction``), each per clip and averaged over clips by
+``reconstruction_report``.
 
 Signals are ``[..., samples]`` float waveforms in [-1, 1]; estimate and reference must have the same shape.
 """
@@ -11,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from mmdgen.train.losses import MultiScaleMelLoss
+from mmdgen.losses.reconstruction import MultiScaleMelLoss, si_snr
 
 DEFAULT_FFT_SIZES = (512, 1024, 2048)
 
@@ -20,21 +21,6 @@ def _check_pair(estimate: torch.Tensor, reference: torch.Tensor) -> None:
     if estimate.shape != reference.shape:
         raise ValueError(f"estimate {tuple(estimate.shape)} and reference {tuple(reference.shape)} must have "
                          f"the same shape")
-
-
-def si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scale-invariant signal-to-noise ratio in dB, per item ([B, C, L] -> [B]).
-
-    Both signals are made zero-mean per channel; the target is the projection of the estimate on the
-    reference (per channel), the noise the rest; the ratio sums energies over channels and samples.
-    """
-    estimate = estimate - estimate.mean(-1, keepdim=True)
-    reference = reference - reference.mean(-1, keepdim=True)
-    scale = (estimate * reference).sum(-1, keepdim=True) / (reference.square().sum(-1, keepdim=True) + eps)
-    target = scale * reference
-    noise = estimate - target
-    ratio = target.square().sum((-1, -2)) / (noise.square().sum((-1, -2)) + eps)
-    return 10 * torch.log10(ratio + eps)
 
 
 @lru_cache(maxsize=4)

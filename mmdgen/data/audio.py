@@ -1,4 +1,5 @@
-"""Audio datasets for training: the built corpus (a JSONL manifest) or a plain folder of audio files.
+"""Audio in: reading a file (``read_audio``), the clips of a corpus manifest or of a plain folder of audio files
+(``Entry``), and the dataset of crops the codec trains on (``AudioDataset``, batched by ``collate``).
 
 Every item is a waveform crop resampled to the model's rate and mixed to mono, with its caption and
 the structured fields. Files that cannot serve (unreadable, silent, shorter than the crop) are
@@ -7,7 +8,6 @@ reported by name and skipped when the dataset is created, never in the middle of
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from mmdgen.files import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +115,10 @@ def manifest_entries(manifest: str | Path, split: str | None = None) -> list[Ent
     if not manifest.exists():
         raise ValueError(f"{manifest}: no such manifest")
     entries = []
-    with open(manifest) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                path, caption = record["path"], record["caption"]
-            except (json.JSONDecodeError, KeyError) as error:
-                raise ValueError(f"{manifest}:{line_number}: expected a JSON object with path and caption "
-                                 f"({error})") from error
-            if split is None or record.get("split") == split:
-                fields = {k: v for k, v in record.items() if k not in ("path", "caption")}
-                entries.append(Entry(manifest.parent / path, caption, fields))
+    for record in read_jsonl(manifest, required=("path", "caption")):
+        if split is None or record.get("split") == split:
+            fields = {k: v for k, v in record.items() if k not in ("path", "caption")}
+            entries.append(Entry(manifest.parent / record["path"], record["caption"], fields))
     return entries
 
 
@@ -154,52 +147,3 @@ def collate(batch: list[dict]) -> dict:
         raise ValueError(f"crops of different lengths {sorted(lengths)} cannot be batched; set crop_seconds")
     return {"audio": torch.stack([item["audio"] for item in batch]), "captions": [item["caption"] for item in batch],
             "fields": [item["fields"] for item in batch]}
-
-
-class ShardedSampler(torch.utils.data.Sampler):
-    """This rank's share of a seeded permutation per epoch, resumable at any position.
-
-    The permutation wraps around so every rank gets the same count. The trainer owns the position:
-    ``set_position(epoch, consumed)`` makes the next iteration start after ``consumed`` of this rank's
-    indices of that epoch (what a resumed run has not seen yet).
-    """
-
-    def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
-        if size < 1:
-            raise ValueError(f"cannot sample from an empty dataset (size {size})")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside a world of {world}")
-        self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
-        self.epoch, self.consumed = 0, 0
-
-    @classmethod
-    def for_current_process(cls, size: int, shuffle: bool = True, seed: int = 0) -> "ShardedSampler":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(size, dist.get_rank(), dist.get_world_size(), shuffle, seed)
-        return cls(size, shuffle=shuffle, seed=seed)
-
-    @property
-    def per_rank(self) -> int:
-        return -(-self.size // self.world)
-
-    def set_position(self, epoch: int, consumed: int = 0) -> None:
-        if not 0 <= consumed <= self.per_rank:
-            raise ValueError(f"consumed must be within 0..{self.per_rank}, got {consumed}")
-        self.epoch, self.consumed = epoch, consumed
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        wrapped = [order[i % self.size] for i in range(self.per_rank * self.world)]
-        return wrapped[self.rank:: self.world][self.consumed:]
-
-    def __len__(self) -> int:
-        return self.per_rank - self.consumed
-
-    def __iter__(self):
-        return iter(self.indices())

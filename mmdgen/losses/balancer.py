@@ -1,4 +1,4 @@
-"""Codec losses: waveform L1, multi-scale mel, and EnCodec's loss balancer.
+"""EnCodec's loss balancer.
 
 The balancer makes each weight a fraction of the gradient that reaches the decoder output rather than
 a factor on a loss: every balanced loss's gradient with respect to the output is rescaled to
@@ -9,45 +9,7 @@ usual with their plain weights.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-def waveform_l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(fake, real)
-
-
-class MultiScaleMelLoss(nn.Module):
-    """Mean over STFT sizes of L1 + L2 between log-mel spectrograms (n_fft 64..1024, hop n_fft/4)."""
-
-    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (64, 128, 256, 512, 1024), n_mels: int = 64,
-                 floor: float = 1e-5):
-        super().__init__()
-        import torchaudio
-
-        self.floor = floor
-        with warnings.catch_warnings():
-            # 64 mels over the 33 bins of a 64-point STFT leave some filters empty: they add nothing, by design
-            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
-            self.mels = nn.ModuleList(
-                torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n, win_length=n,
-                                                     hop_length=n // 4, n_mels=n_mels, normalized=True,
-                                                     center=False, power=1.0)
-                for n in n_ffts)
-        self.n_ffts = n_ffts
-
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        if real.shape[-1] < max(self.n_ffts):
-            raise ValueError(f"the mel loss needs at least {max(self.n_ffts)} samples, got {real.shape[-1]}")
-        terms = []
-        for mel in self.mels:
-            log_fake = torch.log(mel(fake.float()).clamp_min(self.floor))
-            log_real = torch.log(mel(real.float()).clamp_min(self.floor))
-            terms.append(F.l1_loss(log_fake, log_real) + F.mse_loss(log_fake, log_real))
-        return torch.stack(terms).mean()
 
 
 class Balancer:

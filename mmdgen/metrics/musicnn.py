@@ -2,7 +2,7 @@
 
 Used for evaluation: its 200-d penultimate layer is the embedding for a Frechet audio distance and
 its 50 tag probabilities (``MTT_TAGS``) score instrument adherence. The weights are the TensorFlow
-checkpoint inside the PyPI package ``musicnn``, read by ``mmdgen.eval.tf_checkpoint``; installing it
+checkpoint inside the PyPI package ``musicnn``, read by ``mmdgen.metrics.tf_checkpoint``; installing it
 with ``--no-deps`` keeps TensorFlow away, and the package is never imported (only located).
 
 Input features, as musicnn computes them with librosa: the audio is averaged to mono and resampled
@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import nn
 
-from mmdgen.eval.tf_checkpoint import read_checkpoint
+from mmdgen.metrics.tf_checkpoint import read_checkpoint
+from mmdgen.metrics.waveform import mono
 
 MUSICNN_PACKAGE = "musicnn"
 MUSICNN_PIP_COMMAND = f"pip install --no-deps {MUSICNN_PACKAGE}"
@@ -361,3 +364,29 @@ def tag_index(tag: str) -> int:
     except ValueError:
         raise ValueError(f"{tag!r} is not an MTT tag; the tags are: {', '.join(MTT_TAGS)}") from None
 
+
+@lru_cache(maxsize=1)
+def default_tagger() -> Musicnn:
+    """The pretrained tagger, loaded once per process: what the metrics use when given none."""
+    return load_musicnn()
+
+
+def musicnn_outputs(clips: Sequence[torch.Tensor], sample_rate: int, tagger: Musicnn | None = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per clip, musicnn's (penultimate features ``[P, 200]``, tag probabilities ``[P, 50]``) for its P
+    non-overlapping 3 s patches. Every clip must last at least one patch (2.98 s)."""
+    if len(clips) == 0:
+        raise ValueError("musicnn needs at least one clip, got none")
+    tagger = tagger or default_tagger()
+    config = tagger.config
+    shortest = (config.patch_frames - 1) * config.hop_length / config.sample_rate
+    outputs = []
+    with torch.no_grad():
+        for index, clip in enumerate(clips):
+            audio = mono(clip, f"clip {index}")
+            if audio.shape[-1] < math.ceil(shortest * sample_rate):
+                raise ValueError(f"clip {index} lasts {audio.shape[-1] / sample_rate:.2f} s; musicnn needs at "
+                                 f"least {shortest:.2f} s (one {config.patch_frames}-frame patch)")
+            features, probabilities = tagger.embed(audio, sample_rate)
+            outputs.append((features.double().cpu(), probabilities.double().cpu()))
+    return outputs

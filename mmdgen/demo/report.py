@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from mmdgen.files import write_text_atomic
+from mmdgen.data.audio import read_audio
+from mmdgen.demo.config import DemoConfig, test_captions
+from mmdgen.eval.codec import codec_evaluation, codec_table, read_clips
+from mmdgen.eval.generation import generation_report
+from mmdgen.eval.plots import plot_mi_with_others, plot_spectrogram, plot_training_curves
+from mmdgen.files import read_jsonl, write_text_atomic
+from mmdgen.pretrained.directory import load_codec
 
 EVALUATION = "evaluation.json"
 REPORT = "report.md"
@@ -27,112 +31,15 @@ SPECTROGRAMS_PER_LM = 3
 
 
 def _held_out_records(manifest: Path, limit: int) -> list[dict]:
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    held_out = [r for r in records if r.get("split") in HELD_OUT]
+    held_out = [r for r in read_jsonl(manifest) if r.get("split") in HELD_OUT]
     if not held_out:
         raise ValueError(f"{manifest}: no clips in the {' or '.join(HELD_OUT)} splits to evaluate on")
     return held_out[:limit]
 
 
-def _read(manifest: Path, records: list[dict], sample_rate: int) -> list[torch.Tensor]:
-    from mmdgen.train.data import read_audio
-
-    return [read_audio(manifest.parent / r["path"], sample_rate) for r in records]
-
-
-def load_any_codec(path: str | Path, device: str = "cpu"):
-    """Our codec directory (config.json + codec.safetensors), or a local transformers ``EncodecModel``
-    folder (converted with ``mmdgen.model.convert``; nothing is downloaded)."""
-    from mmdgen.model.codec import load_codec
-
-    path = Path(path)
-    if (path / "codec.safetensors").exists():
-        return load_codec(path, device)
-    if not (path / "config.json").exists():
-        raise ValueError(f"{path}: neither a codec directory (codec.safetensors) nor a transformers EnCodec folder "
-                         "(config.json + weights)")
-    import transformers
-
-    from mmdgen.model.convert import codec_from_transformers
-
-    try:
-        model = transformers.EncodecModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a transformers EncodecModel folder ({error})") from error
-    return codec_from_transformers(model).to(device).eval()
-
-
-def codec_evaluation(codec, clips: list[torch.Tensor], figure: Path, name: str) -> dict:
-    """Dependence between the codebooks of ``codec``'s codes of ``clips`` (delay-aligned; heatmap written to
-    ``figure``) and its reconstruction of them. ``clips``: ``[channels, samples]`` at the codec's rate."""
-    from mmdgen.eval.independence import dependence_report
-    from mmdgen.eval.plots import plot_mi_heatmap
-    from mmdgen.eval.reconstruction import reconstruction_report
-
-    with torch.no_grad():
-        codes = [codec.encode(clip[None])[0] for clip in clips]
-        frames = min(c.shape[-1] for c in codes)
-        dependence = dependence_report(torch.stack([c[:, :frames] for c in codes]), delay=True)
-        reconstruction = reconstruction_report(codec, clips)
-    plot_mi_heatmap(dependence["pairwise_mi_percent"], figure, title=f"{name}: pairwise MI (delay-aligned)")
-    return {"dependence": dependence, "reconstruction": reconstruction, "heatmap": figure.name}
-
-
-def codec_report(codecs: dict[str, str | Path], manifest: str | Path, out: str | Path, split: str = "test",
-                 limit: int = 64, log=print) -> Path:
-    """``mmdgen eval codec``: dependence and reconstruction of each codec on ``limit`` clips of a corpus split,
-    with a heatmap per codec and the MI-with-others bars; writes ``codecs.json`` and ``codecs.md`` to ``out``."""
-    from mmdgen.eval.plots import plot_mi_with_others
-
-    manifest, out = Path(manifest), Path(out)
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("split") == split][:limit]
-    if not records:
-        raise ValueError(f"{manifest}: no clips in the {split!r} split")
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, path in codecs.items():
-        log(f"{name}: {len(records)} {split} clips")
-        codec = load_any_codec(path)
-        results[name] = codec_evaluation(codec, _read(manifest, records, codec.cfg.sample_rate),
-                                         out / "figures" / f"mi-{name}.png", name)
-    plot_mi_with_others({n: r["dependence"]["mi_with_others_bits"] for n, r in results.items()},
-                        out / "figures" / "mi-with-others.png")
-    write_text_atomic(out / "codecs.json", json.dumps({"manifest": str(manifest), "split": split,
-                                                      "codecs": {n: str(p) for n, p in codecs.items()},
-                                                      "results": results}, indent=1))
-    lines = [f"# Codecs on {len(records)} {split} clips of {manifest}", "", *_codec_table(
-        {name: (None, result) for name, result in results.items()}), "",
-        "![MI of each codebook with the others](figures/mi-with-others.png)", ""]
-    lines += [f"![{name}](figures/{result['heatmap']})" for name, result in results.items()]
-    path = out / "codecs.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _codec_table(rows: dict[str, tuple[float | None, dict]]) -> list[str]:
-    """Markdown rows: per codec (MMD weight or None, codec_evaluation's result)."""
-    lines = ["| codec | MMD weight | mel distance | SI-SNR (dB) | MR-STFT | pairwise MI % (shuffled baseline) "
-             "| excess | total correlation % (baseline) | MI with others, bits per codebook |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, (weight, result) in rows.items():
-        dep, rec = result["dependence"], result["reconstruction"]
-        excess = dep["mean_pairwise_mi_percent"] - dep["baseline_mean_pairwise_mi_percent"]
-        lines.append(f"| {name} | {'-' if weight is None else f'{weight:g}'} | {rec['mel_distance']:.3f} | "
-                     f"{rec['si_snr_db']:.2f} | {rec['mr_stft_distance']:.3f} | {dep['mean_pairwise_mi_percent']:.2f} "
-                     f"({dep['baseline_mean_pairwise_mi_percent']:.2f}) | {excess:.2f} | "
-                     f"{dep['total_correlation_percent']:.1f} ({dep['baseline_total_correlation_percent']:.1f}) | "
-                     + ", ".join(f"{v:.3f}" for v in dep["mi_with_others_bits"]) + " |")
-    return lines
-
-
-def evaluate_demo(cfg, log=print) -> dict:
-    """Measure every codec and LM of a demo run (``mmdgen.demo.DemoConfig``); writes the figures and
+def evaluate_demo(cfg: DemoConfig, log=print) -> dict:
+    """Measure every codec and LM of a demo run; writes the figures and
     ``evaluation.json`` into the run folder and returns the evaluation."""
-    from mmdgen.eval.generation import generation_report
-    from mmdgen.eval.plots import plot_mi_with_others, plot_spectrogram, plot_training_curves
-    from mmdgen.model.codec import load_codec
-
     out = Path(cfg.out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -143,8 +50,8 @@ def evaluate_demo(cfg, log=print) -> dict:
     for name, weight in cfg.codecs.items():
         log(f"  codec {name}: dependence and reconstruction on {len(held_out)} held-out clips")
         codec = load_codec(cfg.path("codec", name))
-        result = codec_evaluation(codec, _read(manifest, held_out, codec.cfg.sample_rate), figures / f"mi-{name}.png",
-                                  f"codec {name}")
+        result = codec_evaluation(codec, read_clips(manifest, held_out, codec.cfg.sample_rate),
+                                  figures / f"mi-{name}.png", f"codec {name}")
         result["mmd_weight"] = weight
         metrics = cfg.path("codec_run", name) / "metrics.jsonl"
         result["curves"] = plot_training_curves(metrics, _logged(metrics, ["mel", "mel_distance", "si_snr_db"]),
@@ -155,24 +62,19 @@ def evaluate_demo(cfg, log=print) -> dict:
     evaluation["mi_with_others"] = "mi-with-others.png"
     for name in cfg.codecs:
         log(f"  LM {name}: generated clips against the held-out clips and their captions")
-        evaluation["lms"][name] = _lm_evaluation(cfg, name, manifest, held_out, figures, generation_report,
-                                                 plot_spectrogram, plot_training_curves)
+        evaluation["lms"][name] = _lm_evaluation(cfg, name, manifest, held_out, figures)
     write_text_atomic(out / EVALUATION, json.dumps(evaluation, indent=1))
     return evaluation
 
 
-def _lm_evaluation(cfg, name, manifest, held_out, figures, generation_report, plot_spectrogram,
-                   plot_training_curves) -> dict:
-    from mmdgen.demo import test_captions
-    from mmdgen.train.data import read_audio
-
+def _lm_evaluation(cfg: DemoConfig, name: str, manifest: Path, held_out: list[dict], figures: Path) -> dict:
     folder = cfg.path("generated", name)
-    listed = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    listed = read_jsonl(folder / "manifest.jsonl")
     by_caption = {p["caption"]: p for p in test_captions(manifest, cfg.clips, cfg.seed)}
     fields = [by_caption[clip["text"]] for clip in listed]
     rate = fields[0]["sample_rate"]
     generated = [read_audio(folder / f"{clip['id']}.wav", rate) for clip in listed]
-    report = generation_report(generated, fields, _read(manifest, held_out, rate), rate, reference_fields=held_out)
+    report = generation_report(generated, fields, read_clips(manifest, held_out, rate), rate, reference_fields=held_out)
     clips = []
     for index, (clip, audio) in enumerate(zip(listed, generated)):
         entry = {"id": clip["id"], "caption": clip["text"], "wav": f"{folder.name}/{clip['id']}.wav"}
@@ -183,17 +85,13 @@ def _lm_evaluation(cfg, name, manifest, held_out, figures, generation_report, pl
     metrics = cfg.path("lm_run", name) / "metrics.jsonl"
     curves = plot_training_curves(metrics, _logged(metrics, ["loss", "nll"]), figures / f"train-lm-{name}.png",
                                   title=f"LM on codec {name}").name
-    valid = [row for row in _rows(metrics) if row.get("kind") == "valid"]
+    valid = [row for row in read_jsonl(metrics) if row.get("kind") == "valid"]
     return {"generation": report, "clips": clips, "curves": curves, "final_validation": valid[-1] if valid else {}}
-
-
-def _rows(metrics: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def _logged(metrics: Path, keys: list[str]) -> list[str]:
     """The ``keys`` a trainer's metrics.jsonl holds (a short run may not have validated)."""
-    seen = set().union(*(row.keys() for row in _rows(metrics)))
+    seen = set().union(*(row.keys() for row in read_jsonl(metrics)))
     return [key for key in keys if key in seen]
 
 
@@ -214,7 +112,7 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
              f"{evaluation['held_out_clips']} held-out clips. At this scale the numbers show the pipeline "
              "working, not the paper's effect sizes (docs/results.md has the longer runs).", "",
              "## Codecs", "",
-             *_codec_table({name: (r["mmd_weight"], r) for name, r in evaluation["codecs"].items()})]
+             *codec_table({name: (r["mmd_weight"], r) for name, r in evaluation["codecs"].items()})]
     lines += ["", f"![MI of each codebook with the others](figures/{evaluation['mi_with_others']})", ""]
     for name, result in evaluation["codecs"].items():
         lines += [f"![codec {name}: pairwise MI](figures/{result['heatmap']}) "
@@ -250,8 +148,6 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
 
 def report(run_dir: str | Path, recompute: bool = False, log=print) -> Path:
     """``mmdgen eval report``: the report of a demo run, evaluating it first when needed."""
-    from mmdgen.demo import DemoConfig
-
     run_dir = Path(run_dir)
     cfg = DemoConfig.load(run_dir)
     cfg.out = str(run_dir)

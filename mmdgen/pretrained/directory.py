@@ -1,0 +1,157 @@
+"""Model directories: what the trainers export and every command loads.
+
+A codec directory holds ``config.json`` (the ``CodecConfig``) and ``codec.safetensors``. An LM directory holds
+``config.json`` (the ``LMConfig``, what rebuilds the text conditioner, and the identity of the codec whose codes
+the LM learned: its configuration and the SHA-256 of its weights file), ``lm.safetensors``, for a learned text
+encoder ``text.safetensors`` and its ``text_tokenizer.model``, and usually the codec itself in ``codec/``. Each
+file is written atomically; loading checks every tensor's name and shape and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mmdgen.files import load_weights, save_weights, write_atomic, write_text_atomic
+from mmdgen.model.codec import Codec, CodecConfig
+from mmdgen.model.lm import LMConfig, MusicLM
+from mmdgen.model.text import LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner, text_conditioner
+
+CONFIG = "config.json"
+CODEC_WEIGHTS = "codec.safetensors"
+LM_WEIGHTS = "lm.safetensors"
+TEXT_WEIGHTS = "text.safetensors"
+TEXT_TOKENIZER = "text_tokenizer.model"
+BUNDLED_CODEC = "codec"  # the codec's directory inside an LM directory
+
+
+# -- codec directories -----------------------------------------------------------------------------------------
+
+def save_codec(codec: Codec, folder: str | Path) -> Path:
+    """A codec directory: config.json + codec.safetensors, each written atomically."""
+    folder = Path(folder)
+    save_weights(folder / CODEC_WEIGHTS, codec)
+    write_text_atomic(folder / CONFIG, json.dumps(dataclasses.asdict(codec.cfg), indent=1))
+    return folder
+
+
+def load_codec(folder: str | Path, device: str | torch.device = "cpu") -> Codec:
+    """The codec saved by ``save_codec`` (or exported by the trainer), in eval mode."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / CODEC_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise ValueError(f"{path}: missing; a codec directory holds {CONFIG} and {CODEC_WEIGHTS}")
+    try:
+        cfg = CodecConfig(**json.loads(config_path.read_text()))
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path}: not a codec configuration ({error})") from error
+    codec = Codec(cfg)
+    load_weights(weights_path, codec, f"the codec of {config_path}")
+    return codec.to(device).eval()
+
+
+def load_any_codec(path: str | Path, device: str = "cpu") -> Codec:
+    """Our codec directory (config.json + codec.safetensors), or a local transformers ``EncodecModel``
+    folder (converted with ``mmdgen.model.convert``; nothing is downloaded)."""
+    path = Path(path)
+    if (path / CODEC_WEIGHTS).exists():
+        return load_codec(path, device)
+    if not (path / CONFIG).exists():
+        raise ValueError(f"{path}: neither a codec directory ({CODEC_WEIGHTS}) nor a transformers EnCodec folder "
+                         f"({CONFIG} + weights)")
+    import transformers
+
+    from mmdgen.model.convert import codec_from_transformers
+
+    try:
+        model = transformers.EncodecModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a transformers EncodecModel folder ({error})") from error
+    return codec_from_transformers(model).to(device).eval()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def codec_identity(codec_dir: str | Path) -> dict:
+    """What a token set and an LM record about the codec that made their codes."""
+    codec_dir = Path(codec_dir)
+    return {"config": json.loads((codec_dir / CONFIG).read_text()),
+            "weights_sha256": file_sha256(codec_dir / CODEC_WEIGHTS)}
+
+
+def is_codec_directory(folder: str | Path) -> bool:
+    return (Path(folder) / CODEC_WEIGHTS).exists()
+
+
+def copy_codec(source: str | Path, target: str | Path) -> None:
+    """The codec directory ``source`` copied to ``target``, file by file, each atomically."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG, CODEC_WEIGHTS):
+        write_atomic(target / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+
+
+# -- LM directories --------------------------------------------------------------------------------------------
+
+def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_record: dict, codec: dict) -> Path:
+    """An LM directory: config.json (LM, text conditioner, the codec the codes came from), lm.safetensors,
+    and for a learned text encoder text.safetensors and its tokenizer."""
+    folder = Path(folder)
+    record = dict(text_record)
+    if record["kind"] == "learned":
+        write_atomic(folder / TEXT_TOKENIZER, lambda tmp: shutil.copyfile(text.tokenizer.path, tmp))
+        record["config"] = {**record["config"], "tokenizer_path": TEXT_TOKENIZER}
+        save_weights(folder / TEXT_WEIGHTS, text)
+    save_weights(folder / LM_WEIGHTS, lm)
+    config = {"lm": dataclasses.asdict(lm.cfg), "text": record, "codec": codec}
+    write_text_atomic(folder / CONFIG, json.dumps(config, indent=1))
+    return folder
+
+
+def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MusicLM, TextConditioner, dict]:
+    """(LM, text conditioner, config) from ``save_music_lm``'s directory, in eval mode."""
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    if not config_path.exists():
+        raise ValueError(f"{config_path}: missing; an LM directory holds {CONFIG} and {LM_WEIGHTS}")
+    try:
+        config = json.loads(config_path.read_text())
+        lm = MusicLM(LMConfig(**config["lm"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
+    load_weights(folder / LM_WEIGHTS, lm, f"the LM of {config_path}")
+    record = config["text"]
+    if record["kind"] == "learned":
+        text_cfg = LearnedTextEncoderConfig(**{**record["config"],
+                                               "tokenizer_path": str(folder / record["config"]["tokenizer_path"])})
+        text = LearnedTextEncoder(text_cfg)
+        load_weights(folder / TEXT_WEIGHTS, text, f"the text encoder of {config_path}")
+    else:
+        text = text_conditioner(record["kind"], **({"path": record["path"]} if record.get("path") else {}))
+    return lm.to(device).eval(), text.to(device).eval(), config
+
+
+def load_lm_codec(model_dir: str | Path, config: dict, codec_dir: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> Codec:
+    """The codec whose codes the LM of ``model_dir`` (its ``config``) learned: ``codec_dir``, or the one bundled
+    in ``model_dir/codec``; ValueError unless its weights hash to what the LM recorded."""
+    model_dir = Path(model_dir)
+    codec_dir = Path(codec_dir) if codec_dir is not None else model_dir / BUNDLED_CODEC
+    if not is_codec_directory(codec_dir):
+        raise ValueError(f"{codec_dir}: no codec here; pass codec_dir, the codec the LM's tokens came from")
+    if codec_identity(codec_dir)["weights_sha256"] != config["codec"]["weights_sha256"]:
+        raise ValueError(f"{codec_dir / CODEC_WEIGHTS} is not the codec {model_dir} was trained on "
+                         "(its weights hash differs)")
+    return load_codec(codec_dir, device)
