@@ -3,7 +3,7 @@
 For each model size ONE random transformers ``MusicgenForConditionalGeneration`` is built from a fixed seed
 (a tiny T5 text encoder over a word-level tokenizer, a tiny EnCodec at 50 frames/s, and a decoder of the
 size asked for over 4 codebooks of 2048 codes); ours is converted from the same weights
-(``lm_from_transformers``, ``T5TextEncoder(model.text_encoder, tokenizer)``, ``codec_from_transformers``).
+(saved as a transformers folder and read by ``mmdgen.pretrained.load_music_model``: our T5, LM and codec).
 The flattening case loads the same state dict into a MusicLM whose ``cfg.pattern`` is ``"flatten"``.
 
 What is timed, on both sides, is text to codes: tokenizing the prompts, the T5 encoder, and the whole
@@ -101,18 +101,24 @@ def build_transformers(size: str, seed: int = 0):
 
 
 def build_ours(model, tokenizer, pattern: str, device: torch.device):
-    from mmdgen.generate import Generator
-    from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
-    from mmdgen.model.lm import MusicLM
-    from mmdgen.model.text import T5TextEncoder
+    """Ours from the same weights, the way a user gets it: the model saved as a transformers folder and read by
+    mmdgen's loader (no transformers object involved on our side)."""
+    import tempfile
 
-    lm = lm_from_transformers(model)
+    from mmdgen.generate import Generator
+    from mmdgen.model.lm import MusicLM
+    from mmdgen.pretrained import load_music_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        parts = load_music_model(folder, device=device)
+    lm = parts.lm
     if pattern != lm.cfg.pattern:
         patterned = MusicLM(dataclasses.replace(lm.cfg, pattern=pattern))
         patterned.load_state_dict(lm.state_dict())
-        lm = patterned
-    return Generator(lm.to(device), T5TextEncoder(model.text_encoder.to(device), tokenizer),
-                     codec_from_transformers(model.audio_encoder).to(device))
+        lm = patterned.to(device)
+    return Generator(lm, parts.text, parts.codec)
 
 
 def _sampling(spec: dict):

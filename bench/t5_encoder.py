@@ -45,7 +45,7 @@ def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(spec: dict) -> dict:
-    from mmdgen.model.t5 import T5Config, T5Encoder, load_t5_weights
+    from mmdgen.model.text.t5 import T5Config, T5Encoder, load_t5_weights
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     ids, mask = _batch(device)

@@ -369,7 +369,7 @@ def generate_all(name: str, lm: dict, prompts: list[dict], args, folder: Path) -
     from mmdgen.generate import Generator, Sampling
     from mmdgen.model.patterns import decoding_steps
 
-    generator = Generator.from_pretrained(lm["model"], codec_dir=lm["codec"], compile=args.compile)
+    generator = Generator.from_pretrained(lm["model"], codec=lm["codec"], compile=args.compile)
     context = args.context_frames
     if context == "auto":
         context = lm["recorded_context_frames"] or lm["train_crop_frames"]

@@ -23,7 +23,7 @@ from mmdgen.model.lm import MusicLM
 from mmdgen.pretrained.audiocraft_files import (AudiocraftCheckpoint, codec_config_from_audiocraft,
                                                 codec_key_from_audiocraft, lm_config_from_audiocraft,
                                                 lm_key_from_audiocraft, lm_tensors_from_audiocraft)
-from mmdgen.pretrained.tensor_files import load_module
+from mmdgen.tensor_files import load_module
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "audiocraft"
 LM_PATH = FIXTURES / "state_dict.bin"

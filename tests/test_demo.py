@@ -78,4 +78,4 @@ def test_eval_codec_measures_ours_and_a_transformers_encodec_alike(demo_run, tmp
     assert (tmp_path / "report" / "figures" / "mi-theirs.png").exists()
     assert "| theirs | - |" in (tmp_path / "report" / "codecs.md").read_text()
     assert cli.main(["eval", "codec", str(tmp_path), "--manifest", str(manifest), "--out", str(tmp_path / "x")]) == 2
-    assert "neither a codec directory" in capsys.readouterr().err
+    assert "not a codec: expected codec.safetensors (mmdgen)" in capsys.readouterr().err

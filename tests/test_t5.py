@@ -15,7 +15,7 @@ import sentencepiece
 import torch
 import transformers
 
-from mmdgen.model.t5 import (
+from mmdgen.model.text.t5 import (
     T5Config,
     T5Encoder,
     T5Tokenizer,
@@ -161,7 +161,7 @@ def test_rms_norm_in_bf16_takes_its_statistics_in_fp32():
     """With fp32 statistics a bf16 output is two bf16 roundings (the normalised value, its product with the
     weight) off the exact result: at most 2 * 2^-8 relative. Statistics or the scaling in bf16 add a third
     (found: 0.0070 here, 0.012 with statistics and scaling in bf16)."""
-    from mmdgen.model.t5 import T5RMSNorm
+    from mmdgen.model.text.t5 import T5RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     x = (300 * torch.randn(4, 7, 768, generator=generator)).to(torch.bfloat16)

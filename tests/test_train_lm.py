@@ -237,7 +237,7 @@ def test_the_exported_model_directory_generates_with_its_bundled_codec(corpus, t
     other = Codec(codec_config("tiny"))
     save_codec(other, tmp_path / "other-codec")
     with pytest.raises(ValueError, match="is not the codec .* was trained on"):
-        Generator.from_pretrained(model, codec_dir=tmp_path / "other-codec")
+        Generator.from_pretrained(model, codec=tmp_path / "other-codec")
 
 
 def test_generate_command_for_one_text_and_for_a_prompts_file(corpus, tmp_path, capsys):

@@ -16,7 +16,7 @@ from mmdgen.eval.plots import plot_mi_heatmap, plot_mi_with_others
 from mmdgen.files import read_jsonl, write_text_atomic
 from mmdgen.metrics.dependence import dependence_report
 from mmdgen.metrics.reconstruction import reconstruction_report
-from mmdgen.pretrained.directory import load_any_codec
+from mmdgen.pretrained.loader import load_codec_model
 
 
 def read_clips(manifest: Path, records: list[dict], sample_rate: int) -> list[torch.Tensor]:
@@ -48,7 +48,7 @@ def codec_report(codecs: dict[str, str | Path], manifest: str | Path, out: str |
     results = {}
     for name, path in codecs.items():
         log(f"{name}: {len(records)} {split} clips")
-        codec = load_any_codec(path)
+        codec = load_codec_model(path)
         results[name] = codec_evaluation(codec, read_clips(manifest, records, codec.cfg.sample_rate),
                                          out / "figures" / f"mi-{name}.png", name)
     plot_mi_with_others({n: r["dependence"]["mi_with_others_bits"] for n, r in results.items()},

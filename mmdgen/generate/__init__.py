@@ -1,8 +1,12 @@
-"""Text to music: ``Generator.from_pretrained(model_dir).generate(texts, duration=10)``.
+"""Text to music: ``Generator.from_pretrained(model).generate(texts, duration=10)``.
 
-A model directory is what ``mmdgen train lm`` exports: the LM, its text conditioner and, in ``codec/``,
-the codec whose codes it learned (its weights must hash to what the LM recorded). ``generate`` returns
-waveforms; ``generate_codes`` the codes; ``stream`` yields audio chunks while the decode loop runs.
+``model`` is anything ``mmdgen.pretrained.load_music_model`` reads: an LM directory that ``mmdgen train lm``
+exports (the LM, its text conditioner and, in ``codec/``, the codec whose codes it learned), a transformers
+MusicGen folder, audiocraft's exported files, or a repository id in the local Hugging Face cache. ``generate``
+returns waveforms; ``generate_codes`` the codes; ``stream`` yields audio chunks while the decode loop runs.
+
+Stereo LMs (``LMConfig.audio_channels == 2``) predict 2K codebooks, left and right interleaved; each channel's K
+codebooks go through the mono codec, and the waveforms have two channels.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
 from mmdgen.model.patterns import make_pattern
 from mmdgen.model.text import TextConditioner
-from mmdgen.pretrained.directory import load_lm_codec, load_music_lm
+from mmdgen.pretrained.loader import load_music_model
 
 __all__ = ["Generator", "Sampling"]
 
@@ -37,10 +41,15 @@ class Window(NamedTuple):
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
                  cuda_graph: bool = False):
-        quantizer = codec.cfg.quantizer
-        if (quantizer.num_codebooks, quantizer.codebook_size) != (lm.cfg.num_codebooks, lm.cfg.codebook_size):
+        quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
+        if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
+                                                                             lm.cfg.codebook_size):
+            per_channel = f" ({channels} channels)" if channels > 1 else ""
             raise ValueError(f"the codec makes {quantizer.num_codebooks} x {quantizer.codebook_size} codes but the LM "
-                             f"predicts {lm.cfg.num_codebooks} x {lm.cfg.codebook_size}")
+                             f"predicts {lm.cfg.num_codebooks} x {lm.cfg.codebook_size}{per_channel}")
+        if channels > 1 and codec.cfg.channels != 1:
+            raise ValueError(f"a stereo LM decodes each channel with a mono codec; this codec has "
+                             f"{codec.cfg.channels} channels")
         self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
         self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
         self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
@@ -50,10 +59,35 @@ class Generator:
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, codec_dir: str | Path | None = None, device: str = "cpu",
-                        backend: str = "auto", compile: bool = False, cuda_graph: bool = False) -> "Generator":
-        lm, text, config = load_music_lm(model_dir, device)
-        return cls(lm, text, load_lm_codec(model_dir, config, codec_dir, device), backend, compile, cuda_graph)
+    def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
+                        backend: str = "auto", compile: bool = False, cuda_graph: bool = False,
+                        text_encoder: str | Path | None = None) -> "Generator":
+        """``model`` in any format ``load_music_model`` reads (detected by content); ``codec``: another codec to
+        decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs."""
+        parts = load_music_model(model, codec, text_encoder, device)
+        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph)
+
+    @property
+    def channels(self) -> int:
+        return self.lm.cfg.audio_channels
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio [B, channels, samples] -> the LM's codes [B, K, frames]: for a stereo LM each channel encoded by
+        the mono codec and the codebooks interleaved (a mono prompt serves both channels)."""
+        if self.channels == 1:
+            return self.codec.encode(audio)
+        if audio.shape[1] not in (1, self.channels):
+            raise ValueError(f"a stereo model takes mono or stereo audio, got {audio.shape[1]} channels")
+        audio = audio.expand(-1, self.channels, -1)
+        codes = [self.codec.encode(audio[:, c: c + 1]) for c in range(self.channels)]
+        return torch.stack(codes, dim=2).flatten(1, 2)  # [B, K, C] -> left k, right k, left k+1, ...
+
+    def decode(self, codes: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """The LM's codes [B, K, frames] -> audio [B, channels, samples]."""
+        if self.channels == 1:
+            return self.codec.decode(codes, length)
+        return torch.cat([self.codec.decode(codes[:, c:: self.channels], length) for c in range(self.channels)],
+                         dim=1)
 
     @property
     def sample_rate(self) -> int:
@@ -129,7 +163,7 @@ class Generator:
             return None
         if audio.dim() != 3 or audio.shape[0] not in (1, batch):
             raise ValueError(f"prompt audio must be [1 or {batch}, channels, samples], got {tuple(audio.shape)}")
-        codes = self.codec.encode(audio.to(self.device)).expand(batch, -1, -1)
+        codes = self.encode(audio.to(self.device)).expand(batch, -1, -1)
         if codes.shape[-1] >= frames:
             raise ValueError(f"the prompt is {codes.shape[-1]} frames long, not shorter than the {frames} frames asked "
                              "for: ask for a longer duration")
@@ -139,7 +173,7 @@ class Generator:
                  prompt_audio: torch.Tensor | None = None) -> torch.Tensor:
         """Waveforms [B, channels, duration * sample_rate]."""
         codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio)
-        return self.codec.decode(codes, int(round(duration * self.sample_rate)))
+        return self.decode(codes, int(round(duration * self.sample_rate)))
 
     def stream(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
                chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
@@ -185,7 +219,7 @@ class Generator:
             done, codes = item
             stable = total if done >= frames else min((done - self.lookahead_frames) * hop, total)
             if stable > sent:
-                audio = self.codec.decode(codes, min(done * hop, total))
+                audio = self.decode(codes, min(done * hop, total))
                 yield audio[..., sent:stable]
                 sent = stable
         worker.join()

@@ -39,7 +39,7 @@ from mmdgen.model.codec import CodecConfig
 from mmdgen.model.convert import codec_key_from_transformers
 from mmdgen.model.lm import LMConfig
 from mmdgen.model.quantizer import QuantizerConfig
-from mmdgen.pretrained.tensor_files import TensorFiles, read_pickle
+from mmdgen.tensor_files import TensorFiles, read_pickle
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"

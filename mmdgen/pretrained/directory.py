@@ -56,26 +56,6 @@ def load_codec(folder: str | Path, device: str | torch.device = "cpu") -> Codec:
     return codec.to(device).eval()
 
 
-def load_any_codec(path: str | Path, device: str = "cpu") -> Codec:
-    """Our codec directory (config.json + codec.safetensors), or a local transformers ``EncodecModel``
-    folder (converted with ``mmdgen.model.convert``; nothing is downloaded)."""
-    path = Path(path)
-    if (path / CODEC_WEIGHTS).exists():
-        return load_codec(path, device)
-    if not (path / CONFIG).exists():
-        raise ValueError(f"{path}: neither a codec directory ({CODEC_WEIGHTS}) nor a transformers EnCodec folder "
-                         f"({CONFIG} + weights)")
-    import transformers
-
-    from mmdgen.model.convert import codec_from_transformers
-
-    try:
-        model = transformers.EncodecModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a transformers EncodecModel folder ({error})") from error
-    return codec_from_transformers(model).to(device).eval()
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

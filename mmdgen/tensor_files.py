@@ -1,4 +1,4 @@
-"""The tensors of a published checkpoint, read lazily by name: one safetensors file (memory-mapped), a sharded
+"""The tensors of a checkpoint, read lazily by name: one safetensors file (memory-mapped), a sharded
 set behind ``model.safetensors.index.json``, or a torch pickle (``pytorch_model.bin``, audiocraft's ``.bin``
 files) opened with ``weights_only=True`` and memory-mapped where the file allows it. No framework is needed.
 
@@ -77,6 +77,12 @@ class TensorFiles:
 
     def names(self) -> list[str]:
         return list(self._file_of)
+
+    def keys(self) -> list[str]:  # with __getitem__: a read-only mapping, each tensor read when asked for
+        return self.names()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
 
     def source(self, name: str) -> Path:
         return self._file_of[name]
@@ -168,7 +174,7 @@ def load_module(module: nn.Module, tensors: TensorFiles, rename: Callable[[str],
         shape = tensors.shape(name)
         if shape != tuple(expected[ours].shape):
             raise ValueError(f"{tensors.source(name)}: tensor {name} has shape {shape}, the model expects "
-                             f"{tuple(expected[ours].shape)} for {ours} (does config.json match these weights?)")
+                             f"{tuple(expected[ours].shape)} for {ours} (does the configuration match these weights?)")
         value = tensors.get(name)
         target = expected[ours].dtype
         found[ours] = value.to(dtype if value.is_floating_point() else target)
