@@ -273,3 +273,55 @@ def test_interpolations_mmdgen_cannot_resolve_are_named(tmp_path, value, named):
     with pytest.raises(ValueError, match=named) as error:
         checkpoint.get("loop.a")
     assert str(checkpoint.path) in str(error.value) and "loop.a" in str(error.value)
+
+
+# -- through the one loader -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def t5_base_wide(tmp_path_factory):
+    """A random T5 encoder at t5-base's width (the LM's text projection reads 768-wide states), saved as a
+    transformers T5 folder with a word-level tokenizer."""
+    import transformers
+
+    from mmdgen.model.text import word_level_t5_tokenizer
+
+    folder = tmp_path_factory.mktemp("t5-base")
+    tokenizer = word_level_t5_tokenizer(["a calm jig on flute", "epic orchestral score"])
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), d_model=T5_WIDTH, d_kv=64, d_ff=256,
+                                                      num_layers=1, num_heads=12)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_loader_reads_an_audiocraft_folder_with_a_t5_folder(tmp_path, reference, t5_base_wide, monkeypatch):
+    from mmdgen.generate import Generator, Sampling
+    from mmdgen.pretrained import load_music_model
+
+    folder = tmp_path / "musicgen-audiocraft"
+    folder.mkdir()
+    for name in ("state_dict.bin", "compression_state_dict.bin"):
+        os.link(FIXTURES / name, folder / name)
+    parts = load_music_model(folder, text_encoder=t5_base_wide)
+    assert parts.format == "audiocraft" and parts.lm.cfg.attend_text_padding
+    assert parts.lm.cfg.context_frames == 30 * parts.codec.cfg.frame_rate  # dataset.segment_duration
+    with torch.no_grad():
+        logits = parts.lm(reference["lm.tokens"], reference["lm.text_states"], reference["lm.text_mask"].bool())
+    torch.testing.assert_close(logits, reference["lm.logits"], **LOGITS_TOLERANCE)
+    codec = build_codec(FIXTURES / "compression_state_dict.bin")
+    assert all(torch.equal(value, parts.codec.state_dict()[name]) for name, value in codec.state_dict().items())
+    generator = Generator(parts.lm, parts.text, parts.codec)
+    audio = generator.generate(["a calm jig on flute"], duration=0.2, sampling=Sampling(top_k=5))
+    assert audio.shape == (1, 1, int(0.2 * parts.codec.cfg.sample_rate)) and torch.isfinite(audio).all()
+    same = load_music_model(folder / "state_dict.bin", text_encoder=t5_base_wide)  # the file itself works too
+    assert torch.equal(same.lm.heads[0].weight, parts.lm.heads[0].weight)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ValueError, match=r"state_dict.bin: its text encoder t5-base is not in the local Hugging Face "
+                                         r"cache; give its folder with --text-encoder.*hf download google-t5/t5-base"):
+        load_music_model(folder)
+    with pytest.raises(ValueError, match=r"facebook/encodec_32khz: not in the local Hugging Face cache"):
+        load_music_model(folder / "state_dict.bin", codec=FIXTURES / "compression_state_dict_pretrained.bin",
+                         text_encoder=t5_base_wide)
+    with pytest.raises(ValueError, match=r"compression_state_dict.bin: not an audiocraft MusicGen LM checkpoint"):
+        load_music_model(FIXTURES / "compression_state_dict.bin")
