@@ -1,6 +1,6 @@
 """The project's files: atomic writes (a reader never sees half a file, and a failed write leaves nothing
-behind), JSON lines read with errors naming the file and line, tensors saved and loaded as safetensors with
-errors naming the file and the tensor, audio written.
+behind), JSON lines read with errors naming the file and line, tensors saved (never a NaN or an infinity) and
+loaded as safetensors with errors naming the file and the tensor, audio written.
 
 No torch at import time: the command line imports this module before it needs a model.
 """
@@ -95,12 +95,27 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     return [record for _, record in read_jsonl_numbered(path, required)]
 
 
-def save_weights(path: str | Path, tensors) -> None:
+def check_finite(path: str | Path, tensors, what: str) -> None:
+    """ValueError naming ``path`` (the file that would be written) and the first tensor of ``tensors`` (a name ->
+    tensor mapping, or a module's state dict) that holds a NaN or an infinity: no such file is ever saved."""
+    state = tensors if isinstance(tensors, Mapping) else tensors.state_dict()
+    for name, tensor in state.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        bad = int(tensor.numel() - tensor.isfinite().sum())
+        if bad:
+            raise ValueError(f"{path}: not written: tensor {name} of {what} holds {bad} non-finite values (NaN or "
+                             f"infinity) among {tensor.numel()}; expected finite values only")
+
+
+def save_weights(path: str | Path, tensors, what: str = "the weights") -> None:
     """``tensors`` (a name -> tensor mapping, or a module whose state dict is saved) to a safetensors file,
-    atomically; the tensors are detached, made contiguous and moved to the CPU first."""
+    atomically; the tensors are detached, made contiguous and moved to the CPU first. ValueError (see
+    ``check_finite``), and nothing written, when a tensor is not finite."""
     from safetensors.torch import save_file
 
     state = tensors if isinstance(tensors, Mapping) else tensors.state_dict()
+    check_finite(path, state, what)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     write_atomic(path, lambda tmp: save_file(weights, str(tmp)))
 

@@ -82,3 +82,20 @@ def test_weight_errors_name_the_file_and_the_tensor(tmp_path):
     save_weights(path, {})
     with pytest.raises(ValueError, match=r"missing t0, t1, t2, t3, t4 and 2 more, unexpected none"):
         load_weights(path, many, "seven tensors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_with_a_non_finite_value_are_not_written(tmp_path, bad):
+    model = _Odd()
+    path = tmp_path / "model.safetensors"
+    save_weights(path, model)
+    before = path.read_bytes()
+    model.linear.weight.data[4, 2] = bad
+    with pytest.raises(ValueError, match=r"model.safetensors: not written: tensor linear.weight of the test model "
+                                         r"holds 1 non-finite values \(NaN or infinity\) among 15; expected finite"):
+        save_weights(path, model, "the test model")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    with pytest.raises(ValueError, match=r"fresh.safetensors: not written: tensor w of the weights holds 2 "):
+        save_weights(tmp_path / "fresh.safetensors", {"w": torch.tensor([1.0, bad, bad], dtype=torch.bfloat16)})
+    assert not (tmp_path / "fresh.safetensors").exists()
+    save_weights(tmp_path / "codes.safetensors", {"codes": torch.tensor([-1, 2**31 - 1])})  # integers: nothing to check

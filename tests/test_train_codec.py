@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from mmdgen.losses.reconstruction import si_snr
 from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
+from mmdgen.train.loop import STATE_FILE, named_tensors
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +88,96 @@ def test_independence_loss_runs_every_mmd_every_steps_on_the_last_mmd_batches_st
     assert seen == [4, 8, 8]
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(clips, tmp_path):
-    trainer = CodecTrainer(_cfg(clips, tmp_path / "nan", steps=6, max_nonfinite=2), progress=False)
-    real = trainer._generator_losses
+def _all_state(trainer):
+    """Every tensor a step may change (both models' parameters and buffers, both optimisers' moments) cloned, and
+    the rest of the optimisers' and the balancer's state."""
+    state = {"codec": trainer.codec.state_dict(), "disc": trainer.disc.state_dict(),
+             "g_opt": trainer.g_opt.state_dict()["state"], "d_opt": trainer.d_opt.state_dict()["state"]}
+    settings = [{k: v for k, v in group.items() if k != "params"}
+                for opt in (trainer.g_opt, trainer.d_opt) for group in opt.param_groups]
+    return {name: t.clone() for name, t in named_tensors(state)}, copy.deepcopy(settings), \
+        copy.deepcopy(trainer.balancer.state_dict())
+
+
+def _assert_same_state(before, after):
+    tensors, settings, balancer = before
+    assert after[0].keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(after[0][name], tensor), name
+    assert after[1] == settings and after[2] == balancer
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["k-means-step", "later-step"])
+def test_a_skipped_step_changes_no_state_at_all(clips, tmp_path, first_step):
+    """The second micro-batch is poisoned, so the first one has run its backward (and the balancer its update) and
+    both forward passes updated the EMA codebooks (the first step also initialises them by k-means): all undone."""
+    trainer = CodecTrainer(_cfg(clips, tmp_path / "nan", steps=8, grad_accum=2, max_nonfinite=2), progress=False)
+    batches = trainer._batches()
+    if not first_step:
+        for _ in range(2):
+            assert "skipped" not in trainer.train_step([next(batches), next(batches)])
+            trainer.step += 1
+    real, calls = trainer._generator_losses, []
 
     def poisoned(audio, with_mmd):
         fake, losses, extra, perplexity = real(audio, with_mmd)
-        losses["mel"] = losses["mel"] * float("nan")
+        calls.append(with_mmd)
+        if len(calls) % 2 == 0:
+            losses["mel"] = losses["mel"] * float("nan")
         return fake, losses, extra, perplexity
 
-    before = {k: v.clone() for k, v in trainer.codec.state_dict().items()}
     trainer._generator_losses = poisoned
-    metrics = trainer.train_step([next(trainer._batches())])
-    assert metrics["skipped"] == 1.0 and trainer.guard.skipped == 1
-    after = trainer.codec.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if "stages" not in k)  # weights untouched
-    with pytest.raises(RuntimeError, match="non-finite mel.*limit of 2"):
+    before = _all_state(trainer)
+    moments = {name.split(".")[0] for name in before[0] if name.endswith(".exp_avg_sq")}
+    assert moments == (set() if first_step else {"g_opt", "d_opt"})
+    metrics = trainer.train_step([next(batches), next(batches)])
+    assert metrics["skipped"] == 1.0 and (trainer.guard.in_a_row, trainer.guard.total) == (1, 1)
+    assert bool(trainer.codec.quantizer.stages[0].initialized) != first_step
+    _assert_same_state(before, _all_state(trainer))
+    assert all(p.grad is None for p in [*trainer.codec.parameters(), *trainer.disc.parameters()])
+    trainer.step += 1
+    with pytest.raises(RuntimeError, match=r"non-finite mel; 3 steps in a row skipped, more than max_nonfinite=2 "
+                                           r"\(--max-nonfinite\) allows"):
         trainer.train()
+    _assert_same_state(before, _all_state(trainer))
+
+
+def _non_finite(folder):
+    """The names of the tensors of the checkpoint or model directory ``folder`` that hold a NaN or an infinity."""
+    tensors = {f"{path.name}:{name}": t for path in folder.glob("*.safetensors")
+               for name, t in load_file(str(path)).items()}
+    if (folder / STATE_FILE).exists():
+        tensors.update((f"{STATE_FILE}:{name}", t) for name, t in named_tensors(torch.load(folder / STATE_FILE,
+                                                                                           weights_only=True)))
+    assert any(name.startswith("codec.safetensors:quantizer.stages.3.embed") for name in tensors)
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+
+
+def test_a_run_stopped_by_non_finite_steps_exits_2_and_keeps_a_finite_resumable_checkpoint(clips, tmp_path, capsys,
+                                                                                         caplog):
+    """The issue's run: --lr 1e6 makes the first step's weights ~1e6, after which every forward pass overflows."""
+    from mmdgen import cli
+
+    out = tmp_path / "r"
+    args = ["train", "codec", "--data", str(clips), "--out", str(out), "--lr", "1e6", "--steps", "4",
+            "--ckpt-every", "1", "--batch-size", "2", "--crop-seconds", "0.1", "--precision", "fp32",
+            "--device", "cpu", "--disc-filters", "4", "--log-every", "1"]
+    assert cli.main(args + ["--max-nonfinite", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "step 3: non-finite" in error and "more than max_nonfinite=1 (--max-nonfinite)" in error
+    assert f"{out / 'checkpoint'} holds the state before them" in error
+    state = torch.load(out / "checkpoint" / STATE_FILE, weights_only=True)
+    assert (state["step"], state["skipped"], state["skipped_in_a_row"]) == (2, 1, 1)
+    assert _non_finite(out / "checkpoint") == [] and state["optimizers"]["generator"]["state"]
+    assert not (out / "model").exists()
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(args + ["--max-nonfinite", "5", "--lr", "1e-3"]) == 0
+    assert "resuming at step 2 with max_nonfinite changed: 1 -> 5" in caplog.text
+    assert "resuming at step 2 with lr changed: 1000000.0 -> 0.001" in caplog.text
+    state = torch.load(out / "checkpoint" / STATE_FILE, weights_only=True)
+    assert (state["step"], state["skipped"], state["skipped_in_a_row"]) == (4, 3, 3)
+    assert [g["lr"] for g in state["optimizers"]["generator"]["param_groups"]] == [1e-3]
+    assert _non_finite(out / "checkpoint") == [] and _non_finite(out / "model") == []
 
 
 def test_validation_reports_reconstruction_and_dependence(tmp_path):

@@ -1,7 +1,10 @@
 """Tokenizing a corpus, the LM's teacher forcing and loss, and its trainer: exact resume, DDP, bad input."""
 
 import json
+import logging
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +272,128 @@ def test_generate_command_for_one_text_and_for_a_prompts_file(corpus, tmp_path, 
     assert cli.main(["generate", "--model", model]) == 2
     assert "give either a text or --prompts" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _lm_args(tokens, out, *extra):
+    return ["train", "lm", "--tokens", str(tokens), "--out", str(out), "--batch-size", "2", "--crop-frames", "20",
+            "--warmup-steps", "2", "--text-dim", "32", "--text-layers", "1", "--log-every", "1", "--ckpt-every", "1",
+            "--valid-every", "100", "--backend", "torch", *extra]
+
+
+def _logged_steps(run):
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [record["step"] for record in records if record["kind"] == "train"]
+
+
+def test_a_checkpoint_with_the_skip_count_at_its_limit_resumes_with_new_optimisation_settings(corpus, tmp_path,
+                                                                                             monkeypatch, capsys,
+                                                                                             caplog):
+    """Steps 2 and 3 have non-finite losses: the run stops at step 3 (2 in a row > --max-nonfinite 1), its checkpoint
+    (step 2) holds one skip, the limit. A resume with a higher limit and another --lr skips step 3 again, then the
+    good steps reset the count and follow the new schedule."""
+    from mmdgen import cli
+
+    real = LMTrainer._losses
+
+    def poisoned(self, model, batch, captions):
+        loss, per_codebook = real(self, model, batch, captions)
+        return (loss * float("nan"), per_codebook) if self.step in (1, 2) else (loss, per_codebook)
+
+    monkeypatch.setattr(LMTrainer, "_losses", poisoned)
+    run = tmp_path / "run"
+    assert cli.main(_lm_args(corpus / "tokens", run, "--steps", "5", "--max-nonfinite", "1")) == 2
+    error = capsys.readouterr().err
+    assert "step 3: non-finite loss; 2 steps in a row skipped, more than max_nonfinite=1 (--max-nonfinite)" in error
+    assert f"{run / 'checkpoint'} holds the state before them" in error
+    state = torch.load(run / "checkpoint" / "training_state.pt", weights_only=True)
+    assert (state["step"], state["skipped"], state["skipped_in_a_row"]) == (2, 1, 1)
+    assert not (run / "model").exists() and _logged_steps(run) == [1, 2, 3]
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(_lm_args(corpus / "tokens", run, "--steps", "5", "--max-nonfinite", "3", "--lr", "2e-3",
+                                 "--warmup-steps", "3")) == 0
+    for change in ("max_nonfinite changed: 1 -> 3", "lr changed: 0.001 -> 0.002", "warmup_steps changed: 2 -> 3"):
+        assert f"{run / 'checkpoint'}: resuming at step 2 with {change}" in caplog.text
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and [r.get("skipped") for r in records] == [
+        None, 1.0, 1.0, None, None]
+    new = LMTrainConfig(tokens=".", steps=5, lr=2e-3, warmup_steps=3)
+    assert [r["lr"] for r in records[2:]] == [pytest.approx(learning_rate(step, new)) for step in (2, 3, 4)]
+    state = torch.load(run / "checkpoint" / "training_state.pt", weights_only=True)
+    assert (state["step"], state["skipped"], state["skipped_in_a_row"]) == (5, 2, 0)
+    assert [g["lr"] for g in state["optimizers"]["lm"]["param_groups"]] == [pytest.approx(learning_rate(4, new))] * 2
+    assert load_music_lm(run / "model")[0].cfg.num_codebooks == 4
+
+
+def test_a_torn_last_line_of_the_metrics_is_dropped_on_resume(corpus, tmp_path, capsys, caplog):
+    from mmdgen import cli
+
+    run = tmp_path / "run"
+    assert cli.main(_lm_args(corpus / "tokens", run, "--steps", "2")) == 0
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 3, "time": 17')  # the run was killed while appending step 3
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(_lm_args(corpus / "tokens", run, "--steps", "3")) == 0
+    assert f"{metrics}: dropped a torn final line" in caplog.text
+    assert _logged_steps(run) == [1, 2, 3]
+    metrics.write_text(metrics.read_text().replace('"step": 2', '"step" 2'))  # damaged, not torn: refused
+    assert cli.main(_lm_args(corpus / "tokens", run, "--steps", "4")) == 2
+    assert f"{metrics}:2: not valid JSON" in capsys.readouterr().err
+
+
+def _copy_checkpoint_as_before_relative_paths(checkpoint):
+    """The checkpoint as runs before relative paths wrote it: every path as given, the settings a resume could
+    change then left out, the count of skips in a row missing from the training state."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    run = Path(config["train"]["out"])
+    config["train"]["tokens"] = str((run / config["train"]["tokens"]).resolve())
+    config["text"]["config"]["tokenizer_path"] = str(run / "text_tokenizer.model")
+    for name in ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile", "backend"):
+        del config["train"][name]
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=1))
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    del state["skipped_in_a_row"]
+    torch.save(state, checkpoint / "training_state.pt")
+
+
+def test_a_moved_or_copied_run_folder_resumes(corpus, tmp_path, capsys, caplog):
+    from mmdgen import cli
+
+    project = tmp_path / "project"
+    shutil.copytree(corpus / "tokens", project / "tokens")
+    run = project / "runs" / "lm"
+    assert cli.main(_lm_args(project / "tokens", run, "--steps", "1")) == 0
+    saved = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert (saved["train"]["tokens"], saved["train"]["out"]) == ("../../tokens", str(run))
+    assert saved["text"]["config"]["tokenizer_path"] == "text_tokenizer.model"
+    # the project copied elsewhere: the run folder and its tokens together
+    shutil.copytree(project, tmp_path / "copy")
+    assert cli.main(_lm_args(tmp_path / "copy" / "tokens", tmp_path / "copy" / "runs" / "lm", "--steps", "2")) == 0
+    # the run folder moved alone, its tokens where they were
+    moved = tmp_path / "elsewhere" / "lm"
+    shutil.move(run, moved)
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(_lm_args(project / "tokens", moved, "--steps", "2")) == 0
+    assert f"resuming at step 1 with out changed: {run} -> {moved}" in caplog.text
+    # a checkpoint written before paths were relative resumes when nothing moved
+    _copy_checkpoint_as_before_relative_paths(moved / "checkpoint")
+    assert cli.main(_lm_args(project / "tokens", moved, "--steps", "3")) == 0
+    assert json.loads((moved / "checkpoint" / "config.json").read_text())["train"]["tokens"] == "../../project/tokens"
+    # other tokens (a copy that moved neither with the run nor stayed where it was) are still another configuration
+    capsys.readouterr()
+    assert cli.main(_lm_args(tmp_path / "copy" / "tokens", moved, "--steps", "4")) == 2
+    assert f"{moved / 'checkpoint'} was written by a run with another configuration (differs in tokens)" in \
+        capsys.readouterr().err
+
+
+def test_an_lm_directory_is_not_written_with_a_non_finite_weight(corpus, tmp_path):
+    trainer = LMTrainer(_cfg(corpus, tmp_path / "run", steps=1), progress=False)
+    trainer.train()
+    model = tmp_path / "run" / "model"
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    with torch.no_grad():
+        trainer.text.token_embedding.weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=rf"{model / 'text.safetensors'}: not written: tensor token_embedding.weight "
+                                         r"of the text encoder holds 1 non-finite"):
+        trainer.export()
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before

@@ -4,7 +4,8 @@ A codec directory holds ``config.json`` (the ``CodecConfig``) and ``codec.safete
 ``config.json`` (the ``LMConfig``, what rebuilds the text conditioner, and the identity of the codec whose codes
 the LM learned: its configuration and the SHA-256 of its weights file), ``lm.safetensors``, for a learned text
 encoder ``text.safetensors`` and its ``text_tokenizer.model``, and usually the codec itself in ``codec/``. Each
-file is written atomically; loading checks every tensor's name and shape and never unpickles anything.
+file is written atomically, and no weights file is written with a NaN or an infinity in it (ValueError naming the
+file and the tensor); loading checks every tensor's name and shape and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmdgen.files import load_weights, save_weights, write_atomic, write_text_atomic
+from mmdgen.files import check_finite, load_weights, save_weights, write_atomic, write_text_atomic
 from mmdgen.model.codec import Codec, CodecConfig
 from mmdgen.model.lm import LMConfig, MusicLM
 from mmdgen.model.text import LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner, text_conditioner
@@ -33,9 +34,10 @@ BUNDLED_CODEC = "codec"  # the codec's directory inside an LM directory
 # -- codec directories -----------------------------------------------------------------------------------------
 
 def save_codec(codec: Codec, folder: str | Path) -> Path:
-    """A codec directory: config.json + codec.safetensors, each written atomically."""
+    """A codec directory: config.json + codec.safetensors, each written atomically; ValueError and nothing written
+    when a weight is not finite."""
     folder = Path(folder)
-    save_weights(folder / CODEC_WEIGHTS, codec)
+    save_weights(folder / CODEC_WEIGHTS, codec, "the codec")
     write_text_atomic(folder / CONFIG, json.dumps(dataclasses.asdict(codec.cfg), indent=1))
     return folder
 
@@ -87,14 +89,18 @@ def copy_codec(source: str | Path, target: str | Path) -> None:
 
 def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_record: dict, codec: dict) -> Path:
     """An LM directory: config.json (LM, text conditioner, the codec the codes came from), lm.safetensors,
-    and for a learned text encoder text.safetensors and its tokenizer."""
+    and for a learned text encoder text.safetensors and its tokenizer. ValueError, and nothing written, when a
+    weight is not finite."""
     folder = Path(folder)
     record = dict(text_record)
-    if record["kind"] == "learned":
+    learned = record["kind"] == "learned"
+    check_finite(folder / LM_WEIGHTS, lm, "the LM")  # both before any file: an old directory is kept whole
+    if learned:
+        check_finite(folder / TEXT_WEIGHTS, text, "the text encoder")
         write_atomic(folder / TEXT_TOKENIZER, lambda tmp: shutil.copyfile(text.tokenizer.path, tmp))
         record["config"] = {**record["config"], "tokenizer_path": TEXT_TOKENIZER}
-        save_weights(folder / TEXT_WEIGHTS, text)
-    save_weights(folder / LM_WEIGHTS, lm)
+        save_weights(folder / TEXT_WEIGHTS, text, "the text encoder")
+    save_weights(folder / LM_WEIGHTS, lm, "the LM")
     config = {"lm": dataclasses.asdict(lm.cfg), "text": record, "codec": codec}
     write_text_atomic(folder / CONFIG, json.dumps(config, indent=1))
     return folder

@@ -8,13 +8,16 @@ The balanced losses set the gradient reaching the decoder output; commitment and
 loss reaches only the encoder. It runs every ``mmd_every`` steps on a macro-batch: the batches of the last
 ``mmd_batches`` steps, the earlier ones re-encoded by the current encoder (the authors' released recipe is
 ``mmd_every=32, mmd_batches=32``; the default, 1 and 1, is every step on that step's batch). The
-discriminator trains on the same step's detached reconstructions. A run folder holds ``checkpoint/`` (resumed
+discriminator trains on the same step's detached reconstructions. A step whose losses or gradient norm are not
+finite is skipped whole: the quantizer's EMA codebooks, which its forward pass updated, and the balancer's norms
+are put back as they were, and neither optimiser steps. A run folder holds ``checkpoint/`` (resumed
 automatically), ``metrics.jsonl`` and the final ``model/`` (config.json + codec.safetensors).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,9 @@ class CodecTrainConfig(LoopConfig):
     adversarial: bool = True
     disc_filters: int = 32
 
+    FREE = LoopConfig.FREE + ("lr", "betas")
     POSITIVE = LoopConfig.POSITIVE + ("mmd_every", "mmd_batches")
+    PATHS = ("data",)
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -117,7 +122,7 @@ class CodecTrainer(Trainer):
     # -- what the shared loop asks for ---------------------------------------------------------------
 
     def checkpoint_config(self) -> dict:
-        return {"train": self.cfg.identity(), "codec": dataclasses.asdict(self.codec_cfg)}
+        return {"codec": dataclasses.asdict(self.codec_cfg)}
 
     def checkpoint_models(self) -> dict:
         return {"codec": self.codec, "discriminator": self.disc}
@@ -174,6 +179,9 @@ class CodecTrainer(Trainer):
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         cfg = self.cfg
+        # the forward passes update the EMA codebooks and the balancer its norms: a skipped step puts them back
+        codebooks = {name: b.clone() for name, b in self.codec.quantizer.named_buffers()}
+        balancer = self.balancer.state_dict()
         self.g_opt.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         fakes = []
@@ -185,7 +193,7 @@ class CodecTrainer(Trainer):
             values = {**{k: v.item() for k, v in losses.items()}, **{k: v.item() for k, v in extra.items()}}
             for k, v in values.items():  # the step's mean; the independence loss comes once per step
                 metrics[k] = metrics.get(k, 0.0) + (v if k == "mmd" else v / len(micro_batches))
-            if not all(map(lambda v: v == v and abs(v) != float("inf"), values.values())):
+            if self.any_rank(not all(map(math.isfinite, values.values()))):
                 continue  # the guard below skips the whole step; no backward through non-finite values
             combined, norms = self.balancer.gradient(losses, fake)
             side = cfg.commitment_weight * extra["commitment"] / len(micro_batches)
@@ -195,21 +203,35 @@ class CodecTrainer(Trainer):
             fakes.append((audio, fake.detach()))
             metrics.update({f"grad_norm_{k}": v for k, v in norms.items()})
             metrics["perplexity"] = float(perplexity.mean())
-        if not self.guard.check(metrics, self.step):
+        if len(fakes) == len(micro_batches):  # finite losses can still overflow in the backward
+            metrics["grad_norm"] = float(torch.nn.utils.get_total_norm(
+                [p.grad for p in self.codec.parameters() if p.grad is not None]))
+            if cfg.adversarial:
+                metrics["disc"] = self._discriminator_backward(fakes)
+        if not self.guard.check(metrics):
+            for name, buffer in self.codec.quantizer.named_buffers():
+                buffer.copy_(codebooks[name])
+            self.balancer.load_state_dict(balancer)
             self.g_opt.zero_grad(set_to_none=True)
+            self.d_opt.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
             return metrics
         self.g_opt.step()
         if cfg.adversarial:
-            self.d_opt.zero_grad(set_to_none=True)  # drops what the generator's backward left here
-            for audio, fake in fakes:
-                real_logits, _ = self.disc(audio)
-                fake_logits, _ = self.disc(fake)
-                d_loss = discriminator_loss(real_logits, fake_logits) / len(fakes)
-                d_loss.backward()
-                metrics["disc"] = metrics.get("disc", 0.0) + d_loss.item()
             self.d_opt.step()
         return metrics
+
+    def _discriminator_backward(self, fakes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The discriminator's gradient on the step's real and (detached) reconstructed audio; its loss."""
+        self.d_opt.zero_grad(set_to_none=True)  # drops what the generator's backward left here
+        total = 0.0
+        for audio, fake in fakes:
+            real_logits, _ = self.disc(audio)
+            fake_logits, _ = self.disc(fake)
+            d_loss = discriminator_loss(real_logits, fake_logits) / len(fakes)
+            d_loss.backward()
+            total += d_loss.item()
+        return total
 
     @torch.no_grad()
     def validate(self) -> dict:

@@ -8,6 +8,8 @@ special token, and cross-entropy on the cells where the pattern holds a real cod
 codebook over its valid cells, averaged over codebooks). The output heads and the loss are fused
 (``mmdgen.kernels.cross_entropy``) unless ``fused_ce`` is off. AdamW with linear warm-up and cosine decay,
 gradient clipping, bf16 autocast on CUDA, DDP under torchrun, exact resume, validation NLL per codebook.
+A resumed run may change the optimisation settings (lr, warmup_steps, weight_decay, betas, grad_clip,
+max_nonfinite): the schedule continues from the checkpoint's step under the new ones.
 
 A run folder holds ``checkpoint/``, ``metrics.jsonl`` and the final ``model/`` (``mmdgen.pretrained``'s LM
 directory, with the codec bundled).
@@ -63,8 +65,9 @@ class LMTrainConfig(LoopConfig):
     ckpt_every: int = 200
     valid_clips: int = 64
 
-    FREE = LoopConfig.FREE + ("backend",)
+    FREE = LoopConfig.FREE + ("backend", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip")
     POSITIVE = LoopConfig.POSITIVE + ("crop_frames", "text_dim", "text_layers")
+    PATHS = ("tokens", "text_path")
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -211,8 +214,10 @@ class LMTrainer(Trainer):
     # -- what the shared loop asks for ---------------------------------------------------------------
 
     def checkpoint_config(self) -> dict:
-        return {"train": self.cfg.identity(), "lm": dataclasses.asdict(self.lm_cfg), "text": self.text_record,
-                "codec": self.codec}
+        return {"lm": dataclasses.asdict(self.lm_cfg), "text": self.text_record, "codec": self.codec}
+
+    def checkpoint_paths(self) -> list[tuple[str, ...]]:
+        return [("text", "config", "tokenizer_path"), ("text", "path")]
 
     def checkpoint_models(self) -> dict:
         return {"lm": self.lm, **({"text": self.text} if self.text_record["kind"] == "learned" else {})}
@@ -257,8 +262,6 @@ class LMTrainer(Trainer):
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         cfg = self.cfg
         lr = learning_rate(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {"lr": lr}
         finite = True
@@ -268,16 +271,18 @@ class LMTrainer(Trainer):
             values = {"loss": loss.item(), **{f"loss_k{k}": v for k, v in enumerate(per_codebook.tolist())}}
             for key, value in values.items():
                 metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
-            finite = finite and all(math.isfinite(v) for v in values.values())
+            finite = finite and not self.any_rank(not all(math.isfinite(v) for v in values.values()))
             if finite:
                 (loss.float() / len(micro_batches)).backward()
         if finite:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip))
-        if not self.guard.check(metrics, self.step):
+        if not self.guard.check(metrics):
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
             return metrics
+        for group in self.optimizer.param_groups:  # set only now: a skipped step leaves the optimiser as it was
+            group["lr"] = lr
         self.optimizer.step()
         return metrics
 

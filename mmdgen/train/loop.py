@@ -4,13 +4,24 @@ resume, a non-finite guard, a JSONL metrics log (and TensorBoard when installed)
 A checkpoint is a folder: ``config.json`` and one ``<name>.safetensors`` per model (weights only, the
 model directory users load), plus ``training_state.pt`` beside them (optimisers, step, data position,
 every RNG) saved with tensors and plain containers only and read back with ``weights_only=True``.
-It is written to a temporary folder and swapped in by renames, so a crash never leaves half of one.
+It is written to a temporary folder and swapped in by renames, so a crash never leaves half of one, and
+it is never written with a NaN or an infinity in it (a ValueError names the tensor; the previous one stays).
+
+``config.json`` holds every training setting (``train``) and the models' configurations. Its paths are
+relative to the run folder, and ``train.out`` records where the run folder was: a resumed run finds its
+inputs again whether the run folder moved alone or together with them. A resumed run must share every
+setting but those of ``FREE`` (the length, the bookkeeping, the skip limit, the optimiser's settings),
+whose changes it logs, one line each.
+
+A step whose losses (or gradient norm) are not finite is skipped without changing any state; more than
+``max_nonfinite`` such steps in a row stop the run with a RuntimeError.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -23,8 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmdgen.files import load_weights, read_jsonl, save_weights, write_folder_atomic
+from mmdgen.files import (check_finite, load_weights, read_jsonl, save_weights, write_folder_atomic,
+                          write_text_atomic)
 from mmdgen.train.sampler import ShardedSampler
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 
@@ -96,12 +110,30 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
 
+def named_tensors(value, prefix: str = ""):
+    """(dotted name, tensor) for every tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            yield from named_tensors(item, f"{prefix}.{key}" if prefix else str(key))
+
+
 def save_checkpoint(folder: Path, config: dict, models: dict[str, torch.nn.Module], state: dict) -> None:
-    """Atomically (re)place ``folder`` with the config, each model's weights and the training state."""
+    """Atomically (re)place ``folder`` with the config, each model's weights and the training state.
+
+    ValueError naming the file and the tensor, with nothing written (``folder`` keeps the previous checkpoint),
+    when a weight or a tensor of the training state is not finite."""
+    folder = Path(folder)
+    for name, model in models.items():
+        check_finite(folder / f"{name}.safetensors", _unwrap(model), f"the {name}")
+    check_finite(folder / STATE_FILE, dict(named_tensors(state)), "the training state")
+
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         for name, model in models.items():
-            save_weights(tmp / f"{name}.safetensors", _unwrap(model))
+            save_weights(tmp / f"{name}.safetensors", _unwrap(model), f"the {name}")
         torch.save(state, tmp / STATE_FILE)
 
     write_folder_atomic(folder, write)
@@ -119,22 +151,65 @@ def load_state(folder: Path) -> dict:
     return torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The checkpoint's moments and step counts, under the settings (lr, betas, weight decay...) the optimiser
+    was built with now: those come from the current configuration, which may change them on resume."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
+
+
+def _get(config: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if not isinstance(config, dict):
+            return None
+        config = config.get(key)
+    return config
+
+
+def _set(config: dict, keys: tuple[str, ...], value) -> None:
+    for key in keys[:-1]:
+        config = config[key]
+    config[keys[-1]] = value
+
+
 class NonFiniteGuard:
-    """Counts steps skipped for non-finite losses; raises once more than ``limit`` were skipped."""
+    """Decides whether a step is applied: skipped when one of its metrics is not finite. ``stop_if_exhausted``
+    raises once more than ``limit`` steps in a row were skipped (a good step resets that count; ``total`` keeps
+    counting).
 
-    def __init__(self, limit: int):
-        self.limit, self.skipped = limit, 0
+    ``any_rank(flag)`` tells whether ``flag`` holds on some rank, so that every rank skips the same steps;
+    ``checkpoint`` is the checkpoint folder the error points to."""
 
-    def check(self, metrics: dict[str, float], step: int) -> bool:
-        """True when the step's losses are finite (apply it); False when it must be skipped."""
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        if not bad:
+    def __init__(self, limit: int, checkpoint: Path, any_rank=lambda flag: flag):
+        self.limit, self.checkpoint, self.any_rank = limit, Path(checkpoint), any_rank
+        self.in_a_row, self.total, self.bad = 0, 0, []
+
+    def check(self, metrics: dict[str, float]) -> bool:
+        """True when the step's metrics are finite on every rank (apply it); False when it must be skipped."""
+        self.bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if not self.any_rank(bool(self.bad)):
+            self.in_a_row = 0
             return True
-        self.skipped += 1
-        if self.skipped > self.limit:
-            raise RuntimeError(f"step {step}: non-finite {', '.join(bad)}; {self.skipped} steps skipped in all, "
-                               f"more than the limit of {self.limit}. Lower the learning rate or check the data.")
+        self.in_a_row += 1
+        self.total += 1
         return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row > self.limit
+
+    def stop_if_exhausted(self, step: int) -> None:
+        """RuntimeError when more than ``limit`` steps in a row, up to ``step``, were skipped."""
+        if not self.exhausted:
+            return
+        saved = checkpoint_folder(self.checkpoint)
+        where = f"{saved} holds the state before them" if saved else "no checkpoint was written yet"
+        raise RuntimeError(f"step {step}: non-finite {', '.join(self.bad) or 'values on another rank'}; "
+                           f"{self.in_a_row} step{'s' * (self.in_a_row > 1)} in a row skipped, more than "
+                           f"max_nonfinite={self.limit} (--max-nonfinite) allows; {where}. Resume with a lower "
+                           "--lr or a higher --max-nonfinite, or check the data.")
 
 
 class MetricLog:
@@ -164,10 +239,25 @@ class MetricLog:
                     self.board.add_scalar(f"{kind}/{key}", value, step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+        """Drop lines past ``step`` (written after the checkpoint a resumed run restarts from) and a torn final
+        line; ValueError naming the file and the line for any other line that is not a JSON record."""
         if self.enabled and self.path.exists():
-            kept = [record for record in read_jsonl(self.path) if record["step"] <= step]
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            self._drop_torn_line()
+            kept = [record for record in read_jsonl(self.path, required=("step",)) if record["step"] <= step]
+            write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+
+    def _drop_torn_line(self) -> None:
+        """A run killed while appending leaves a final line without its newline, cut short."""
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        head, _, last = data.rpartition(b"\n")
+        try:
+            json.loads(last)
+            return  # whole, only its newline missing
+        except ValueError:
+            log.warning("%s: dropped a torn final line (the run stopped while writing it): %r", self.path, last[:80])
+        write_text_atomic(self.path, (head + b"\n").decode() if head else "")
 
 
 @dataclass
@@ -185,13 +275,15 @@ class LoopConfig:
     ckpt_every: int = 100
     valid_every: int = 200
     valid_clips: int = 16
-    max_nonfinite: int = 10
+    max_nonfinite: int = 10  # steps in a row skipped for non-finite losses before the run stops
     workers: int = 0
     seed: int = 0
 
-    # what a resumed run may change (the length and the bookkeeping), and what must be at least 1
-    FREE = ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile")
+    # what a resumed run may change (the length, the bookkeeping, the skip limit; each trainer adds its
+    # optimiser's settings), what must be at least 1, and which fields are paths (saved relative to the run folder)
+    FREE = ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile", "max_nonfinite")
     POSITIVE = ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "valid_every")
+    PATHS = ()
 
     def problems(self) -> list[str]:
         return [f"{name} must be at least 1, got {getattr(self, name)}" for name in self.POSITIVE
@@ -202,10 +294,6 @@ class LoopConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def identity(self) -> dict:
-        """What a resumed run must share with the checkpoint."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FREE}
-
 
 class Trainer:
     """The loop every trainer runs: resumable data order, steps with gradient accumulation, logging,
@@ -213,9 +301,12 @@ class Trainer:
 
     A subclass builds its models, optimisers and datasets, then calls ``_start(train_data, collate)``;
     it defines ``train_step(micro_batches) -> metrics``, ``validate() -> metrics`` (or ``{}``),
-    ``checkpoint_models()``, ``optimizers()``, ``export()``, the identity of its configuration
-    (``checkpoint_config()``), and any state beyond the shared one (``extra_state`` /
-    ``load_extra_state``). Its config is a ``LoopConfig``.
+    ``checkpoint_models()``, ``optimizers()``, ``export()``, its models' configuration
+    (``checkpoint_config()``, and ``checkpoint_paths()`` for the paths inside it), and any state beyond the
+    shared one (``extra_state`` / ``load_extra_state``). Its config is a ``LoopConfig``.
+
+    A ``train_step`` skips a step (``self.guard.check(metrics)`` false) without changing any state: parameters,
+    buffers, optimisers and whatever else the step touched are as they were before it.
     """
 
     label = "train"
@@ -225,8 +316,9 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.process = process or setup_process(cfg.device)
         self.out = Path(cfg.out)
+        self.run_folder = self.out.resolve()
         seed_everything(cfg.seed)
-        self.guard = NonFiniteGuard(cfg.max_nonfinite)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite, self.out / "checkpoint", self.any_rank)
         self.step, self.epoch, self.consumed = 0, 0, 0
 
     def _start(self, train_data, collate) -> None:
@@ -237,6 +329,7 @@ class Trainer:
                              f"{self.cfg.grad_accum} x {self.cfg.batch_size}")
         self.log = MetricLog(self.out, enabled=self.process.main)
         self._resume()
+        self.log.truncate_after(self.step)
 
     # -- what subclasses provide ---------------------------------------------------------------------
 
@@ -247,7 +340,12 @@ class Trainer:
         raise NotImplementedError
 
     def checkpoint_config(self) -> dict:
+        """The configuration of the models (beside the training settings, which the loop adds as "train")."""
         raise NotImplementedError
+
+    def checkpoint_paths(self) -> list[tuple[str, ...]]:
+        """The keys (a tuple per nesting level) of the paths inside ``checkpoint_config()``."""
+        return []
 
     def extra_state(self) -> dict:
         return {}
@@ -272,28 +370,77 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
+    def _path_keys(self) -> list[tuple[str, ...]]:
+        return [("train", name) for name in self.cfg.PATHS] + self.checkpoint_paths()
+
+    def saved_config(self) -> dict:
+        """What a checkpoint's config.json holds: every training setting ("train") and the models'
+        configuration, as JSON; paths relative to the run folder, and ``train.out`` the run folder itself."""
+        config = json.loads(json.dumps({"train": dataclasses.asdict(self.cfg), **self.checkpoint_config()}))
+        for keys in self._path_keys():
+            path = _get(config, keys)
+            if path:
+                _set(config, keys, os.path.relpath(Path(path).resolve(), self.run_folder))
+        config["train"]["out"] = str(self.run_folder)
+        return config
+
+    def _check_configuration(self, folder: Path, saved: dict) -> None:
+        """ValueError naming the settings that differ from the checkpoint's, but those a resume may change.
+
+        A path matches when it names the same place relative to the run folder (the run folder moved together
+        with its inputs, or nothing moved) or the same absolute place (the run folder moved alone). Checkpoints
+        older than ``train.out`` stored paths as given, relative to the working directory."""
+        expected = self.saved_config()
+        saved_run = Path(saved.get("train", {}).get("out") or Path.cwd())
+        for keys in self._path_keys():
+            old, new = _get(saved, keys), _get(expected, keys)
+            if isinstance(old, str) and old and new and old != new and \
+                    (saved_run / old).resolve() == (self.run_folder / new).resolve():
+                _set(saved, keys, new)
+        saved_train = {k: v for k, v in saved.get("train", {}).items() if k not in self.cfg.FREE}
+        expected_train = {k: v for k, v in expected["train"].items() if k not in self.cfg.FREE}
+        differing = sorted(k for k in set(saved_train) | set(expected_train)
+                           if saved_train.get(k) != expected_train.get(k))
+        differing += sorted(k for k in set(saved) | set(expected) if k != "train" and saved.get(k) != expected.get(k))
+        if differing:
+            raise ValueError(f"{folder} was written by a run with another configuration (differs in "
+                             f"{', '.join(differing)}); use another --out to start afresh")
+
+    def _log_changes(self, folder: Path, saved_train: dict) -> None:
+        """One line per setting a resumed run changed (among those it may change)."""
+        current = self.saved_config()["train"]
+        for name in self.cfg.FREE:
+            if name in saved_train and saved_train[name] != current[name]:
+                log.warning("%s: resuming at step %d with %s changed: %s -> %s", folder, self.step, name,
+                            saved_train[name], current[name])
+
     def _resume(self) -> None:
         folder = checkpoint_folder(self.out / "checkpoint")
         if folder is None:
             return
         saved = json.loads((folder / "config.json").read_text())
-        expected = json.loads(json.dumps(self.checkpoint_config()))
-        if saved != expected:
-            differing = sorted(k for k in set(saved.get("train", {})) | set(expected["train"])
-                               if saved.get("train", {}).get(k) != expected["train"].get(k))
-            differing += sorted(k for k in set(saved) | set(expected) if k != "train" and saved.get(k) != expected.get(k))
-            raise ValueError(f"{folder} was written by a run with another configuration (differs in "
-                             f"{', '.join(differing)}); use another --out to start afresh")
+        self._check_configuration(folder, saved)
         for name, model in self.checkpoint_models().items():
             load_weights(folder / f"{name}.safetensors", _unwrap(model), f"the checkpoint's {name}")
         state = load_state(folder)
         for name, optimizer in self.optimizers().items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            _load_optimizer(optimizer, state["optimizers"][name])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
-        self.guard.skipped = state["skipped"]
+        # checkpoints older than the count of steps skipped in a row hold the total only
+        self.guard.total, self.guard.in_a_row = state["skipped"], state.get("skipped_in_a_row", 0)
         set_rng_state(state["rng"][min(self.process.rank, len(state["rng"]) - 1)])
         self.load_extra_state(state["extra"])
-        self.log.truncate_after(self.step)
+        if self.process.main:
+            self._log_changes(folder, saved["train"])
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank; every rank gets the same answer (one all-reduce under DDP), so
+        that they skip the same steps (a rank skipping a backward would leave the others waiting in it)."""
+        if self.process.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.process.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _gather(self, value):
         """Every rank's ``value`` (a list with one entry per rank)."""
@@ -307,10 +454,11 @@ class Trainer:
         rngs, extra = self._gather(rng_state()), self.extra_state()
         if not self.process.main:
             return
-        state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.guard.skipped,
+        state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.guard.total,
+                 "skipped_in_a_row": self.guard.in_a_row,
                  "optimizers": {name: opt.state_dict() for name, opt in self.optimizers().items()},
                  "rng": rngs, "extra": extra}
-        save_checkpoint(self.out / "checkpoint", self.checkpoint_config(), self.checkpoint_models(), state)
+        save_checkpoint(self.out / "checkpoint", self.saved_config(), self.checkpoint_models(), state)
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -337,26 +485,28 @@ class Trainer:
         cfg = self.cfg
         batches = self._batches()
         start_step, start_time = self.step, time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.label, unit="step",
-                   disable=not (self.progress and self.process.main))
         last = {}
-        while self.step < cfg.steps:
-            metrics = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
-            self.step += 1
-            rate = (self.step - start_step) / (time.perf_counter() - start_time)
-            bar.update(1)
-            bar.set_postfix(**self.progress_fields(metrics), steps_s=f"{rate:.2f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.log.write("train", self.step, {**metrics, "steps_per_s": rate, "skipped_total": self.guard.skipped})
-            if self.process.main and (self.step % cfg.valid_every == 0 or self.step == cfg.steps):
-                last = self.validate()
-                if last:
-                    self.log.write("valid", self.step, last)
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
-                                                                 if isinstance(v, (int, float))))
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self._save()
-        bar.close()
+        # closed on the way out of an error too, so that the message starts on a line of its own
+        with tqdm(total=cfg.steps, initial=self.step, desc=self.label, unit="step",
+                  disable=not (self.progress and self.process.main)) as bar:
+            while self.step < cfg.steps:
+                metrics = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
+                self.step += 1
+                rate = (self.step - start_step) / (time.perf_counter() - start_time)
+                bar.update(1)
+                bar.set_postfix(**self.progress_fields(metrics), steps_s=f"{rate:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.guard.exhausted:
+                    self.log.write("train", self.step, {**metrics, "steps_per_s": rate,
+                                                        "skipped_total": self.guard.total})
+                self.guard.stop_if_exhausted(self.step)  # before a checkpoint: the last one stays in place
+                if self.process.main and (self.step % cfg.valid_every == 0 or self.step == cfg.steps):
+                    last = self.validate()
+                    if last:
+                        self.log.write("valid", self.step, last)
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                                                                     if isinstance(v, (int, float))))
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self._save()
         if self.process.main:
             self.export()
         return last
