@@ -284,3 +284,13 @@ def test_compiled_training_steps_match_eager_ones(clips, tmp_path):
                                                                                                            name)
         trainer.train_step([batch])  # the next state, eagerly
         trainer.step += 1
+
+
+def test_a_run_whose_final_validation_is_not_finite_exports_no_model(clips, tmp_path, monkeypatch):
+    """Finite weights can still compute nothing finite (a diverged run): no model directory is handed over."""
+    monkeypatch.setattr(CodecTrainer, "validate", lambda self: {"mel_distance": float("nan"), "si_snr_db": 3.0})
+    trainer = CodecTrainer(_cfg(clips, tmp_path / "run", steps=1, adversarial=False), progress=False)
+    with pytest.raises(RuntimeError, match=r"step 1: the model's validation mel_distance is not finite, so no model "
+                                           r"was exported .*lower --lr"):
+        trainer.train()
+    assert not (tmp_path / "run" / "model").exists()

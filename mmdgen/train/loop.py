@@ -507,6 +507,11 @@ class Trainer:
                                                                      if isinstance(v, (int, float))))
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self._save()
+        broken = sorted(k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v))
+        if broken:  # finite weights that compute nothing finite (a diverged run): no model to hand over
+            raise RuntimeError(f"step {self.step}: the model's validation {', '.join(broken)} is not finite, so no "
+                               f"model was exported from {self.out / 'checkpoint'}; the run diverged: start afresh "
+                               "with another --out and a lower --lr")
         if self.process.main:
             self.export()
         return last
