@@ -25,7 +25,8 @@ from mmdgen.model.codec import Codec, CodecConfig
 from mmdgen.model.convert import codec_config_from_dict, codec_config_to_dict, lm_config_from_dict, lm_config_to_dict
 from mmdgen.model.lm import LMConfig, MusicLM
 from mmdgen.model.quantizer import QuantizerConfig
-from mmdgen.model.text import LearnedTextEncoder, T5TextEncoder, train_caption_tokenizer, word_level_t5_tokenizer
+from mmdgen.model.text import (LearnedTextEncoder, T5TextEncoder, TextConditioner, TextConditioning,
+                              train_caption_tokenizer, word_level_t5_tokenizer)
 from mmdgen.model.text.t5 import T5Config
 from mmdgen.pretrained import codec_identity, copy_codec, export_model, load_codec_model, load_music_model, \
     save_codec, save_music_lm
@@ -34,6 +35,7 @@ TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
 FRAMES = 6  # also the LM's context: transformers' default generation length
 SAMPLE_RATE, HOP = 400, 8  # 50 frames/s
 AUDIOCRAFT_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "audiocraft"
+EXPORT_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "audiocraft_export"
 
 
 # -- fixtures: random tiny models -----------------------------------------------------------------------------------
@@ -231,8 +233,9 @@ def test_a_learned_conditioner_exports_the_decoder_and_codec_transformers_load(t
 def test_a_pattern_transformers_does_not_generate_is_named(tmp_path):
     out = tmp_path / "out"
     summary = export_model(learned_lm_dir(tmp_path / "flatten", pattern="flatten"), out, "transformers")
-    assert "the codebook pattern (flatten): transformers' MusicGen generates with delays [0, 1, 2, 3]" in summary
-    assert "the codebook pattern (flatten)" in (out / "README.txt").read_text()
+    assert "left out: the flatten pattern (transformers generates with delays [0, 1, 2, 3])" in summary
+    assert ("left out: the codebook pattern (flatten): transformers' MusicGen generates with delays [0, 1, 2, 3], so "
+            "its generate would decode this LM wrongly") in (out / "README.txt").read_text()
 
 
 def test_an_lm_transformers_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
@@ -251,7 +254,11 @@ def test_an_audiocraft_export_reads_back_with_identical_weights_and_logits(mono,
     source, _ = mono
     out = tmp_path / "audiocraft"
     summary = export_model(source, out, "audiocraft")
-    assert "T5 name unset" in summary and "conditioners.description.t5.name unset (???)" in summary
+    assert "T5 name unset: set conditioners.description.t5.name in xp.cfg" in summary
+    assert "padded batches differ" in summary and summary.endswith("(see README.txt)")
+    readme = (out / "README.txt").read_text()
+    assert "xp.cfg leaves conditioners.description.t5.name unset (???)" in readme
+    assert "this LM masks the padding of shorter texts in a batch, audiocraft's attends to it" in readme
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "compression_state_dict.bin", "state_dict.bin"]
     for name in ("state_dict.bin", "compression_state_dict.bin"):
         payload = torch.load(out / name, weights_only=True)
@@ -328,6 +335,47 @@ def test_audiocraft_written_files_export_back_tensor_for_tensor(tmp_path, t5_bas
     assert exported.lm.cfg == original.lm.cfg and exported.codec.cfg == original.codec.cfg
 
 
+class FixedStates(TextConditioner):
+    """Every caption gets the given states (the T5 stand-in of tests/audiocraft_export_check.py)."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states, self.dim = states, states.shape[-1]
+
+    def encode_texts(self, captions):
+        states = self.states.expand(len(captions), -1, -1)
+        return TextConditioning(states, torch.ones(states.shape[:2], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["mono", "stereo"])
+def test_exports_audiocraft_read_are_what_mmdgen_writes_and_computes(name, tmp_path, t5_base_wide):
+    """tests/fixtures/audiocraft_export: exports audiocraft 1.3.0's loaders and MusicGen matched (result.json, by
+    tests/audiocraft_export_check.py). Re-exported today they are the same files; read by mmdgen they give the
+    reference audiocraft was compared with: logits, greedy codes with guidance, the codec's codes and audio."""
+    result = json.loads((EXPORT_FIXTURES / "result.json").read_text())
+    assert result["audiocraft"] == "1.3.0" and result["all_within_tolerance"] and result[name]["greedy_codes_equal"]
+    reference = load_file(EXPORT_FIXTURES / "reference.safetensors")
+    export_model(EXPORT_FIXTURES / name, tmp_path / "again", "audiocraft", text_encoder=t5_base_wide)
+    for file in ("state_dict.bin", "compression_state_dict.bin"):
+        committed = torch.load(EXPORT_FIXTURES / name / file, weights_only=True)
+        again = torch.load(tmp_path / "again" / file, weights_only=True)
+        assert yaml.safe_load(again["xp.cfg"]) == yaml.safe_load(committed["xp.cfg"])
+        assert again["best_state"].keys() == committed["best_state"].keys()
+        assert all(torch.equal(again["best_state"][key], value) for key, value in committed["best_state"].items())
+
+    model = load_music_model(EXPORT_FIXTURES / name, text_encoder=t5_base_wide)
+    with torch.no_grad():
+        logits = model.lm(reference[f"{name}.tokens"], reference[f"{name}.text_states"], reference[f"{name}.text_mask"])
+    torch.testing.assert_close(logits, reference[f"{name}.logits"], atol=1e-4, rtol=1e-5)  # logits up to ~50
+    generator = Generator(model.lm, FixedStates(reference[f"{name}.prompt_states"]), model.codec)
+    codes = generator.generate_codes(["one text"], duration=8 / 50, sampling=Sampling(guidance_scale=3.0,
+                                                                                       temperature=0))
+    assert torch.equal(codes, reference[f"{name}.generated"]) and codes.shape == (1, 4 * model.lm.cfg.audio_channels, 8)
+    assert torch.equal(model.codec.encode(reference["codec.input"]), reference[f"{name}.codec_codes"])
+    torch.testing.assert_close(model.codec.decode(reference[f"{name}.codec_codes"]), reference[f"{name}.codec_audio"],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_learned_conditioners_are_refused_by_the_audiocraft_format(tmp_path):
     with pytest.raises(ValueError, match=r"its learned text conditioner has no audiocraft counterpart"):
         export_model(learned_lm_dir(tmp_path / "learned"), tmp_path / "out", "audiocraft")
@@ -358,9 +406,10 @@ def test_transformers_to_audiocraft_to_transformers_gives_identical_tensors(tmp_
     model.save_pretrained(original)
     tokenizer.save_pretrained(original)
     summary = export_model(original, tmp_path / "audiocraft", "audiocraft")
-    assert "this LM masks the padding of shorter texts in a batch, audiocraft's attends to it" in summary
+    assert "text padding masked by this LM, attended by audiocraft: padded batches differ" in summary
     summary = export_model(tmp_path / "audiocraft", tmp_path / "back", "transformers", text_encoder=original)
-    assert "the source (audiocraft's rule) attends to it" in summary
+    assert "text padding attended by the source, masked by transformers: padded batches differ" in summary
+    assert "the source (audiocraft's rule) attends to it" in (tmp_path / "back" / "README.txt").read_text()
     theirs, ours = load_file(original / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], value) for name, value in theirs.items())
     written = json.loads((tmp_path / "back" / "config.json").read_text())

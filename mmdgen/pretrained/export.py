@@ -53,24 +53,39 @@ FORMATS = ("transformers", "audiocraft")
 README = "README.txt"
 AUDIOCRAFT_VERSION = "1.3.0"  # the release whose loaders read these files (tests/audiocraft_export_check.py)
 UNSET = "???"  # OmegaConf's mandatory value: audiocraft stops with "Missing mandatory value" until it is set
+AUDIOCRAFT_EXTEND_STRIDE = 18.0  # seconds: MusicGen.__init__ asserts it is below max_duration (the LM's context)
 TOKENIZER_FILES = (*T5Tokenizer.FILES, "tokenizer_config.json", "special_tokens_map.json")
 DECODER_FOLDER, CODEC_FOLDER = "decoder", "audio_encoder"
 PADDING_NOTE = ("text padding: {source} {source_rule}, {target} {target_rule}; greedy codes agree for one text "
                 "(with or without guidance) and for texts of one token length, not for the shorter texts of a "
                 "padded batch")
 _MASKS, _ATTENDS = "masks the padding of shorter texts in a batch", "attends to it (zero keys, no mask)"
+_POSSESSIVE = {"transformers": "transformers'", "audiocraft": "audiocraft's"}
 
 Writer = Callable[[Path], None]
 
 
 @dataclass
+class Note:
+    """Something left out or computed differently: a few words for the summary, the whole story for README."""
+
+    short: str
+    detail: str
+
+
+@dataclass
 class Plan:
-    """What an export writes (path inside ``out`` -> its writer), a one-line summary, and README's lines."""
+    """What an export writes (path inside ``out`` -> its writer), what it holds (README's lines), its notes."""
 
     files: dict[str, Writer]
-    summary: str
+    what: str  # the summary's start
     contents: list[str]
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        return self.what + "".join(f"; {note.short}" for note in self.notes) + (
+            f" (see {README})" if self.notes else "")
 
 
 def export_model(source: str | Path, out: str | Path, format: str, overwrite: bool = False,
@@ -123,12 +138,17 @@ def transformers_plan(model: MusicModel) -> Plan:
         decoder_config, decoder_problem = None, f"the decoder: {error}"
     left_out = []
     if not isinstance(model.text, T5TextEncoder):
-        left_out.append(f"the {_conditioner_kind(model.text)} text conditioner: transformers' MusicGen conditions on "
-                        "a T5 encoder only")
+        kind = _conditioner_kind(model.text)
+        left_out.append(Note(f"left out: the {kind} text conditioner (T5 only)",
+                             f"left out: the {kind} text conditioner: transformers' MusicGen conditions on a T5 "
+                             "encoder only"))
     expected = transformers_delays(cfg.num_codebooks, cfg.audio_channels)
     if _delays(cfg) != expected:
-        left_out.append(f"the codebook pattern ({_pattern(cfg)}): transformers' MusicGen generates with delays "
-                        f"{list(expected)}; its generate would decode this LM wrongly")
+        left_out.append(Note(f"left out: the {_pattern(cfg)} pattern (transformers generates with delays "
+                             f"{list(expected)})",
+                             f"left out: the codebook pattern ({_pattern(cfg)}): transformers' MusicGen generates "
+                             f"with delays {list(expected)}, so its generate would decode this LM wrongly; the "
+                             "decoder's forward is the LM's"))
     if decoder_problem is None and not left_out:
         return _musicgen_plan(model, decoder_config)
     if decoder_problem is None and cfg.text_dim != cfg.dim:
@@ -136,7 +156,7 @@ def transformers_plan(model: MusicModel) -> Plan:
                            "by a layer a MusicgenForCausalLM cannot hold")
     if decoder_problem is not None:
         raise ValueError(f"{model.source}: transformers' format cannot hold this LM: "
-                         + "; ".join([*left_out, decoder_problem]))
+                         + "; ".join([*(note.detail.removeprefix("left out: ") for note in left_out), decoder_problem]))
     return _parts_plan(model, decoder_config, left_out)
 
 
@@ -156,13 +176,15 @@ def _musicgen_plan(model: MusicModel, decoder_config: dict) -> Plan:
                   "pad_token_id": special, "do_sample": True, "guidance_scale": 3.0, "top_k": 250}
     notes = []
     if cfg.context_frames is None:
-        notes.append("generation_config.json has no max_length: the LM records no context (transformers then "
-                     "stops at its default of 20 tokens; pass max_new_tokens)")
+        notes.append(Note("no max_length (no context recorded)", "generation_config.json has no max_length: the LM "
+                          "records no context (transformers then stops at its default of 20 tokens; pass "
+                          "max_new_tokens)"))
     else:  # what makes transformers' generate (from its config alone) give the context's frames
         generation["max_length"] = cfg.context_frames + max(_delays(cfg))
     if cfg.attend_text_padding:
-        notes.append(PADDING_NOTE.format(source="the source (audiocraft's rule)", source_rule=_ATTENDS,
-                                         target="transformers' MusicGen", target_rule=_MASKS))
+        notes.append(Note("text padding attended by the source, masked by transformers: padded batches differ",
+                          PADDING_NOTE.format(source="the source (audiocraft's rule)", source_rule=_ATTENDS,
+                                              target="transformers' MusicGen", target_rule=_MASKS)))
     preprocessor = {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": codec.cfg.channels,
                     "sampling_rate": codec.cfg.sample_rate, "padding_side": "right", "padding_value": 0.0,
                     "chunk_length_s": None, "overlap": None, "return_attention_mask": True,
@@ -180,11 +202,10 @@ def _musicgen_plan(model: MusicModel, decoder_config: dict) -> Plan:
                    if "max_length" in generation else ""),
                 f"the T5 tokenizer ({', '.join(name for name in TOKENIZER_FILES if name in files)}) and "
                 "preprocessor_config.json: transformers.AutoProcessor.from_pretrained reads them"]
-    summary = f"transformers MusicgenForConditionalGeneration ({layout})" + "".join(f"; note: {n}" for n in notes)
-    return Plan(files, summary, contents, notes)
+    return Plan(files, f"transformers MusicgenForConditionalGeneration ({layout})", contents, notes)
 
 
-def _parts_plan(model: MusicModel, decoder_config: dict, left_out: list[str]) -> Plan:
+def _parts_plan(model: MusicModel, decoder_config: dict, left_out: list[Note]) -> Plan:
     lm, codec, cfg = model.lm, model.codec, model.lm.cfg
     decoder = {lm_key_to_transformers(name, causal_lm=True): value for name, value in lm.state_dict().items()}
     decoder_config = {**decoder_config, "architectures": ["MusicgenForCausalLM"]}
@@ -195,18 +216,16 @@ def _parts_plan(model: MusicModel, decoder_config: dict, left_out: list[str]) ->
              f"{CODEC_FOLDER}/model.safetensors": _safetensors_writer(
                  {codec_key_to_transformers(name): value for name, value in codec.state_dict().items()})}
     mask = ("an all-True encoder_attention_mask (this LM attends to its zeroed text padding, audiocraft's rule)"
-            if cfg.attend_text_padding else "encoder_attention_mask the text mask")
+            if cfg.attend_text_padding else "encoder_attention_mask = the text mask")
     contents = [f"{DECODER_FOLDER}/: MusicgenForCausalLM (transformers.MusicgenForCausalLM.from_pretrained): "
                 f"forward(input_ids = mmdgen's pattern sequence [B * {cfg.num_codebooks}, S], encoder_hidden_states = "
                 f"the source's text states [B, L, {cfg.dim}] (zero at padding), {mask}) gives the source LM's logits",
                 f"{CODEC_FOLDER}/: EncodecModel (transformers.EncodecModel.from_pretrained), the codec whose codes the "
                 "LM predicts" + (", each stereo channel through it" if cfg.audio_channels == 2 else "")]
-    notes = [f"left out: {reason}" for reason in left_out]
-    notes.append(f"the text states come from the source's own conditioner: mmdgen's load_music_model("
-                 f"{model.source!r}).text(captions)")
-    summary = (f"transformers, in parts: {DECODER_FOLDER}/ (MusicgenForCausalLM) and {CODEC_FOLDER}/ (EncodecModel); "
-               f"left out: {'; '.join(left_out)}")
-    return Plan(files, summary, contents, notes)
+    contents.append(f"the text states come from the source's own conditioner: mmdgen's load_music_model("
+                    f"{model.source!r}).text(captions)")
+    what = f"transformers, in parts: {DECODER_FOLDER}/ (MusicgenForCausalLM) and {CODEC_FOLDER}/ (EncodecModel)"
+    return Plan(files, what, contents, left_out)
 
 
 # -- audiocraft ---------------------------------------------------------------------------------------------------
@@ -231,24 +250,32 @@ def audiocraft_plan(model: MusicModel, path: Path, t5_name: str | None = None) -
     notes = []
     if name is None:
         known = ", ".join(name for name, width in audiocraft.T5_WIDTHS.items() if width == model.text.dim)
-        notes.append(f"xp.cfg leaves conditioners.description.t5.name unset ({UNSET}): audiocraft fetches the T5 by "
-                     f"name and this one's is not known; set it to the name of this T5 among audiocraft's "
-                     f"({known or 'none is ' + str(model.text.dim) + ' wide'}), whose weights must be this T5's; "
-                     "mmdgen loads the export with text_encoder = the T5's folder (--text-encoder)")
+        notes.append(Note("T5 name unset: set conditioners.description.t5.name in xp.cfg",
+                          f"xp.cfg leaves conditioners.description.t5.name unset ({UNSET}): audiocraft fetches the "
+                          "T5 by name and this one's is not known; set it to the name of this T5 among audiocraft's "
+                          f"({known or 'none is ' + str(model.text.dim) + ' wide'}), whose weights must be this "
+                          "T5's; mmdgen loads the export with text_encoder = the T5's folder (--text-encoder)"))
     if not cfg.attend_text_padding:
-        notes.append(PADDING_NOTE.format(source="this LM", source_rule=_MASKS, target="audiocraft's",
-                                         target_rule=_ATTENDS))
-    if cfg.context_frames is None:
-        notes.append("dataset.segment_duration is null: the LM records no context; audiocraft's MusicGen needs it "
-                     "(seconds) as its max_duration")
+        notes.append(Note("text padding masked by this LM, attended by audiocraft: padded batches differ",
+                          PADDING_NOTE.format(source="this LM", source_rule=_MASKS, target="audiocraft's",
+                                              target_rule=_ATTENDS)))
+    seconds = None if cfg.context_frames is None else cfg.context_frames / codec.cfg.frame_rate
+    if seconds is None:
+        notes.append(Note("no context recorded (dataset.segment_duration null)",
+                          "dataset.segment_duration is null: the LM records no context; audiocraft's MusicGen "
+                          "needs it (seconds) as its max_duration"))
+    elif seconds <= AUDIOCRAFT_EXTEND_STRIDE:
+        notes.append(Note(f"a {seconds:g} s context: audiocraft's MusicGen class refuses it, its LMModel works",
+                          f"the LM's context is {seconds:g} s: audiocraft's MusicGen class asserts its default "
+                          f"extend_stride ({AUDIOCRAFT_EXTEND_STRIDE:g} s) is shorter, so MusicGen.get_pretrained "
+                          "fails; load_lm_model and LMModel.generate work"))
     contents = [f"{audiocraft.LM_FILE}: the LM (audiocraft.models.loaders.load_lm_model), T5 "
-                f"{name or UNSET}, delays {list(_delays(cfg))}"
+                f"{name or 'name unset (' + UNSET + ')'}, delays {list(_delays(cfg))}"
                 + (", stereo (interleave_stereo_codebooks)" if cfg.audio_channels == 2 else ""),
                 f"{audiocraft.CODEC_FILE}: its EnCodec (load_compression_model); MusicGen.get_pretrained(<this "
                 "folder>) loads both"]
-    summary = f"audiocraft {audiocraft.LM_FILE} + {audiocraft.CODEC_FILE} (T5 {name or 'name unset'})"
-    summary += "".join(f"; note: {note}" for note in notes)
-    return Plan(files, summary, contents, notes)
+    what = f"audiocraft {audiocraft.LM_FILE} + {audiocraft.CODEC_FILE}" + (f" (T5 {name})" if name else "")
+    return Plan(files, what, contents, notes)
 
 
 def _audiocraft_t5_name(model: MusicModel, path: Path, given: str | None) -> str | None:
@@ -318,10 +345,10 @@ def _copy_writer(source: Path) -> Writer:
 
 
 def _readme(model: MusicModel, format: str, plan: Plan) -> str:
-    lines = [f"Exported by mmdgen {__version__} from {model.source} ({model.format} format) to {format}'s format.",
-             "", "Contents:", *[f"- {line}" for line in plan.contents]]
+    lines = [f"Exported by mmdgen {__version__} from {model.source} ({model.format} format) to "
+             f"{_POSSESSIVE[format]} format.", "", "Contents:", *[f"- {line}" for line in plan.contents]]
     if plan.notes:
-        lines += ["", "Left out and differences:", *[f"- {note}" for note in plan.notes]]
+        lines += ["", "Left out and differences:", *[f"- {note.detail}" for note in plan.notes]]
     return "\n".join(lines) + "\n"
 
 
