@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -434,6 +435,16 @@ def test_configurations_read_back_as_written():
                   relative_attention_num_buckets=8, relative_attention_max_distance=20, layer_norm_epsilon=1e-5)
     assert T5Config.from_dict(t5.to_dict(), "t5") == t5
     assert T5Config.from_dict(transformers.T5Config(**t5.to_dict()).to_dict(), "transformers") == t5
+
+
+def test_exporting_needs_neither_transformers_nor_audiocraft(mono, tmp_path, monkeypatch):
+    source, out = mono
+    for library in ("transformers", "audiocraft"):
+        monkeypatch.setitem(sys.modules, library, None)  # any import of it now fails
+    for format in ("transformers", "audiocraft"):
+        export_model(source, tmp_path / format, format)
+    assert load_file(tmp_path / "transformers" / "model.safetensors").keys() == \
+        load_file(out / "model.safetensors").keys()
 
 
 # -- refusals -------------------------------------------------------------------------------------------------------

@@ -221,9 +221,9 @@ def _parts_plan(model: MusicModel, decoder_config: dict, left_out: list[Note]) -
                 f"forward(input_ids = mmdgen's pattern sequence [B * {cfg.num_codebooks}, S], encoder_hidden_states = "
                 f"the source's text states [B, L, {cfg.dim}] (zero at padding), {mask}) gives the source LM's logits",
                 f"{CODEC_FOLDER}/: EncodecModel (transformers.EncodecModel.from_pretrained), the codec whose codes the "
-                "LM predicts" + (", each stereo channel through it" if cfg.audio_channels == 2 else "")]
-    contents.append(f"the text states come from the source's own conditioner: mmdgen's load_music_model("
-                    f"{model.source!r}).text(captions)")
+                "LM predicts" + (", each stereo channel through it" if cfg.audio_channels == 2 else ""),
+                f"the text states come from the source's own conditioner: mmdgen's load_music_model("
+                f"{model.source!r}).text(captions)"]
     what = f"transformers, in parts: {DECODER_FOLDER}/ (MusicgenForCausalLM) and {CODEC_FOLDER}/ (EncodecModel)"
     return Plan(files, what, contents, left_out)
 
@@ -249,7 +249,7 @@ def audiocraft_plan(model: MusicModel, path: Path, t5_name: str | None = None) -
                                                        audiocraft.codec_config_to_audiocraft(codec.cfg))}
     notes = []
     if name is None:
-        known = ", ".join(name for name, width in audiocraft.T5_WIDTHS.items() if width == model.text.dim)
+        known = ", ".join(known for known, width in audiocraft.T5_WIDTHS.items() if width == model.text.dim)
         notes.append(Note("T5 name unset: set conditioners.description.t5.name in xp.cfg",
                           f"xp.cfg leaves conditioners.description.t5.name unset ({UNSET}): audiocraft fetches the "
                           "T5 by name and this one's is not known; set it to the name of this T5 among audiocraft's "
