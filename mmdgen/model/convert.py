@@ -11,7 +11,9 @@ embeddings, GELU; mono, or stereo as 2 x K interleaved codebooks with delays 0, 
 its ``enc_to_dec_proj`` becomes our ``text_projection``.
 
 The configurations are read from ``config.json`` dictionaries (``*_config_from_dict``), with transformers'
-defaults for the keys a file leaves out, so no transformers object is needed to load a checkpoint.
+defaults for the keys a file leaves out, so no transformers object is needed to load a checkpoint; and written
+back as such dictionaries (``*_config_to_dict``, with ``*_key_to_transformers`` for the tensor names), so none is
+needed to export one either.
 """
 
 from __future__ import annotations
@@ -85,22 +87,33 @@ def codec_config_from_transformers(config) -> CodecConfig:
     return codec_config_from_dict(config.to_dict())
 
 
-def codec_config_to_transformers(cfg: CodecConfig):
-    from transformers import EncodecConfig
-
+def codec_config_to_dict(cfg: CodecConfig) -> dict:
+    """transformers' ``EncodecConfig`` dictionary (a config.json) of a CodecConfig; ``codec_config_from_dict``
+    reads it back. The codebooks in use are stated as the one target bandwidth that gives K of them."""
+    codebooks = cfg.quantizer.num_codebooks
     frame_rate = math.ceil(cfg.sample_rate / cfg.hop_length)
     bits = math.ceil(math.log2(cfg.quantizer.codebook_size))
-    bandwidth = cfg.quantizer.num_codebooks * frame_rate * bits / 1000  # what gives num_quantizers = K
-    return EncodecConfig(
-        target_bandwidths=[bandwidth], sampling_rate=cfg.sample_rate, audio_channels=cfg.channels, normalize=False,
-        chunk_length_s=None, hidden_size=cfg.dimension, num_filters=cfg.num_filters,
-        num_residual_layers=cfg.num_residual_layers, upsampling_ratios=list(cfg.ratios), norm_type="weight_norm",
-        kernel_size=cfg.kernel_size, last_kernel_size=cfg.last_kernel_size,
+    bandwidth = codebooks * frame_rate * bits / 1000
+    if 1000 * bandwidth // (frame_rate * bits) < codebooks:  # the float product fell just short of K
+        bandwidth = math.nextafter(bandwidth, math.inf)
+    return dict(
+        model_type="encodec", target_bandwidths=[bandwidth], sampling_rate=cfg.sample_rate,
+        audio_channels=cfg.channels, normalize=False, chunk_length_s=None, overlap=None, hidden_size=cfg.dimension,
+        num_filters=cfg.num_filters, num_residual_layers=cfg.num_residual_layers, upsampling_ratios=list(cfg.ratios),
+        norm_type="weight_norm", kernel_size=cfg.kernel_size, last_kernel_size=cfg.last_kernel_size,
         residual_kernel_size=cfg.residual_kernel_size, dilation_growth_rate=cfg.dilation_base,
         use_causal_conv=cfg.causal, pad_mode=cfg.pad_mode, compress=cfg.compress, num_lstm_layers=cfg.lstm_layers,
         trim_right_ratio=cfg.trim_right_ratio, codebook_size=cfg.quantizer.codebook_size,
         codebook_dim=cfg.quantizer.dim, use_conv_shortcut=cfg.conv_shortcut,
     )
+
+
+def codec_config_to_transformers(cfg: CodecConfig):
+    from transformers import EncodecConfig
+
+    config = codec_config_to_dict(cfg)
+    del config["model_type"]
+    return EncodecConfig(**config)
 
 
 _OLD_WEIGHT_NORM = re.compile(r"\.weight_(g|v)$")
@@ -122,6 +135,9 @@ def _to_theirs(key: str) -> str:
         return key
     theirs = {v: k for k, v in _QUANTIZER_NAMES.items()}[match[2]]
     return f"quantizer.layers.{match[1]}.codebook.{theirs}"
+
+
+codec_key_to_transformers = _to_theirs
 
 
 def _load_renamed(target: torch.nn.Module, state: dict, rename) -> None:
@@ -159,7 +175,18 @@ _LM_NAMES = [  # (theirs, ours), after the decoder prefix is stripped
     (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".self_attn_norm."),
     (r"\.final_layer_norm\.", ".ffn_norm."),
 ]
+_LM_NAMES_TO_THEIRS = [  # (ours, theirs) inside the decoder stack
+    (r"^embeddings\.", "embed_tokens."), (r"^norm\.", "layer_norm."),
+    (r"\.cross_attn_norm\.", ".encoder_attn_layer_norm."), (r"\.cross_attn\.", ".encoder_attn."),
+    (r"\.self_attn_norm\.", ".self_attn_layer_norm."), (r"\.ffn_norm\.", ".final_layer_norm."),
+]
 _DECODER_PREFIX = re.compile(r"^(decoder\.)?(model\.decoder\.)?")
+LAYER_NORM_EPS = 1e-5  # MusicGen's decoder LayerNorms: torch's default, not configurable in transformers
+
+
+def transformers_delays(num_codebooks: int, channels: int) -> tuple[int, ...]:
+    """The delays transformers' MusicGen decodes with: 0..K-1, or 0, 0, 1, 1, ... for stereo's 2K codebooks."""
+    return tuple(k for k in range(num_codebooks // channels) for _ in range(channels))
 
 
 def lm_config_from_dict(decoder: dict, text_dim: int | None = None) -> LMConfig:
@@ -181,11 +208,27 @@ def lm_config_from_dict(decoder: dict, text_dim: int | None = None) -> LMConfig:
         raise ValueError("this MusicGen decoder configuration uses features mmdgen's LM does not have: "
                          + "; ".join(unsupported))
     channels = d["audio_channels"]
-    per_channel = d["num_codebooks"] // channels
-    delays = None if channels == 1 else tuple(k for k in range(per_channel) for _ in range(channels))
+    delays = None if channels == 1 else transformers_delays(d["num_codebooks"], channels)
     return LMConfig(num_codebooks=d["num_codebooks"], codebook_size=d["vocab_size"], dim=d["hidden_size"],
                     layers=d["num_hidden_layers"], heads=d["num_attention_heads"], ffn_dim=d["ffn_dim"],
                     text_dim=text_dim or d["hidden_size"], delays=delays, audio_channels=channels)
+
+
+def lm_config_to_dict(cfg: LMConfig) -> dict:
+    """transformers' ``MusicgenDecoderConfig`` dictionary of an LMConfig (the decoder's sizes; its pattern, text
+    width and context are not part of it). ValueError when the decoder computes what transformers' cannot."""
+    if cfg.norm_eps != LAYER_NORM_EPS:
+        raise ValueError(f"norm_eps={cfg.norm_eps} (transformers' MusicGen decoder has LayerNorms of eps "
+                         f"{LAYER_NORM_EPS})")
+    special = cfg.special_token
+    return dict(
+        model_type="musicgen_decoder", vocab_size=cfg.codebook_size, max_position_embeddings=2048,
+        num_hidden_layers=cfg.layers, ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.heads, layerdrop=0.0,
+        use_cache=True, activation_function="gelu", hidden_size=cfg.dim, dropout=cfg.dropout, attention_dropout=0.0,
+        activation_dropout=0.0, initializer_factor=0.02, scale_embedding=False, num_codebooks=cfg.num_codebooks,
+        audio_channels=cfg.audio_channels, pad_token_id=special, bos_token_id=special, decoder_start_token_id=special,
+        eos_token_id=None, tie_word_embeddings=False, cross_attention_hidden_size=None,
+    )
 
 
 def lm_config_from_transformers(decoder_config, text_dim: int | None = None) -> LMConfig:
@@ -202,6 +245,22 @@ def lm_key_from_transformers(key: str) -> str | None:
     for theirs, ours in _LM_NAMES:
         key = re.sub(theirs, ours, key)
     return key
+
+
+def lm_key_to_transformers(key: str, causal_lm: bool = False) -> str:
+    """An LM tensor name -> transformers': in a ``MusicgenForConditionalGeneration`` (``decoder.model.decoder.*``,
+    ``decoder.lm_heads.*``, ``enc_to_dec_proj.*``), or with ``causal_lm`` in a ``MusicgenForCausalLM``
+    (``model.decoder.*``, ``lm_heads.*``), which has no text projection."""
+    prefix = "" if causal_lm else "decoder."
+    if key.startswith("text_projection."):
+        if causal_lm:
+            raise ValueError(f"{key}: a MusicgenForCausalLM holds no text projection")
+        return "enc_to_dec_proj." + key.removeprefix("text_projection.")
+    if key.startswith("heads."):
+        return f"{prefix}lm_heads." + key.removeprefix("heads.")
+    for ours, theirs in _LM_NAMES_TO_THEIRS:
+        key = re.sub(ours, theirs, key)
+    return f"{prefix}model.decoder.{key}"
 
 
 def lm_from_transformers(model) -> MusicLM:

@@ -22,6 +22,10 @@ codec's SEANet ``{encoder,decoder}.model.i.{conv.conv, convtr.convtr, block.j.co
 lstm}`` with ``weight_g``/``weight_v``, and ``quantizer.vq.layers.k._codebook.{inited, cluster_size, embed,
 embed_avg}``.
 
+The writers (``*_to_audiocraft``) invert all of this for ``mmdgen.pretrained.export``: an ``xp.cfg`` of
+audiocraft's MusicGen defaults (the settings above at the values mmdgen implements) with the model's sizes, and
+the tensors under audiocraft's names.
+
 One difference in the maths: audiocraft's cross-attention takes no mask. Its text conditioner zeroes the
 projected states at padded positions, and those zero keys stay in the softmax (score 0, value 0); mmdgen's LM
 leaves them out. The two agree for a text without padding and for a null condition (no text at all), not for
@@ -35,14 +39,18 @@ from pathlib import Path
 
 import torch
 
-from mmdgen.model.codec import CodecConfig
-from mmdgen.model.convert import codec_key_from_transformers
+from mmdgen.model.codec import Codec, CodecConfig
+from mmdgen.model.convert import codec_key_from_transformers, codec_key_to_transformers
 from mmdgen.model.lm import LMConfig
 from mmdgen.model.quantizer import QuantizerConfig
 from mmdgen.tensor_files import TensorFiles, read_pickle
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
+# the names audiocraft's T5Conditioner fetches from the hub (any other fails its assertion) and their widths
+T5_WIDTHS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024,
+             "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
+             "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096}
 
 _ABSENT = object()
 _MISSING_VALUE = "???"  # OmegaConf's mandatory value never set
@@ -229,6 +237,78 @@ def lm_key_from_audiocraft(name: str) -> str:
     return name
 
 
+_LM_NAMES_TO_THEIRS = [(r"^embeddings\.", "emb."), (r"^layers\.", "transformer.layers."),
+                       (r"\.cross_attn\.", ".cross_attention."), (r"\.fc1\.", ".linear1."), (r"\.fc2\.", ".linear2."),
+                       (r"\.self_attn_norm\.", ".norm1."), (r"\.cross_attn_norm\.", ".norm_cross."),
+                       (r"\.ffn_norm\.", ".norm2."), (r"^norm\.", "out_norm."), (r"^heads\.", "linears."),
+                       (r"^text_projection\.", "condition_provider.conditioners.description.output_proj.")]
+_QKV = re.compile(r"^(.*)\.([qkv])_proj\.weight$")
+
+
+def lm_tensors_to_audiocraft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LM's state dict under audiocraft's names, each attention's q, k and v rows stacked into its
+    ``in_proj_weight`` (``lm_tensors_from_audiocraft`` splits them again)."""
+    tensors, stacks = {}, {}
+    for name, value in state.items():
+        theirs = name
+        for ours, replacement in _LM_NAMES_TO_THEIRS:
+            theirs = re.sub(ours, replacement, theirs)
+        match = _QKV.match(theirs)
+        if match:
+            stacks.setdefault(f"{match[1]}.in_proj_weight", {})[match[2]] = value
+        else:
+            tensors[theirs] = value
+    for name, parts in stacks.items():
+        tensors[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return tensors
+
+
+def lm_config_to_audiocraft(cfg: LMConfig, t5_name: str, sample_rate: int, frame_rate: float) -> dict:
+    """The ``xp.cfg`` (as a dictionary) of an exported MusicGen LM whose text encoder audiocraft fetches as
+    ``t5_name`` (``"???"``, OmegaConf's unset value, when the user must name it), for a codec of ``sample_rate``
+    and ``frame_rate``. ValueError naming what audiocraft's LM cannot hold."""
+    problems = []
+    if cfg.pattern not in ("delay", "parallel"):
+        problems.append(f"pattern {cfg.pattern!r} (audiocraft's MusicGen LMs decode with delays; mmdgen reads "
+                        "those back only)")
+    if cfg.text_dim == cfg.dim:
+        problems.append(f"text_dim = dim = {cfg.dim}: audiocraft always projects the text states, mmdgen's LM has no "
+                        "projection at equal widths")
+    hidden_scale = cfg.ffn_dim / cfg.dim
+    if int(hidden_scale * cfg.dim) != cfg.ffn_dim:
+        problems.append(f"ffn_dim={cfg.ffn_dim} is not dim x a hidden_scale audiocraft reproduces")
+    if cfg.norm_eps != 1e-5:
+        problems.append(f"norm_eps={cfg.norm_eps} (audiocraft's LayerNorms have eps 1e-5)")
+    if problems:
+        raise ValueError("audiocraft's LM cannot hold this one: " + "; ".join(problems))
+    delays = [0] * cfg.num_codebooks if cfg.pattern == "parallel" else list(cfg.delays or range(cfg.num_codebooks))
+    transformer = {key.removeprefix("transformer_lm."): implemented for key, (_, implemented) in _LM_SETTINGS.items()
+                   if key.startswith("transformer_lm.")}
+    transformer.update(dim=cfg.dim, num_heads=cfg.heads, num_layers=cfg.layers, hidden_scale=hidden_scale,
+                       n_q=cfg.num_codebooks, card=cfg.codebook_size, dropout=cfg.dropout, emb_lr=None,
+                       custom=False, memory_efficient=True, attention_as_float32=False, xpos=False,
+                       checkpointing="none", weight_init="gaussian", depthwise_init="current", zero_bias_init=True,
+                       cross_attention=False, attention_dropout=None, two_step_cfg=False)
+    segment = None if cfg.context_frames is None else cfg.context_frames / frame_rate
+    return {
+        "device": "cpu", "dtype": "float32", "autocast": False, "autocast_dtype": "float16",
+        "efficient_attention_backend": "torch", "solver": "musicgen", "sample_rate": sample_rate,
+        "channels": cfg.audio_channels,
+        "interleave_stereo_codebooks": {"use": cfg.audio_channels == 2, "per_timestep": False},
+        "dataset": {"segment_duration": segment}, "lm_model": "transformer_lm",
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": delays, "flatten_first": 0,
+                                                             "empty_initial": 0}},
+        "transformer_lm": transformer,
+        "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
+        "attribute_dropout": {},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
+                  "cross": ["description"], "input_interpolate": []},
+        "conditioners": {"description": {"model": "t5", "t5": {"name": t5_name, "finetune": False,
+                                                               "word_dropout": 0.3, "normalize_text": False}}},
+        "generate": {"lm": {"use_sampling": True, "top_k": 250, "top_p": 0.0}},
+    }
+
+
 # -- the codec ---------------------------------------------------------------------------------------------
 
 _CODEC_SETTINGS = {  # EncodecModel's / SEANetEncoder's / SEANetDecoder's defaults (None: the builder needs it)
@@ -287,3 +367,50 @@ def codec_key_from_audiocraft(name: str) -> str:
     name = name.replace(".conv.conv.", ".conv.").replace(".convtr.convtr.", ".conv.")
     name = re.sub(r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.codebook.", name)
     return codec_key_from_transformers(name)
+
+
+_WEIGHT_NORM_TO_THEIRS = {"parametrizations.weight.original0": "weight_g",
+                          "parametrizations.weight.original1": "weight_v"}
+_CONV = re.compile(r"^(.*)\.conv\.(bias|weight|parametrizations\.weight\.original[01])$")
+
+
+def codec_tensors_to_audiocraft(codec: Codec) -> dict[str, torch.Tensor]:
+    """The codec's state dict under audiocraft's EnCodec names (``codec_key_from_audiocraft`` reads them back):
+    ``.conv.conv.`` or, for a transposed convolution, ``.convtr.convtr.``, weight norm as ``weight_g`` /
+    ``weight_v``."""
+    transposed = {path for path, module in codec.named_modules() if isinstance(module, torch.nn.ConvTranspose1d)}
+    tensors = {}
+    for name, value in codec.state_dict().items():
+        match = _CONV.match(name)
+        if match:
+            kind = "convtr" if f"{match[1]}.conv" in transposed else "conv"
+            name = f"{match[1]}.{kind}.{kind}.{_WEIGHT_NORM_TO_THEIRS.get(match[2], match[2])}"
+        name = re.sub(r"^(encoder|decoder)\.layers\.", r"\1.model.", codec_key_to_transformers(name))
+        tensors[re.sub(r"^quantizer\.layers\.(\d+)\.codebook\.", r"quantizer.vq.layers.\1._codebook.", name)] = value
+    return tensors
+
+
+def codec_config_to_audiocraft(cfg: CodecConfig) -> dict:
+    """The ``xp.cfg`` (as a dictionary) of an exported EnCodec: audiocraft's defaults with this codec's settings
+    (``codec_config_from_audiocraft`` reads it back)."""
+    quantizer = cfg.quantizer
+    return {
+        "device": "cpu", "dtype": "float32", "solver": "compression", "sample_rate": cfg.sample_rate,
+        "channels": cfg.channels, "compression_model": "encodec",
+        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": cfg.sample_rate,
+                    "channels": cfg.channels, "causal": cfg.causal, "renormalize": False},
+        "seanet": {"dimension": cfg.dimension, "channels": cfg.channels, "causal": cfg.causal,
+                   "n_filters": cfg.num_filters, "n_residual_layers": cfg.num_residual_layers,
+                   "ratios": list(cfg.ratios), "activation": "ELU", "activation_params": {"alpha": 1.0},
+                   "norm": "weight_norm", "norm_params": {}, "kernel_size": cfg.kernel_size,
+                   "residual_kernel_size": cfg.residual_kernel_size, "last_kernel_size": cfg.last_kernel_size,
+                   "dilation_base": cfg.dilation_base, "pad_mode": cfg.pad_mode, "true_skip": not cfg.conv_shortcut,
+                   "compress": cfg.compress, "lstm": cfg.lstm_layers, "disable_norm_outer_blocks": 0,
+                   "decoder": {"trim_right_ratio": cfg.trim_right_ratio, "final_activation": None,
+                               "final_activation_params": None},
+                   "encoder": {}},
+        "rvq": {"n_q": quantizer.num_codebooks, "q_dropout": False, "bins": quantizer.codebook_size,
+                "decay": quantizer.decay, "kmeans_init": quantizer.kmeans_init, "kmeans_iters": quantizer.kmeans_iters,
+                "threshold_ema_dead_code": quantizer.dead_code_threshold, "orthogonal_reg_weight": 0.0,
+                "orthogonal_reg_active_codes_only": False},
+    }

@@ -144,7 +144,11 @@ def _audiocraft_text(checkpoint, text_encoder, dtype) -> T5TextEncoder:
     in the local Hugging Face cache."""
     if text_encoder is not None:
         return T5TextEncoder.from_folder(locate(text_encoder), dtype=dtype)
-    name = str(checkpoint.get("conditioners.description.t5.name", "t5-base"))
+    name = checkpoint.get("conditioners.description.t5.name")
+    if name is None:  # audiocraft has no default either; an export of a T5 without a known name leaves it "???"
+        raise ValueError(f"{checkpoint.path}: xp.cfg does not name its text encoder (conditioners.description.t5.name "
+                         "is unset); give the T5's folder with --text-encoder")
+    name = str(name)
     problems = []
     for candidate in _T5_ALIASES.get(name, (name,)):
         try:

@@ -130,6 +130,17 @@ class T5Config:
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from error
 
+    def to_dict(self) -> dict:
+        """transformers' T5 ``config.json`` dictionary of this encoder (``from_dict`` reads it back): the fields
+        transformers derives from ``feed_forward_proj`` written out, T5's special ids (pad 0, ``</s>`` 1)."""
+        fields = {name: getattr(self, name) for name in (*_REQUIRED_FIELDS, "relative_attention_num_buckets",
+                                                          "relative_attention_max_distance", "feed_forward_proj",
+                                                          "layer_norm_epsilon")}
+        return {"model_type": "t5", **fields, "num_decoder_layers": self.num_layers, "is_gated_act": self.gated,
+                "dense_act_fn": _ACTIVATION_NAMES[self.feed_forward_proj], "is_decoder": False,
+                "is_encoder_decoder": False, "use_cache": False, "tie_word_embeddings": True,
+                "pad_token_id": T5Tokenizer.pad_id, "eos_token_id": T5Tokenizer.eos_id}
+
 
 def _check_activation_fields(config: Mapping, kind: str, source: str) -> None:
     # transformers derives is_gated_act and dense_act_fn from feed_forward_proj and writes all three; a file
@@ -309,6 +320,15 @@ def t5_weight_names(config: T5Config) -> dict[str, str]:
         names.update({f"{block}0.SelfAttention.{t}.weight": f"{ours}{o}.weight" for t, o in attention.items()})
         names[f"{block}1.layer_norm.weight"] = f"{ours}ffn_norm.weight"
         names.update({f"{block}1.DenseReluDense.{t}.weight": f"{ours}{o}.weight" for t, o in ffn.items()})
+    return names
+
+
+def t5_transformers_names(config: T5Config) -> dict[str, str]:
+    """Our parameter name -> the transformers name it is saved under (``shared.weight`` for the embedding, as
+    transformers itself saves it; the inverse of ``t5_weight_names``)."""
+    names: dict[str, str] = {}
+    for theirs, ours in t5_weight_names(config).items():
+        names.setdefault(ours, theirs)
     return names
 
 
