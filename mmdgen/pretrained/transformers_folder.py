@@ -4,7 +4,8 @@
 
 Weights go straight from the files into modules built on the meta device (``tensor_files.load_module``), so
 the only copy made is the module's own. The published checkpoints were trained on 30-s excerpts (1500 frames at
-50 frames/s): the LM records that as its context, so longer audio is generated in windows.
+50 frames/s): the LM records that as its context (or the one generation_config.json's max_length gives, for folders
+mmdgen exported), so longer audio is generated in windows.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def load_musicgen_lm(folder: Path, tensors: TensorFiles | None = None, device: s
         cfg = lm_config_from_dict(_part(config, "decoder", folder), text_dim)
     except ValueError as error:
         raise ValueError(f"{folder / CONFIG}: {error}") from error
-    cfg.context_frames = PUBLISHED_CONTEXT_SECONDS * _frame_rate(_part(config, "audio_encoder", folder))
+    cfg.context_frames = _context_frames(folder, cfg, _frame_rate(_part(config, "audio_encoder", folder)))
     with torch.device("meta"):
         lm = MusicLM(cfg)
     tensors = tensors or TensorFiles.from_folder(folder)
@@ -98,6 +99,24 @@ def load_encodec(folder: Path, tensors: TensorFiles | None = None, device: str |
 
     load_module(codec, tensors, rename)
     return codec.to(device).eval()
+
+
+def _context_frames(folder: Path, cfg, frame_rate: int) -> int:
+    """The frames the LM was trained on: the published checkpoints' 30 s (their generation_config.json says
+    max_length 1500, the context itself), else the frames a ``max_length`` in generation_config.json leaves after
+    the largest delay (what mmdgen's export writes), else 30 s."""
+    published = PUBLISHED_CONTEXT_SECONDS * frame_rate
+    path = folder / "generation_config.json"
+    try:
+        max_length = json.loads(path.read_text(encoding="utf-8")).get("max_length") if path.exists() else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a JSON generation configuration ({error})") from error
+    if not isinstance(max_length, int) or max_length == published:
+        return published
+    frames = max_length - max(cfg.delays or range(cfg.num_codebooks))
+    if frames < 1:
+        raise ValueError(f"{path}: max_length {max_length} leaves no frame after the delays {cfg.delays}")
+    return frames
 
 
 def _frame_rate(audio_config: dict) -> int:
