@@ -171,8 +171,8 @@ def choices_of(hint: Any, spec: Spec) -> tuple | None:
 def value_problem(value: Any, hint: Any, spec: Spec, name: str) -> str | None:
     """What is wrong with ``value`` for a field annotated ``hint`` with ``spec`` (named ``name``), or None."""
     hint, optional = optional_type(hint)
-    if value is None:
-        return None if optional else f"{name} must be given, got None"
+    if value is None and optional:
+        return None
     element = tuple_element(hint)
     if element is None:
         problem = _scalar_problem(value, hint, spec, name)
