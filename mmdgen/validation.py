@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -213,7 +214,8 @@ def _scalar_problem(value: Any, hint: Any, spec: Spec, name: str) -> str | None:
 def _number_problem(value: Any, integer: bool, spec: Spec, name: str) -> str | None:
     bounds = _bounds(spec)
     expected = ("an integer" if integer else "a finite number") + (f" {bounds}" if bounds else "")
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+    # numbers.Integral / Real: NumPy's scalars too; a bool is an int to Python but never meant as a number here
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         return f"{name} must be {expected}, got {value!r}"
     if not integer and not math.isfinite(value):
         return f"{name} must be {expected}, got {value!r}"

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numpy as np
 import pytest
 
 import mmdgen
@@ -76,6 +77,7 @@ def test_each_rule_refuses_with_the_field_the_value_and_what_was_expected(field,
 def test_good_values_pass_and_boundaries_are_open_or_closed_as_declared():
     Example(rate=1.0, count=1, weight=-1e300, mode="slow", pair=(0.0, 0.999), sizes=(2, 3, 4), limit=None, flag=True)
     Example(pair=[0.0, 0.5], sizes=[2])  # lists from JSON
+    Example(rate=np.float32(0.25), count=np.int64(3))  # NumPy's scalars are numbers too
     with pytest.raises(ValueError):
         Example(rate=0.0)  # above=0: open
     assert check_number(0, "x", integer=True, at_least=0) == 0  # at_least=0: closed
