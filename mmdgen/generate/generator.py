@@ -118,6 +118,7 @@ class Generator:
     def _stride_frames(self, context: int, extend_stride: float | None) -> int:
         if extend_stride is None:
             return max(int(context * 0.6), 1)
+        check_number(extend_stride, "extend_stride", above=0, at_most=MAX_SECONDS)
         stride = int(round(extend_stride * self.codec.cfg.frame_rate))
         if not 1 <= stride < context or extend_stride <= 0:
             raise ValueError(f"extend_stride must be positive and shorter than the LM's context of {context} "
@@ -150,6 +151,7 @@ class Generator:
         import threading
 
         frames = self.frames(duration)
+        check_number(chunk_seconds, "chunk_seconds", above=0, at_most=MAX_SECONDS)
         total = int(round(duration * self.sample_rate))
         hop = self.codec.cfg.hop_length
         chunk_frames = max(int(round(chunk_seconds * self.codec.cfg.frame_rate)), 1)
