@@ -48,8 +48,8 @@ def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
     finite = np.isfinite(data)
     if not finite.all():
         first = int(np.argwhere(~finite)[0][0])
-        raise NonFiniteAudioError(f"{path}: non-finite samples ({int((~finite).sum())} NaN or infinite values, the first at "
-                         f"{first / rate:.3f} s); expected audio")
+        raise NonFiniteAudioError(f"{path}: non-finite samples ({int((~finite).sum())} NaN or infinite values, the "
+                                  f"first at {first / rate:.3f} s); expected audio")
     audio = torch.from_numpy(data.mean(axis=1))[None]
     if rate != sample_rate:
         audio = AF.resample(audio, rate, sample_rate)
