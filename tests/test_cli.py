@@ -208,7 +208,10 @@ def test_durations_outside_one_frame_to_an_hour_are_refused(capsys, tmp_path, tr
     assert "0.02 s" in line  # the codec's frame
     refused(capsys, ["generate", "a jig", "--model", model, "--duration", "1e9", "--out", out], "--duration", "3600")
     refused(capsys, ["demo", "--duration", "1e9"], "--duration")
-    assert not out.exists()
+    prompts = _prompts(tmp_path, '{"text": "a jig", "duration": 1}', '{"text": "a reel", "duration": 1e-9}')
+    refused(capsys, ["generate", "--model", model, "--prompts", prompts, "--out-dir", tmp_path / "clips"],
+            "prompt 00002: duration must hold at least one frame")
+    assert not out.exists() and not (tmp_path / "clips").exists()  # refused before the first clip
     assert cli.main(["generate", "a jig", "--model", str(model), "--duration", "0.1", "--out", str(out)]) == 0
     assert soundfile.info(str(out)).frames == 3200
 
