@@ -65,6 +65,8 @@ class LoopConfig:
 
 @dataclass
 class CodecTrainConfig(LoopConfig):
+    """``mmdgen train codec``'s options (``mmdgen.train.codec``)."""
+
     data: str = option("", "a corpus manifest.jsonl (its train and valid splits) or a folder of audio files",
                        required=True, path="file_or_folder")
     out: str = "runs/codec"
@@ -90,6 +92,8 @@ class CodecTrainConfig(LoopConfig):
 
 @dataclass
 class LMTrainConfig(LoopConfig):
+    """``mmdgen train lm``'s options (``mmdgen.train.lm``)."""
+
     tokens: str = option("", "a token folder from `mmdgen data tokenize`", required=True, path="folder")
     out: str = "runs/lm"
     preset: LMPreset = option("tiny", "the LM's size (small: MusicGen small)")
