@@ -67,14 +67,19 @@ def write_audio(path: str | Path, audio, sample_rate: int) -> None:
 def read_jsonl_numbered(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines file, numbered from 1.
 
-    ValueError naming the file (and ``FILE:LINE``) for a missing file, a line that is not JSON, one that holds
-    something other than a JSON object, or an object without every key in ``required``."""
+    ValueError naming the file (and ``FILE:LINE``) for a missing file, a line that is not UTF-8 text or not JSON,
+    one that holds something other than a JSON object, or an object without every key in ``required``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (expected JSON lines)")
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:  # decoded line by line, so that an error names its line
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line: "
+                                 f"{raw[error.start:error.start + 1]!r})") from error
             if not line.strip():
                 continue
             try:

@@ -26,8 +26,7 @@ def test_cli_coupled_latents_prints_both_parts(capsys):
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "coupled-latents", "--steps", "0"])
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert cli.main(["eval", "coupled-latents", "--steps", "0"]) == 2
+    assert "--steps must be an integer >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["eval", "coupled-latents", "--steps", "2", "--backend", "triton", "--device", "meta"]) == 2
     assert "cannot run" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def test_eval_report_rewrites_the_report_of_a_run(demo_run, capsys, tmp_path):
 
 
 def test_bad_demo_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="codec_steps must be positive, got 0"):
+    with pytest.raises(ValueError, match="codec_steps must be an integer >= 1, got 0"):
         run(DemoConfig(out=str(tmp_path), codec_steps=0))
     assert not any(tmp_path.iterdir())  # nothing written before the check
 

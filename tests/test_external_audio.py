@@ -174,7 +174,7 @@ def _fake_apt_get(tmp_path, monkeypatch, script: str) -> None:
 
 
 def test_apt_download_reports_apt_get_failures_and_timeouts(tmp_path, monkeypatch):
-    _fake_apt_get(tmp_path, monkeypatch, 'echo "E: Unable to locate package $3" >&2\nexit 100\n')
+    _fake_apt_get(tmp_path, monkeypatch, 'echo "E: Unable to locate package $4" >&2\nexit 100\n')
     with pytest.raises(ExternalAudioError, match="^nosuch: cannot download it: apt-get exited with 100: "
                                                  "E: Unable to locate package nosuch"):
         apt_download("nosuch", tmp_path)

@@ -128,9 +128,16 @@ def test_bad_requests_are_refused(tiny, tmp_path):
     generator = Generator(lm, text, codec)
     with pytest.raises(ValueError, match="no prompts"):
         generator.generate([], duration=1.0)
-    with pytest.raises(ValueError, match="duration must be positive"):
+    with pytest.raises(ValueError, match=r"duration must be a finite number > 0 and <= 3600, got 0.0"):
         generator.generate(TEXTS, duration=0.0)
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    for duration in (float("nan"), float("inf"), 3601.0):
+        with pytest.raises(ValueError, match=f"duration must be a finite number > 0 and <= 3600, got {duration}"):
+            generator.generate(TEXTS, duration=duration)
+    with pytest.raises(ValueError, match=r"duration must hold at least one frame of the codec \(0.02 s\), got 1e-09"):
+        generator.generate(TEXTS, duration=1e-9)
+    with pytest.raises(ValueError, match="chunk_seconds must be a finite number > 0"):
+        next(generator.stream(TEXTS, duration=0.1, chunk_seconds=float("nan")))
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0, got -1"):
         Sampling(top_k=-1)
     with pytest.raises(ValueError, match=r"cuda_graph needs the LM on a CUDA device, it is on cpu"):
         Generator(lm, text, codec, cuda_graph=True)  # the constructor reaches its check (it once read an unset field)
@@ -206,6 +213,8 @@ def test_audio_beyond_the_context_is_generated_in_overlapping_windows(tiny):
     assert torch.equal(codes, expected)
     with pytest.raises(ValueError, match="extend_stride must be positive and shorter than the LM's context of 30"):
         generator.generate_codes(TEXTS, duration=0.9, extend_stride=0.6)
+    with pytest.raises(ValueError, match="extend_stride must be a finite number > 0 and <= 3600, got nan"):
+        generator.generate_codes(TEXTS, duration=0.9, extend_stride=float("nan"))
     hop = generator.codec.cfg.hop_length
     with pytest.raises(ValueError, match="not shorter than the LM's context of 30 frames"):
         generator.generate_codes(TEXTS, duration=0.9, prompt_audio=torch.randn(1, 1, hop * 32) * 0.1)

@@ -16,6 +16,9 @@ class BatchDependentGenerator:
 
     sample_rate = 100
 
+    def frames(self, duration, name="duration"):
+        return round(duration * 10)
+
     def generate(self, texts, duration, sampling, seed):
         noise = torch.randn(len(texts), 1, int(duration * self.sample_rate), generator=torch.Generator().manual_seed(seed))
         return noise * 0.1

@@ -13,7 +13,7 @@ ROOT = "mmdgen"  # the package's own __init__: the public names, imported lazily
 # package (a folder under mmdgen/, or a module directly in it) -> layer. A module may import from its own package
 # and from packages of a lower layer, never from its layer's other packages or from above.
 LAYERS = {
-    "version": 0, "files": 0, "tensor_files": 0,
+    "version": 0, "files": 0, "tensor_files": 0, "choices": 0, "validation": 0,
     "kernels": 1,
     "model": 2,
     "pretrained": 3,

@@ -120,7 +120,7 @@ def test_bad_input_is_refused():
         lm(torch.zeros(1, 4, 5, dtype=torch.long), torch.randn(1, 3, 32), mask)
     with pytest.raises(ValueError, match="multiple of heads"):
         LMConfig(dim=30, heads=4)
-    with pytest.raises(ValueError, match="unknown pattern 'zigzag'"):
+    with pytest.raises(ValueError, match="pattern must be one of parallel, delay, flatten, valle, got 'zigzag'"):
         LMConfig(pattern="zigzag")
     with pytest.raises(ValueError, match="unknown LM preset"):
         lm_config("huge")

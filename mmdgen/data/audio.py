@@ -24,6 +24,10 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 SILENCE_RMS = 1e-4
 
 
+class NonFiniteAudioError(ValueError):
+    """An audio file holding NaN or infinite samples (a float WAV can); the message names the file."""
+
+
 @dataclass
 class Entry:
     path: Path
@@ -32,7 +36,8 @@ class Entry:
 
 
 def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
-    """[1, T] float32 mono at ``sample_rate``; ValueError naming the file when it cannot be read."""
+    """[1, T] float32 mono at ``sample_rate``; ValueError naming the file when it cannot be read or holds a NaN or
+    infinite sample (a float WAV can: encoded, every such frame would become code 0)."""
     import soundfile
     import torchaudio.functional as AF
 
@@ -40,6 +45,11 @@ def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise ValueError(f"{path}: cannot read audio ({error})") from error
+    finite = np.isfinite(data)
+    if not finite.all():
+        first = int(np.argwhere(~finite)[0][0])
+        raise NonFiniteAudioError(f"{path}: non-finite samples ({int((~finite).sum())} NaN or infinite values, the "
+                                  f"first at {first / rate:.3f} s); expected audio")
     audio = torch.from_numpy(data.mean(axis=1))[None]
     if rate != sample_rate:
         audio = AF.resample(audio, rate, sample_rate)
@@ -49,8 +59,6 @@ def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
 def _problem(audio: torch.Tensor, min_samples: int) -> str | None:
     if audio.shape[-1] < min_samples:
         return f"too short: {audio.shape[-1]} samples, need {min_samples}"
-    if not torch.isfinite(audio).all():
-        return "non-finite samples"
     if audio.square().mean().sqrt() < SILENCE_RMS:
         return "silent"
     return None

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -34,42 +35,35 @@ from tqdm import tqdm
 from mmdgen.data.captions import caption
 from mmdgen.data.corpus import INSTRUMENTS, STYLES, Work, list_works
 from mmdgen.data.render import RenderError, check_renderer, excerpt_start, parse_work, render_clip
+from mmdgen.choices import AudioFormat, Split
 from mmdgen.files import read_jsonl, write_atomic, write_text_atomic
+from mmdgen.validation import INT64_MAX, MAX_SECONDS, check_fields, label, option
 
-SPLITS = ("train", "valid", "test")
+SPLITS = get_args(Split)
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    hours: float = 1.0
-    clip_seconds: float = 10.0
-    sample_rate: int = 32000
-    renderings: int = 2
-    seed: int = 0
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-    shard_clips: int = 32
-    folders: tuple[str, ...] | None = None
-    audio_format: str = "flac"
+    hours: float = option(1.0, "hours of audio to render", above=0, at_most=10000)
+    clip_seconds: float = option(10.0, "seconds per clip", at_least=0.1, at_most=MAX_SECONDS)
+    sample_rate: int = option(32000, "the clips' sample rate in Hz", at_least=8000, at_most=192000)
+    renderings: int = option(2, "instrument/tempo renderings per excerpt", at_least=1)
+    seed: int = option(0, "seed of the plan and of every rendering's draws", at_least=0, at_most=INT64_MAX)
+    valid_fraction: float = option(0.05, "share of the works held out for validation", at_least=0, below=1)
+    test_fraction: float = option(0.05, "share of the works held out for testing", at_least=0, below=1)
+    shard_clips: int = option(32, "clips per shard (the unit of resumption)", at_least=1)
+    folders: tuple[str, ...] | None = option(None, "corpus folders to draw from (default: all with a style)",
+                                             choices=tuple(STYLES))
+    audio_format: AudioFormat = option("flac", "the clips' file format", flag="format")
 
-    def check(self) -> None:
-        problems = []
-        if not self.hours > 0:
-            problems.append(f"hours must be positive, got {self.hours}")
-        if not self.clip_seconds > 0:
-            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
-        if self.renderings < 1 or self.shard_clips < self.renderings:
-            problems.append(f"need 1 <= renderings ({self.renderings}) <= shard_clips ({self.shard_clips})")
-        if not (0 <= self.valid_fraction and 0 <= self.test_fraction and self.valid_fraction + self.test_fraction < 1):
-            problems.append(f"valid and test fractions must be >= 0 and sum below 1, got "
-                            f"{self.valid_fraction} and {self.test_fraction}")
-        unknown = sorted(set(self.folders or ()) - set(STYLES))
-        if unknown:
-            problems.append(f"unknown corpus folders {unknown}; expected some of {sorted(STYLES)}")
-        if self.audio_format not in ("flac", "wav"):
-            problems.append(f"audio_format must be flac or wav, got {self.audio_format!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+    def __post_init__(self):
+        check_fields(self)
+        if self.shard_clips < self.renderings:
+            raise ValueError(f"{label('renderings')} ({self.renderings}) must be at most {label('shard_clips')} "
+                             f"({self.shard_clips}): a shard holds every rendering of its excerpts")
+        if not self.valid_fraction + self.test_fraction < 1:
+            raise ValueError(f"{label('valid_fraction')} + {label('test_fraction')} must be below 1, got "
+                             f"{self.valid_fraction} + {self.test_fraction}")
 
     def identity(self) -> dict:
         """What fixes the content of every shard: all but the amount of audio."""
@@ -204,8 +198,7 @@ def _run_shard(args):
 
 
 def build_corpus(out: str | Path, cfg: BuildConfig, workers: int = 1, progress: bool = True) -> dict:
-    """Build (or resume) the corpus in ``out``; returns the build report."""
-    cfg.check()
+    """Build (or resume) the corpus in ``out``; returns the build report (``cfg`` was checked when made)."""
     check_renderer()
     out = Path(out)
     _check_existing(out, cfg)

@@ -36,16 +36,19 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from mmdgen.data.audio import read_audio
+from mmdgen.data.audio import NonFiniteAudioError, read_audio
 from mmdgen.files import write_audio, write_folder_atomic, write_text_atomic
+from mmdgen.validation import MAX_SECONDS, check_number
 
 log = logging.getLogger(__name__)
 
 # Recordings only: trackers (.xm, .mod) and MIDI are scores, the very thing the corpus already is.
 TRACK_SUFFIXES = (".ogg", ".oga", ".flac", ".wav")
+# Debian policy 5.6.1: two or more of a-z, 0-9, '+', '-', '.', starting with a letter or a digit (so never an option
+# to apt-get, nor a path: a name also names the package's folder)
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 DOWNLOAD_TIMEOUT_S = 900.0  # a 150 MB package on a slow mirror
 UNPACK_TIMEOUT_S = 300.0
 
@@ -72,7 +75,7 @@ def _run(command: list[str], package: str, what: str, timeout: float, cwd: Path 
 
 def apt_download(package: str, folder: Path) -> Path:
     """Fetch ``package``'s .deb into ``folder`` with ``apt-get download`` (nothing is installed); its path."""
-    _run(["apt-get", "download", "-q", package], package, "download it", DOWNLOAD_TIMEOUT_S, cwd=folder)
+    _run(["apt-get", "download", "-q", "--", package], package, "download it", DOWNLOAD_TIMEOUT_S, cwd=folder)
     debs = sorted(folder.glob("*.deb"))
     if len(debs) != 1:
         raise ExternalAudioError(f"{package}: apt-get download left {len(debs)} .deb files in {folder}, expected 1")
@@ -172,13 +175,10 @@ def _cut_package(package: str, version: str, root: Path, folder: Path, settings:
             audio = read_audio(track, rate)[0] if duration >= settings["min_track_seconds"] else None
         except (ValueError, RuntimeError) as error:  # soundfile.info raises LibsndfileError, a RuntimeError
             log.warning("%s: skipping %s: %s", package, source_file, error)
-            skipped["unreadable"] += 1
+            skipped["non-finite samples" if isinstance(error, NonFiniteAudioError) else "unreadable"] += 1
             continue
         if audio is None:
             skipped[f"shorter than {settings['min_track_seconds']:g} s"] += 1
-            continue
-        if not torch.isfinite(audio).all():
-            skipped["non-finite samples"] += 1
             continue
         offsets = audible_clip_offsets(audio.numpy(), clip_samples, settings["max_clips_per_track"],
                                        settings["silence_db"])
@@ -233,9 +233,15 @@ def fetch_debian_music(packages: list[str], out_dir: str | Path, sample_rate: in
     """
     if not packages:
         raise ValueError("no packages given")
-    if not clip_seconds > 0 or max_clips_per_track < 1 or sample_rate < 1:
-        raise ValueError(f"need clip_seconds > 0, max_clips_per_track >= 1 and sample_rate >= 1; got "
-                         f"{clip_seconds}, {max_clips_per_track} and {sample_rate}")
+    for package in packages:
+        if not isinstance(package, str) or not PACKAGE_NAME.fullmatch(package):
+            raise ValueError(f"package {package!r} is not a Debian package name: two or more of a-z, 0-9, '+', '-' "
+                             "and '.', starting with a letter or a digit")
+    check_number(sample_rate, "sample_rate", integer=True, at_least=1)
+    check_number(clip_seconds, "clip_seconds", above=0, at_most=MAX_SECONDS)
+    check_number(max_clips_per_track, "max_clips_per_track", integer=True, at_least=1)
+    check_number(min_track_seconds, "min_track_seconds", at_least=0)
+    check_number(silence_db, "silence_db", at_most=0)
     out_dir = Path(out_dir)
     settings = {"sample_rate": sample_rate, "clip_seconds": clip_seconds, "max_clips_per_track": max_clips_per_track,
                 "min_track_seconds": min_track_seconds, "silence_db": silence_db}

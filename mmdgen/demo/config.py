@@ -8,28 +8,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmdgen.files import read_jsonl
+from mmdgen.validation import INT64_MAX, MAX_SECONDS, check_fields, option
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    hours: float = 0.5
-    codec_steps: int = 700
-    mmd_weight: float = 3.0
-    mmd_every: int = 8
-    lm_steps: int = 600
-    lm_crop_frames: int = 150
-    clips: int = 6  # generated per LM
-    duration: float = 10.0
-    seed: int = 0
-    device: str = "cpu"
+    out: str = option("runs/demo", "the demo's folder (a rerun reuses what is there)", required=True,
+                      path="new_folder")
+    hours: float = option(0.5, "hours of corpus to render", above=0, at_most=10000)
+    codec_steps: int = option(700, "training steps of each codec", at_least=1)
+    mmd_weight: float = option(3.0, "the second codec's independence-loss weight (the first has none)", above=0)
+    mmd_every: int = option(8, "steps between the second codec's independence losses", at_least=1)
+    lm_steps: int = option(600, "training steps of each LM", at_least=1)
+    lm_crop_frames: int = option(150, "frames per LM training crop", at_least=1)
+    clips: int = option(6, "clips generated per LM", at_least=1)
+    duration: float = option(10.0, "seconds per generated clip", above=0, at_most=MAX_SECONDS)
+    seed: int = option(0, "seed of every stage", at_least=0, at_most=INT64_MAX)
+    device: str = option("cpu", "cpu or cuda", required=True)
 
-    def check(self) -> None:
-        problems = [f"{name} must be positive, got {getattr(self, name)}"
-                    for name in ("hours", "codec_steps", "mmd_weight", "mmd_every", "lm_steps", "lm_crop_frames",
-                                 "clips", "duration") if not getattr(self, name) > 0]
-        if problems:
-            raise ValueError("; ".join(problems))
+    def __post_init__(self):
+        check_fields(self)
 
     @property
     def codecs(self) -> dict[str, float]:
@@ -53,7 +51,7 @@ class DemoConfig:
             raise ValueError(f"{path}: missing; expected the folder of a `mmdgen demo` run")
         try:
             return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
+        except (TypeError, ValueError) as error:  # not JSON, unknown fields, values out of range
             raise ValueError(f"{path}: not a demo configuration ({error})") from error
 
 

@@ -44,11 +44,11 @@ def codec_report(codecs: dict[str, str | Path], manifest: str | Path, out: str |
     records = [r for r in read_jsonl(manifest) if r.get("split") == split][:limit]
     if not records:
         raise ValueError(f"{manifest}: no clips in the {split!r} split")
+    loaded = {name: load_codec_model(path) for name, path in codecs.items()}  # every one loads before a file is made
     (out / "figures").mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, path in codecs.items():
+    for name, codec in loaded.items():
         log(f"{name}: {len(records)} {split} clips")
-        codec = load_codec_model(path)
         results[name] = codec_evaluation(codec, read_clips(manifest, records, codec.cfg.sample_rate),
                                          out / "figures" / f"mi-{name}.png", name)
     plot_mi_with_others({n: r["dependence"]["mi_with_others_bits"] for n, r in results.items()},

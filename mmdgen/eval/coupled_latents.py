@@ -10,28 +10,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from mmdgen.eval.config import CoupledLatentsConfig
 from mmdgen.kernels.mmd import naive_rbf_mmd, rbf_mmd
 from mmdgen.losses.independence import independence_loss, joint_samples
-
-
-@dataclass
-class CoupledLatentsConfig:
-    steps: int = 150
-    clips: int = 16
-    stages: int = 4
-    dim: int = 8
-    frames: int = 50
-    init_coupling: float = 0.8
-    lr: float = 0.05
-    seed: int = 0
-    compare_sizes: tuple[int, ...] = (1024, 4096)
-    backend: str = "auto"
-    device: str = "cpu"
 
 
 def coupled_latents(sources: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmdgen.files import read_jsonl, read_jsonl_numbered, write_audio, write_text_atomic
-from mmdgen.generate import Generator, Sampling
+from mmdgen.generate.config import Sampling
+from mmdgen.generate.generator import Generator
+from mmdgen.validation import INT64_MAX, MAX_SECONDS, check_number
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")  # matched whole (fullmatch): a trailing newline does not pass
+PROMPT_KEYS = ("text", "id", "duration", "seed")
 
 
 @dataclass
@@ -40,18 +43,31 @@ def read_prompts(path: str | Path, duration: float, seed: int) -> list[Request]:
         raise ValueError(f"{path}: no such prompts file")
     requests, seen = [], set()
     for number, record in read_jsonl_numbered(path, required=("text",)):
-        request = Request(str(record.get("id", f"{number:05d}")), str(record["text"]),
-                          float(record.get("duration", duration)), int(record.get("seed", seed + number)))
-        if not _SAFE_ID.match(request.id) or request.id in seen:
-            raise ValueError(f"{path}:{number}: id {request.id!r} must be unique and use only letters, digits, "
-                             "'.', '_' and '-' (it names the output file)")
-        if request.duration <= 0:
-            raise ValueError(f"{path}:{number}: duration must be positive, got {request.duration}")
+        request = _request(record, f"{path}:{number}", f"{number:05d}", duration, seed + number)
+        if request.id in seen:
+            raise ValueError(f"{path}:{number}: id {request.id!r} is used twice (it names the output file)")
         seen.add(request.id)
         requests.append(request)
     if not requests:
         raise ValueError(f"{path}: no prompts in the file")
     return requests
+
+
+def _request(record: dict, where: str, default_id: str, duration: float, seed: int) -> Request:
+    """The request of one prompts line (``where``: FILE:LINE), every field checked."""
+    unknown = sorted(set(record) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; a prompt holds {', '.join(PROMPT_KEYS)}")
+    text, clip_id = record["text"], record.get("id", default_id)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: text must be a non-empty string, got {text!r}")
+    if not isinstance(clip_id, str) or not _SAFE_ID.fullmatch(clip_id):
+        raise ValueError(f"{where}: id must be a string of letters, digits, '.', '_' and '-' (it names the output "
+                         f"file), got {clip_id!r}")
+    return Request(clip_id, text,
+                   check_number(record.get("duration", duration), f"{where}: duration", above=0, at_most=MAX_SECONDS),
+                   check_number(record.get("seed", seed), f"{where}: seed", integer=True, at_least=0,
+                                at_most=INT64_MAX))
 
 
 def generate_batch(generator: Generator, requests: list[Request], out_dir: str | Path, sampling: Sampling,
@@ -62,6 +78,8 @@ def generate_batch(generator: Generator, requests: list[Request], out_dir: str |
     the very batches, seeds and audio of an uninterrupted one: a batch with some clips already written is
     generated whole again and only its missing clips are written. The manifest is rewritten after every batch
     and lists the clips on disk with the seed their batch used."""
+    for request in requests:  # every duration holds a frame: refused now, not after some batches
+        generator.frames(request.duration, f"prompt {request.id}: duration")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {r.id for r in requests if (out_dir / f"{r.id}.wav").exists()}

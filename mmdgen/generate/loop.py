@@ -22,31 +22,12 @@ from typing import Callable
 
 import torch
 
+from mmdgen.generate.config import Sampling
 from mmdgen.kernels.attention import MAX_QUERIES
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
 from mmdgen.kernels.step_input import pattern_step_input
 from mmdgen.model.lm import KVCache, MusicLM, sinusoidal_positions
 from mmdgen.model.patterns import Pattern
-
-
-@dataclass
-class Sampling:
-    """MusicGen's defaults: guidance 3, top-k 250, temperature 1 (``temperature=0``: greedy)."""
-
-    guidance_scale: float | None = 3.0
-    temperature: float = 1.0
-    top_k: int = 250
-    top_p: float = 0.0
-
-    def __post_init__(self):
-        if self.guidance_scale is not None and self.guidance_scale <= 0:
-            raise ValueError(f"guidance_scale must be positive (or None for no guidance), got {self.guidance_scale}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1] (0: off), got {self.top_p}")
 
 
 def forced_cells(pattern: Pattern, prompt: torch.Tensor | None, batch: int, frames: int, special: int,

@@ -11,10 +11,13 @@ what a kernel does not take (a dtype outside ``TRITON_DTYPES``, a size limit) to
 from __future__ import annotations
 
 import os
+from typing import get_args
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from mmdgen.choices import Backend
+
+BACKENDS = get_args(Backend)
 ENV_VAR = "MMDGEN_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel here takes
 

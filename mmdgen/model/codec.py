@@ -18,36 +18,40 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from mmdgen.model.quantizer import QuantizerConfig, QuantizerOutput, ResidualVectorQuantizer
+from mmdgen.validation import check_fields, option
 
 
 @dataclass
 class CodecConfig:
-    sample_rate: int = 32000
-    channels: int = 1
-    num_filters: int = 64
-    ratios: tuple[int, ...] = (8, 5, 4, 4)  # decoder (upsampling) order; the encoder uses them reversed
-    dimension: int = 128
-    num_residual_layers: int = 1
-    residual_kernel_size: int = 3
-    dilation_base: int = 2
-    kernel_size: int = 7
-    last_kernel_size: int = 7
-    lstm_layers: int = 2
-    compress: int = 2
-    causal: bool = False
-    pad_mode: str = "reflect"
-    trim_right_ratio: float = 1.0
-    conv_shortcut: bool = False  # False: identity skip in residual blocks (EnCodec's true_skip)
+    sample_rate: int = option(32000, "the audio's sample rate in Hz", at_least=1)
+    channels: int = option(1, "audio channels (1: mono, 2: stereo)", at_least=1, at_most=2)
+    num_filters: int = option(64, "the first convolution's filters (doubled at each downsampling)", at_least=1)
+    ratios: tuple[int, ...] = option((8, 5, 4, 4), "up-sampling ratios in decoder order (the encoder uses them "
+                                                   "reversed); their product is the hop length", at_least=1)
+    dimension: int = option(128, "the latents' width", at_least=1)
+    num_residual_layers: int = option(1, "residual blocks per resolution", at_least=0)
+    residual_kernel_size: int = option(3, "the residual blocks' kernel size", at_least=1)
+    dilation_base: int = option(2, "the residual blocks' dilation grows as its powers", at_least=1)
+    kernel_size: int = option(7, "the first convolution's kernel size", at_least=1)
+    last_kernel_size: int = option(7, "the last convolution's kernel size", at_least=1)
+    lstm_layers: int = option(2, "layers of the residual LSTMs", at_least=1)
+    compress: int = option(2, "the residual blocks' width is divided by this", at_least=1)
+    causal: bool = option(False, "causal convolutions (all padding on the left)")
+    pad_mode: str = option("reflect", "how the convolutions pad", choices=("reflect", "constant", "replicate"))
+    trim_right_ratio: float = option(1.0, "causal: share of a transposed convolution's padding trimmed on the right",
+                                     at_least=0, at_most=1)
+    conv_shortcut: bool = option(False, "a convolution on the residual blocks' skip (False: identity, EnCodec's "
+                                        "true_skip)")
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self):
         if isinstance(self.quantizer, dict):
             self.quantizer = QuantizerConfig(**self.quantizer)
-        self.ratios = tuple(self.ratios)
+        if isinstance(self.ratios, list):
+            self.ratios = tuple(self.ratios)
+        check_fields(self)
         if self.quantizer.dim != self.dimension:
             raise ValueError(f"quantizer.dim ({self.quantizer.dim}) must equal dimension ({self.dimension})")
-        if self.pad_mode not in ("reflect", "constant", "replicate"):
-            raise ValueError(f"pad_mode must be reflect, constant or replicate, got {self.pad_mode!r}")
         if not self.causal and self.trim_right_ratio != 1.0:
             raise ValueError("trim_right_ratio != 1 only makes sense for causal convolutions")
 

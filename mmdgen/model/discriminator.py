@@ -14,16 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from mmdgen.validation import check_fields, option
+
 
 @dataclass
 class DiscriminatorConfig:
-    channels: int = 1
-    filters: int = 32
-    max_filters: int = 1024
-    filters_scale: int = 1
-    n_ffts: tuple[int, ...] = (1024, 2048, 512, 256, 128)
-    dilations: tuple[int, ...] = (1, 2, 4)
-    negative_slope: float = 0.2
+    channels: int = option(1, "audio channels", at_least=1)
+    filters: int = option(32, "filters of the first convolutions", at_least=1)
+    max_filters: int = option(1024, "the most filters of any convolution", at_least=1)
+    filters_scale: int = option(1, "filters grow by this factor per dilated convolution", at_least=1)
+    n_ffts: tuple[int, ...] = option((1024, 2048, 512, 256, 128), "one scale per STFT size", at_least=4)
+    dilations: tuple[int, ...] = option((1, 2, 4), "the time dilations of the strided convolutions", at_least=1)
+    negative_slope: float = option(0.2, "the leaky ReLUs' negative slope", at_least=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _padding(kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:

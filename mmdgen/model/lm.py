@@ -21,47 +21,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdgen.choices import PatternName
 from mmdgen.kernels.attention import decode_attention
-from mmdgen.model.patterns import PATTERNS
+from mmdgen.validation import check_fields, option
 
 
 @dataclass
 class LMConfig:
-    num_codebooks: int = 4
-    codebook_size: int = 2048  # the special token (start step, empty pattern cells) is this id
-    dim: int = 1024
-    layers: int = 24
-    heads: int = 16
-    ffn_dim: int = 4096
-    text_dim: int = 768  # width of the conditioning states; projected to ``dim`` when it differs
-    dropout: float = 0.0
-    norm_eps: float = 1e-5
-    pattern: str = "delay"
-    delays: tuple[int, ...] | None = None
-    # frames of the longest sequences the model was trained on (its crops); longer audio is generated in
-    # overlapping windows of this length (``mmdgen.generate``); None: no limit recorded
-    context_frames: int | None = None
-    # stereo: the codebooks interleave the channels (left k, right k, left k+1, ...), each channel decoded by the
-    # mono codec (transformers' stereo MusicGen layout)
-    audio_channels: int = 1
-    # audiocraft's cross-attention has no mask: its zeroed text padding stays in the softmax (transformers' port
-    # leaves it out, as we do by default); True reproduces audiocraft's numbers for padded texts
-    attend_text_padding: bool = False
+    num_codebooks: int = option(4, "codebooks (K)", at_least=1)
+    codebook_size: int = option(2048, "codes per codebook; the special token (start step, empty pattern cells) is "
+                                      "this id", at_least=1)
+    dim: int = option(1024, "the model's width", at_least=1)
+    layers: int = option(24, "decoder layers", at_least=1)
+    heads: int = option(16, "attention heads", at_least=1)
+    ffn_dim: int = option(4096, "the feed-forward block's width", at_least=1)
+    text_dim: int = option(768, "width of the conditioning states; projected to dim when it differs", at_least=1)
+    dropout: float = option(0.0, "dropout in training", at_least=0, below=1)
+    norm_eps: float = option(1e-5, "the layer norms' epsilon", above=0)
+    pattern: PatternName = option("delay", "the codebook pattern")
+    delays: tuple[int, ...] | None = option(None, "per-codebook delays of the delay pattern (None: 0..K-1)",
+                                            at_least=0)
+    context_frames: int | None = option(None, "frames of the longest sequences the model was trained on (its "
+                                              "crops); longer audio is generated in overlapping windows of this "
+                                              "length (mmdgen.generate); None: no limit recorded", at_least=1)
+    audio_channels: int = option(1, "2: stereo, the codebooks interleave the channels (left k, right k, left k+1, "
+                                    "...), each channel decoded by the mono codec (transformers' stereo MusicGen "
+                                    "layout)", at_least=1, at_most=2)
+    attend_text_padding: bool = option(False, "audiocraft's cross-attention has no mask: its zeroed text padding "
+                                              "stays in the softmax (transformers' port leaves it out, as we do by "
+                                              "default); True reproduces audiocraft's numbers for padded texts")
 
     def __post_init__(self):
-        if self.delays is not None:
+        if isinstance(self.delays, list):
             self.delays = tuple(self.delays)
-        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
-            raise ValueError(f"audio_channels must be 1 or 2 and divide num_codebooks ({self.num_codebooks}), got "
-                             f"{self.audio_channels}")
-        sizes = ("num_codebooks", "codebook_size", "dim", "layers", "heads", "ffn_dim", "text_dim", "context_frames")
-        for name in sizes:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_fields(self)
+        if self.num_codebooks % self.audio_channels:
+            raise ValueError(f"audio_channels ({self.audio_channels}) must divide num_codebooks "
+                             f"({self.num_codebooks})")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {', '.join(PATTERNS)}")
 
     @property
     def special_token(self) -> int:

@@ -39,10 +39,13 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import get_args
 
 import torch
 
-PATTERNS = ("parallel", "delay", "flatten", "valle")
+from mmdgen.choices import PatternName
+
+PATTERNS = get_args(PatternName)
 
 _CACHE_SIZE = 256
 

@@ -21,32 +21,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmdgen.choices import StageLatent
 from mmdgen.kernels.vq import nearest_codeword
-
-STAGE_LATENTS = ("quantized", "residual_after", "residual_before")
-
+from mmdgen.validation import check_fields, option
 
 @dataclass
 class QuantizerConfig:
-    dim: int = 128
-    codebook_size: int = 2048
-    num_codebooks: int = 4
-    decay: float = 0.99
-    epsilon: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    kmeans_init: bool = True
-    kmeans_iters: int = 50
-    dead_code_threshold: float = 2.0  # EMA cluster size below which a codeword is replaced
-    dropout: bool = False  # train with a random number of stages (for variable bandwidth)
-    stage_latent: str = "quantized"
+    dim: int = option(128, "the latents' width", at_least=1)
+    codebook_size: int = option(2048, "codewords per stage", at_least=1)
+    num_codebooks: int = option(4, "stages (codebooks)", at_least=1)
+    decay: float = option(0.99, "the EMA codebooks' decay", at_least=0, below=1)
+    epsilon: float = option(1e-5, "Laplace smoothing of the EMA cluster sizes", above=0)
+    kmeans_init: bool = option(True, "initialise each codebook by k-means on its first batch")
+    kmeans_iters: int = option(50, "k-means iterations", at_least=0)
+    dead_code_threshold: float = option(2.0, "EMA cluster size below which a codeword is replaced", at_least=0)
+    dropout: bool = option(False, "train with a random number of stages (for variable bandwidth)")
+    stage_latent: StageLatent = option("quantized", "what stands for stage k in the per-stage latents")
 
     def __post_init__(self):
-        if self.stage_latent not in STAGE_LATENTS:
-            raise ValueError(f"stage_latent must be one of {STAGE_LATENTS}, got {self.stage_latent!r}")
-        if self.codebook_size < 1 or self.num_codebooks < 1 or self.dim < 1:
-            raise ValueError(f"dim, codebook_size and num_codebooks must be positive, got {self.dim}, "
-                             f"{self.codebook_size}, {self.num_codebooks}")
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        check_fields(self)
 
 
 @dataclass

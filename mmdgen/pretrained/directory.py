@@ -51,7 +51,7 @@ def load_codec(folder: str | Path, device: str | torch.device = "cpu") -> Codec:
             raise ValueError(f"{path}: missing; a codec directory holds {CONFIG} and {CODEC_WEIGHTS}")
     try:
         cfg = CodecConfig(**json.loads(config_path.read_text()))
-    except (TypeError, json.JSONDecodeError) as error:
+    except (TypeError, ValueError) as error:  # not JSON, an unknown field, a bad value
         raise ValueError(f"{config_path}: not a codec configuration ({error})") from error
     codec = Codec(cfg)
     load_weights(weights_path, codec, f"the codec of {config_path}")
@@ -115,7 +115,7 @@ def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         config = json.loads(config_path.read_text())
         lm = MusicLM(LMConfig(**config["lm"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # not JSON, a missing or unknown field, a bad value
         raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
     load_weights(folder / LM_WEIGHTS, lm, f"the LM of {config_path}")
     record = config["text"]

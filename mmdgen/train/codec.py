@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,43 +33,8 @@ from mmdgen.metrics.dependence import dependence_report
 from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.discriminator import DiscriminatorConfig, MultiScaleSTFTDiscriminator
 from mmdgen.pretrained.directory import save_codec
-from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
-
-
-@dataclass
-class CodecTrainConfig(LoopConfig):
-    data: str = ""  # a manifest (its "train"/"valid" splits) or a folder of audio files
-    out: str = "runs/codec"
-    preset: str = "tiny"
-    crop_seconds: float = 1.0
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    mmd_weight: float = 0.0
-    mmd_delay: bool = False
-    mmd_every: int = 1
-    mmd_batches: int = 1
-    stage_latent: str = "quantized"
-    l1_weight: float = 0.1
-    mel_weight: float = 2.0
-    adv_weight: float = 4.0
-    feat_weight: float = 4.0
-    commitment_weight: float = 1.0
-    adversarial: bool = True
-    disc_filters: int = 32
-
-    FREE = LoopConfig.FREE + ("lr", "betas")
-    POSITIVE = LoopConfig.POSITIVE + ("mmd_every", "mmd_batches")
-    PATHS = ("data",)
-
-    def problems(self) -> list[str]:
-        problems = super().problems()
-        if self.mmd_weight < 0:
-            problems.append(f"mmd_weight must be >= 0, got {self.mmd_weight}")
-        if not self.data:
-            problems.append("data is required: a manifest.jsonl or a folder of audio files")
-        elif not Path(self.data).exists():
-            problems.append(f"data {self.data}: no such file or folder")
-        return problems
+from mmdgen.train.config import CodecTrainConfig
+from mmdgen.train.loop import Process, Trainer, autocast
 
 
 def _entries(data: str, split: str):

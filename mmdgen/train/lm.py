@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,64 +31,14 @@ from mmdgen.data.tokenize import TokenSet
 from mmdgen.losses.lm import IGNORE, codebook_losses
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import Pattern, make_pattern
-from mmdgen.model.text import (CONDITIONER_KINDS, LearnedTextEncoder, TextConditioner, drop_captions, text_conditioner,
+from mmdgen.model.text import (LearnedTextEncoder, TextConditioner, drop_captions, text_conditioner,
                                train_caption_tokenizer)
 from mmdgen.pretrained.directory import (BUNDLED_CODEC, codec_identity, copy_codec, is_codec_directory,
                                          save_music_lm)
-from mmdgen.train.loop import LoopConfig, Process, Trainer, autocast
+from mmdgen.train.config import LMTrainConfig
+from mmdgen.train.loop import Process, Trainer, autocast
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LMTrainConfig(LoopConfig):
-    tokens: str = ""  # a token folder from `mmdgen data tokenize`
-    out: str = "runs/lm"
-    preset: str = "tiny"
-    pattern: str = "delay"
-    delays: str = ""  # comma-separated per-codebook delays for the delay pattern (default 0..K-1)
-    text: str = "learned"  # learned | minilm | t5
-    text_path: str = ""  # T5: its folder; learned: a sentencepiece model (default: trained on the captions)
-    text_dim: int = 128  # the learned text encoder's width and layers
-    text_layers: int = 2
-    batch_size: int = 16
-    crop_frames: int = 150
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    condition_dropout: float = 0.3
-    fused_ce: bool = True
-    backend: str = "auto"
-    ckpt_every: int = 200
-    valid_clips: int = 64
-
-    FREE = LoopConfig.FREE + ("backend", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip")
-    POSITIVE = LoopConfig.POSITIVE + ("crop_frames", "text_dim", "text_layers")
-    PATHS = ("tokens", "text_path")
-
-    def problems(self) -> list[str]:
-        problems = super().problems()
-        if not 0.0 <= self.condition_dropout <= 1.0:
-            problems.append(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
-        if self.text not in CONDITIONER_KINDS:
-            problems.append(f"text must be one of {', '.join(CONDITIONER_KINDS)}, got {self.text!r}")
-        if self.text == "t5" and not self.text_path:
-            problems.append("text t5 needs text_path: a local folder with the T5 encoder's weights and tokenizer")
-        if not self.tokens:
-            problems.append("tokens is required: a folder written by `mmdgen data tokenize`")
-        elif not Path(self.tokens).is_dir():
-            problems.append(f"tokens {self.tokens}: no such folder")
-        return problems
-
-    def delay_values(self) -> tuple[int, ...] | None:
-        if not self.delays.strip():
-            return None
-        try:
-            return tuple(int(d) for d in self.delays.split(","))
-        except ValueError as error:
-            raise ValueError(f"delays must be comma-separated integers like 0,1,2,3, got {self.delays!r}") from error
 
 
 def learning_rate(step: int, cfg: LMTrainConfig) -> float:
@@ -206,7 +155,7 @@ class LMTrainer(Trainer):
         self.dropout_generator = torch.Generator().manual_seed(cfg.seed + 2)
         valid_tokens = TokenSet(cfg.tokens, "valid")
         self.valid_data = None
-        if len(valid_tokens) and any(r["frames"] >= cfg.crop_frames for r in valid_tokens.records):
+        if cfg.valid_clips and len(valid_tokens) and any(r["frames"] >= cfg.crop_frames for r in valid_tokens.records):
             self.valid_data = CodeCrops(valid_tokens, cfg.crop_frames, random_crop=False)
             self.valid_data.indices = self.valid_data.indices[: cfg.valid_clips]
         self._start(CodeCrops(train_tokens, cfg.crop_frames, seed=cfg.seed), collate_codes)

@@ -24,16 +24,19 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmdgen.choices import Precision
 from mmdgen.files import (check_finite, load_weights, read_jsonl, save_weights, write_folder_atomic,
                           write_text_atomic)
 from mmdgen.train.sampler import ShardedSampler
@@ -76,7 +79,7 @@ def setup_process(device: str = "auto") -> Process:
 
 def autocast(process: Process, precision: str):
     """bf16 autocast on CUDA when precision is "bf16" or "auto"; full precision otherwise."""
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in get_args(Precision):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if process.device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -148,7 +151,18 @@ def checkpoint_folder(folder: Path) -> Path | None:
 
 
 def load_state(folder: Path) -> dict:
-    return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    """The training state beside a checkpoint's weights; ValueError naming the file when it is truncated or holds
+    anything but tensors and plain containers (nothing else is unpickled)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a training state that loads with weights_only=True ({first}); restore it or "
+                         "use another --out to start afresh") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a training state (a dictionary), found a {type(state).__name__}")
+    return state
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -260,41 +274,6 @@ class MetricLog:
         write_text_atomic(self.path, (head + b"\n").decode() if head else "")
 
 
-@dataclass
-class LoopConfig:
-    """The fields the shared loop reads; each trainer's config extends it (and may change the defaults)."""
-
-    out: str = "runs/train"
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    precision: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    log_every: int = 10
-    ckpt_every: int = 100
-    valid_every: int = 200
-    valid_clips: int = 16
-    max_nonfinite: int = 10  # steps in a row skipped for non-finite losses before the run stops
-    workers: int = 0
-    seed: int = 0
-
-    # what a resumed run may change (the length, the bookkeeping, the skip limit; each trainer adds its
-    # optimiser's settings), what must be at least 1, and which fields are paths (saved relative to the run folder)
-    FREE = ("steps", "out", "log_every", "ckpt_every", "valid_every", "workers", "device", "compile", "max_nonfinite")
-    POSITIVE = ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "valid_every")
-    PATHS = ()
-
-    def problems(self) -> list[str]:
-        return [f"{name} must be at least 1, got {getattr(self, name)}" for name in self.POSITIVE
-                if getattr(self, name) < 1]
-
-    def check(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
 class Trainer:
     """The loop every trainer runs: resumable data order, steps with gradient accumulation, logging,
     validation, atomic checkpoints with exact resume, the final export.
@@ -303,7 +282,7 @@ class Trainer:
     it defines ``train_step(micro_batches) -> metrics``, ``validate() -> metrics`` (or ``{}``),
     ``checkpoint_models()``, ``optimizers()``, ``export()``, its models' configuration
     (``checkpoint_config()``, and ``checkpoint_paths()`` for the paths inside it), and any state beyond the
-    shared one (``extra_state`` / ``load_extra_state``). Its config is a ``LoopConfig``.
+    shared one (``extra_state`` / ``load_extra_state``). Its config is a ``LoopConfig`` (``mmdgen.train.config``).
 
     A ``train_step`` skips a step (``self.guard.check(metrics)`` false) without changing any state: parameters,
     buffers, optimisers and whatever else the step touched are as they were before it.

@@ -12,6 +12,9 @@ MusicGen conditions its LM on a frozen T5 encoder through cross-attention. The L
 ``text_conditioner(kind, ...)`` builds one by kind. Every public name of the submodules is importable from here.
 """
 
+from typing import get_args
+
+from mmdgen.choices import TextConditionerKind
 from mmdgen.model.text.conditioning import (FrozenConditioner, TextConditioner, TextConditioning, drop_captions,
                                             is_null_caption)
 from mmdgen.model.text.learned import LearnedEncoderLayer, LearnedTextEncoder, LearnedTextEncoderConfig
@@ -21,7 +24,7 @@ from mmdgen.model.text.t5 import T5TextEncoder
 from mmdgen.model.text.tokenizer import (CaptionTokenizer, build_tokenizer_from_manifest, captions_from_manifest,
                                          train_caption_tokenizer, word_level_t5_tokenizer)
 
-CONDITIONER_KINDS = ("learned", "minilm", "t5")
+CONDITIONER_KINDS = get_args(TextConditionerKind)
 
 __all__ = ["CONDITIONER_KINDS", "MINILM_PACKAGE", "MINILM_PIP_COMMAND", "BertConfig", "BertEncoder", "BertLayer",
            "CaptionTokenizer", "FrozenConditioner", "LearnedEncoderLayer", "LearnedTextEncoder",

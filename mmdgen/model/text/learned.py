@@ -14,26 +14,23 @@ from torch import nn
 
 from mmdgen.model.text.conditioning import TextConditioner, TextConditioning
 from mmdgen.model.text.tokenizer import CaptionTokenizer
+from mmdgen.validation import check_fields, option
 
 
 @dataclass
 class LearnedTextEncoderConfig:
-    vocab_size: int
-    dim: int = 256
-    layers: int = 4
-    heads: int = 4
-    max_length: int = 64  # captions are truncated to this many pieces
-    dropout: float = 0.0
-    tokenizer_path: str = ""  # sentencepiece model, used when no tokenizer is passed in
+    vocab_size: int = option(help="the tokenizer's pieces", at_least=1)
+    dim: int = option(256, "the encoder's width", at_least=1)
+    layers: int = option(4, "transformer layers", at_least=1)
+    heads: int = option(4, "attention heads", at_least=1)
+    max_length: int = option(64, "captions are truncated to this many pieces", at_least=1)
+    dropout: float = option(0.0, "dropout in training", at_least=0, below=1)
+    tokenizer_path: str = option("", "sentencepiece model, used when no tokenizer is passed in")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "layers", "heads", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LearnedTextEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def _attend(

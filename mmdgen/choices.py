@@ -1,0 +1,19 @@
+"""The names a configuration chooses from, one ``Literal`` each: the modules that act on a name take their tuple of
+names from here (``PATTERNS = get_args(PatternName)``), and the command line shows them as an option's choices.
+
+No torch here: ``mmdgen <command> --help`` lists these without loading a model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Backend = Literal["auto", "triton", "torch"]  # the fused ops' implementation (mmdgen.kernels.backend)
+Precision = Literal["auto", "bf16", "fp32"]  # training: bf16 autocast on CUDA ("auto"), or full precision
+CodecPreset = Literal["tiny", "paper"]  # mmdgen.model.codec.PRESETS
+LMPreset = Literal["tiny", "mini", "small"]  # mmdgen.model.lm.PRESETS
+PatternName = Literal["parallel", "delay", "flatten", "valle"]  # the codebook patterns (mmdgen.model.patterns)
+StageLatent = Literal["quantized", "residual_after", "residual_before"]  # what the independence loss sees per stage
+TextConditionerKind = Literal["learned", "minilm", "t5"]  # mmdgen.model.text
+AudioFormat = Literal["flac", "wav"]  # the corpus clips' files
+Split = Literal["train", "valid", "test"]  # a corpus manifest's splits

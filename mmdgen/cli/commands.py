@@ -1,0 +1,367 @@
+"""Every ``mmdgen`` command: its words, its help, its options (a configuration dataclass: a library's own, such as
+``CodecTrainConfig``, or one declared here) and the function that runs it.
+
+To add a command: declare its options as a dataclass of ``option(...)`` fields (or reuse a configuration), write its
+function (it imports torch and the models inside, so that ``--help`` stays fast), and add a row to ``COMMANDS`` (and
+its group's help to ``GROUPS`` for a new group). To add an option: add a field to the options' dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmdgen.choices import Backend, Split
+from mmdgen.data.build import BuildConfig
+from mmdgen.demo.config import DemoConfig
+from mmdgen.eval.config import CoupledLatentsConfig
+from mmdgen.files import AUDIO_SUFFIXES
+from mmdgen.generate.config import Sampling
+from mmdgen.train.config import CodecTrainConfig, LMTrainConfig, LoopConfig
+from mmdgen.validation import INT64_MAX, MAX_SECONDS, check_fields, label, option, path_problem
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # ("train", "codec") for `mmdgen train codec`
+    help: str
+    options: type  # a dataclass whose fields are the command's options
+    run: Callable[[Any], None]
+
+
+def _check_device(device: str, backend: str = "auto") -> None:
+    import torch
+
+    from mmdgen.kernels.backend import resolve_backend
+
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error})") from error
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is available on this machine")
+    resolve_backend(backend, chosen)
+
+
+# -- demo and evaluation -----------------------------------------------------------------------------------------
+
+def demo(cfg: DemoConfig) -> None:
+    from mmdgen.demo.run import run
+
+    _check_device(cfg.device)
+    out = run(cfg)
+    print(f"mmdgen demo: everything is in {out}; the report is {out / 'report.md'}")
+
+
+@dataclass
+class ReportOptions:
+    run_dir: str = option(help="the demo's output folder", positional=True, path="folder")
+    recompute: bool = option(False, "measure again even if evaluation.json exists")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def eval_report(options: ReportOptions) -> None:
+    from mmdgen.demo.report import report
+
+    print(report(options.run_dir, recompute=options.recompute))
+
+
+@dataclass
+class CodecReportOptions:
+    codecs: tuple[str, ...] = option(help="NAME=CODEC pairs (or CODECs): codec directories, transformers EnCodec "
+                                          "or MusicGen folders, audiocraft compression files or cache ids",
+                                     positional=True)
+    manifest: str = option("", "a corpus manifest.jsonl", required=True, path="file")
+    split: Split = option("test", "the manifest's split to measure on")
+    clips: int = option(64, "clips of the split to use", at_least=1)
+    out: str = option("", "folder for codecs.md, codecs.json and the figures", required=True, path="new_folder")
+
+    def __post_init__(self):
+        check_fields(self)
+        self.named_codecs()
+
+    def named_codecs(self) -> dict[str, str]:
+        """Name -> folder of each codec (a bare DIR is named after its folder); ValueError for a name used twice or
+        a folder that does not exist."""
+        named: dict[str, str] = {}
+        for value in self.codecs:
+            name, sep, path = value.partition("=")
+            name, path = (name, path) if sep else (Path(value).name or value, value)
+            if name in named:
+                raise ValueError(f"{label('codecs')}: two codecs named {name!r}; name them NAME=DIR")
+            problem = path_problem(path, "model", label("codecs"))
+            if problem:
+                raise ValueError(problem)
+            named[name] = path
+        return named
+
+
+def eval_codec(options: CodecReportOptions) -> None:
+    from mmdgen.eval.codec import codec_report
+
+    print(codec_report(options.named_codecs(), options.manifest, options.out, options.split, options.clips))
+
+
+def coupled_latents(cfg: CoupledLatentsConfig) -> None:
+    from mmdgen.eval.coupled_latents import run
+
+    _check_device(cfg.device, cfg.backend)
+    run(cfg)
+
+
+# -- data and text -----------------------------------------------------------------------------------------------
+
+@dataclass
+class BuildOptions:
+    out: str = option("", "output folder (resumed when it exists)", required=True, path="new_folder")
+    workers: int | None = option(None, "processes rendering shards (default: one per CPU)", at_least=1)
+    build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def data_build(options: BuildOptions) -> None:
+    import os
+
+    from mmdgen.data.build import build_corpus
+
+    out = options.out
+    report = build_corpus(out, options.build, workers=options.workers or os.cpu_count() or 1)
+    failures = ", ".join(f"{k} {v}" for k, v in report["failures_by_cause"].items()) or "none"
+    print(f"{report['clips']} clips, {report['hours']:.2f} h from {report['works']} works in {out} "
+          f"(splits {report['clips_by_split']}); failures: {failures}; "
+          f"{report['audio_seconds_per_second']} s of audio per second this run")
+    print(f"manifest: {out}/manifest.jsonl")
+
+
+@dataclass
+class TokenizeOptions:
+    codec: str = option("", "codec directory (config.json + codec.safetensors)", required=True, path="folder")
+    manifest: str = option("", "the corpus manifest.jsonl", required=True, path="file")
+    out: str = option("", "token folder to write (replaced atomically)", required=True, path="new_folder")
+    batch_size: int = option(8, "clips encoded at once", at_least=1)
+    device: str = option("cpu", "cpu or cuda", required=True)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def data_tokenize(options: TokenizeOptions) -> None:
+    from mmdgen.data.tokenize import describe, tokenize_corpus
+
+    _check_device(options.device)
+    header = tokenize_corpus(options.codec, options.manifest, options.out, batch_size=options.batch_size,
+                             device=options.device)
+    print(f"{options.out}: {describe(header)}")
+
+
+@dataclass
+class TokenizerOptions:
+    manifest: str = option("", "a corpus manifest.jsonl", required=True, path="file")
+    out: str = option("", "the sentencepiece .model file to write", required=True, path="new_file")
+    vocab_size: int = option(1000, "at most this many pieces (fewer when the captions cannot fill it)", at_least=3)
+    split: Split = option("train", "the manifest's split whose captions it learns")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def text_tokenizer(options: TokenizerOptions) -> None:
+    from mmdgen.model.text import build_tokenizer_from_manifest
+
+    path, size = build_tokenizer_from_manifest(options.manifest, options.out, options.vocab_size, split=options.split)
+    print(f"{path}: sentencepiece model with {size} pieces")
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+def _train(trainer_class, cfg: LoopConfig) -> None:
+    trainer = trainer_class(cfg)
+    report = trainer.train()
+    if trainer.process.main:
+        print(f"model: {Path(cfg.out) / 'model'}" + (f"; validation: {report}" if report else ""))
+
+
+def train_codec(cfg: CodecTrainConfig) -> None:
+    from mmdgen.train.codec import CodecTrainer
+
+    _train(CodecTrainer, cfg)
+
+
+def train_lm(cfg: LMTrainConfig) -> None:
+    from mmdgen.train.lm import LMTrainer
+
+    _train(LMTrainer, cfg)
+
+
+# -- generation and the codec ------------------------------------------------------------------------------------
+
+@dataclass
+class GenerateOptions:
+    text: str | None = option(None, "a description of the music (or use --prompts)", positional=True)
+    model: str = option("", "the model: an LM directory from `mmdgen train lm`, a transformers MusicGen folder, "
+                            "audiocraft's state_dict.bin (or its folder), or a repository id in the local Hugging "
+                            "Face cache (facebook/musicgen-small)", required=True, path="model")
+    codec: str | None = option(None, "another codec to decode with (any codec format; an mmdgen LM needs the one "
+                                     "its codes came from)", path="model")
+    text_encoder: str | None = option(None, "the T5 folder or cache id for an audiocraft checkpoint (default: the "
+                                            "T5 it names, from the local cache)", path="model")
+    out: str = option("out.wav", "output file for one text", required=True, path="new_file",
+                      suffixes=AUDIO_SUFFIXES)
+    prompts: str | None = option(None, "JSON lines of {text, id?, duration?, seed?} for batch generation",
+                                 path="file")
+    out_dir: str | None = option(None, "output folder for --prompts (reruns skip finished clips)",
+                                 path="new_folder")
+    batch_size: int = option(8, "clips generated at once from --prompts", at_least=1)
+    duration: float = option(10.0, "seconds per clip (a prompt's own duration comes first)", above=0,
+                             at_most=MAX_SECONDS)
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    seed: int = option(0, "seed of the sampling (a prompt's default seed is this plus its line number)",
+                       at_least=0, at_most=INT64_MAX)
+    prompt_audio: str | None = option(None, "an audio file to continue (with one text)", path="file")
+    device: str = option("cpu", "cpu or cuda", required=True)
+    backend: Backend = option("auto", "the fused ops' implementation")
+    compile: bool = option(False, "run the decode step through torch.compile: faster steps after a one-off compile "
+                                  "(seconds to a minute) per batch size and length; worth it for long or many clips")
+    cuda_graph: bool = option(False, "(CUDA) capture the decode step in a CUDA graph once and replay it at every "
+                                     "step")
+
+    def __post_init__(self):
+        check_fields(self)
+        prompts, out_dir = label("prompts"), label("out_dir")
+        if (self.text is None) == (self.prompts is None):
+            raise ValueError(f"give either a text or {prompts} FILE.jsonl")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("the text is empty; give a description of the music")
+        if self.prompts is not None and self.out_dir is None:
+            raise ValueError(f"{prompts} needs {out_dir}")
+        if self.prompts is None and self.out_dir is not None:
+            raise ValueError(f"{out_dir} goes with {prompts}; one text is written to {label('out')}")
+        if self.prompts is not None and self.prompt_audio is not None:
+            raise ValueError(f"{label('prompt_audio')} continues one text; it does not go with {prompts}")
+
+
+def generate(options: GenerateOptions) -> None:
+    from mmdgen.files import write_audio
+    from mmdgen.generate.batch import generate_batch, read_prompts
+    from mmdgen.generate.generator import Generator
+
+    _check_device(options.device, options.backend)
+    requests = read_prompts(options.prompts, options.duration, options.seed) if options.prompts else None
+    generator = Generator.from_pretrained(options.model, options.codec, device=options.device,
+                                          backend=options.backend, compile=options.compile,
+                                          cuda_graph=options.cuda_graph, text_encoder=options.text_encoder)
+    if requests is not None:
+        report = generate_batch(generator, requests, options.out_dir, options.sampling,
+                                batch_size=options.batch_size)
+        print(f"{options.out_dir}: {report['generated']} clips generated, {report['skipped']} already there; "
+              f"real-time factor {report['real_time_factor']:.2f}x; manifest "
+              f"{Path(options.out_dir) / 'manifest.jsonl'}")
+        return
+    generator.frames(options.duration, "--duration")  # holds a frame of this codec
+    prompt = None
+    if options.prompt_audio:
+        from mmdgen.data.audio import read_audio
+
+        prompt = read_audio(Path(options.prompt_audio), generator.sample_rate)[None]
+    audio = generator.generate([options.text], options.duration, options.sampling, seed=options.seed,
+                               prompt_audio=prompt)
+    write_audio(options.out, audio[0], generator.sample_rate)
+    print(f"{options.out}: {options.duration:g} s at {generator.sample_rate} Hz")
+
+
+@dataclass
+class EncodeOptions:
+    input: str = option(help="an audio file", positional=True, path="file")
+    output: str = option(help="the codes file to write (a torch file)", positional=True, path="new_file")
+    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
+                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
+                        required=True, path="model")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class DecodeOptions:
+    input: str = option(help="a codes file from `mmdgen codec encode`", positional=True, path="file")
+    output: str = option(help="the audio file to write", positional=True, path="new_file", suffixes=AUDIO_SUFFIXES)
+    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
+                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
+                        required=True, path="model")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class ReconstructOptions:
+    input: str = option(help="an audio file", positional=True, path="file")
+    output: str = option(help="the audio file to write", positional=True, path="new_file", suffixes=AUDIO_SUFFIXES)
+    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
+                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
+                        required=True, path="model")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def codec_encode(options: EncodeOptions) -> None:
+    from mmdgen.codec_cli import encode_file
+
+    codes = encode_file(options.model, options.input, options.output)
+    print(f"{options.output}: codes {tuple(codes.shape)}")
+
+
+def codec_decode(options: DecodeOptions) -> None:
+    from mmdgen.codec_cli import decode_file
+
+    decode_file(options.model, options.input, options.output)
+    print(options.output)
+
+
+def codec_reconstruct(options: ReconstructOptions) -> None:
+    from mmdgen.codec_cli import reconstruct_file
+
+    reconstruct_file(options.model, options.input, options.output)
+    print(options.output)
+
+
+GROUPS = {
+    ("eval",): "evaluation: reports, the loss on a toy",
+    ("data",): "the captioned music corpus and its token folders",
+    ("text",): "text conditioning tools",
+    ("train",): "train a model",
+    ("codec",): "encode audio to codes and back",
+}
+
+COMMANDS = (
+    Command(("demo",), "the whole pipeline on CPU in minutes: corpus, codecs with and without the independence loss, "
+                       "tokens, LMs, generation, evaluation, report", DemoConfig, demo),
+    Command(("eval", "report"), "evaluate a `mmdgen demo` run (if not yet) and write its report.md with tables, "
+                                "figures and links to the clips", ReportOptions, eval_report),
+    Command(("eval", "codec"), "dependence between codebooks and reconstruction of codecs (ours or local transformers "
+                               "EnCodec folders) on a corpus split", CodecReportOptions, eval_codec),
+    Command(("eval", "coupled-latents"), "train coupled latents to independence on the loss and compare the fused "
+                                         "estimator with the naive one", CoupledLatentsConfig, coupled_latents),
+    Command(("data", "build"), "render music21's score corpus to captioned clips (resumable)", BuildOptions,
+            data_build),
+    Command(("data", "tokenize"), "encode a corpus with a codec into token files for LM training", TokenizeOptions,
+            data_tokenize),
+    Command(("text", "tokenizer"), "train the caption tokenizer (sentencepiece) on a manifest", TokenizerOptions,
+            text_tokenizer),
+    Command(("train", "codec"), "train the EnCodec-MMD codec (resumes from --out/checkpoint)", CodecTrainConfig,
+            train_codec),
+    Command(("train", "lm"), "train the music LM on a token folder (resumes from --out/checkpoint)", LMTrainConfig,
+            train_lm),
+    Command(("generate",), "text to music with a trained LM (and its codec)", GenerateOptions, generate),
+    Command(("codec", "encode"), "audio file -> codes", EncodeOptions, codec_encode),
+    Command(("codec", "decode"), "codes -> audio file", DecodeOptions, codec_decode),
+    Command(("codec", "reconstruct"), "audio file -> codes -> audio file", ReconstructOptions, codec_reconstruct),
+)

@@ -1,0 +1,243 @@
+"""``Generator``: text to music with any model ``mmdgen.pretrained.load_music_model`` reads; see ``mmdgen.generate``.
+
+Stereo LMs (``LMConfig.audio_channels == 2``) predict 2K codebooks, left and right interleaved; each channel's K
+codebooks go through the mono codec, and the waveforms have two channels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from mmdgen.generate.config import Sampling
+from mmdgen.generate.loop import decode
+from mmdgen.model.codec import Codec
+from mmdgen.model.lm import MusicLM
+from mmdgen.model.patterns import make_pattern
+from mmdgen.model.text import TextConditioner
+from mmdgen.pretrained.loader import load_music_model
+from mmdgen.validation import MAX_SECONDS, check_number
+
+
+class Window(NamedTuple):
+    """One decode call of a generation: frames ``[start, start + frames)`` of the whole, the first ``overlap`` of
+    them given as its prompt; ``before``: the codes final before it (None for the first window)."""
+
+    start: int
+    frames: int
+    overlap: int
+    before: torch.Tensor | None
+
+
+class Generator:
+    def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
+                 cuda_graph: bool = False):
+        quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
+        if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
+                                                                             lm.cfg.codebook_size):
+            per_channel = f" ({channels} channels)" if channels > 1 else ""
+            raise ValueError(f"the codec makes {quantizer.num_codebooks} x {quantizer.codebook_size} codes but the LM "
+                             f"predicts {lm.cfg.num_codebooks} x {lm.cfg.codebook_size}{per_channel}")
+        if channels > 1 and codec.cfg.channels != 1:
+            raise ValueError(f"a stereo LM decodes each channel with a mono codec; this codec has "
+                             f"{codec.cfg.channels} channels")
+        self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
+        self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
+        self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
+        self.device = lm.heads[0].weight.device
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {self.device}")
+        self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
+                        backend: str = "auto", compile: bool = False, cuda_graph: bool = False,
+                        text_encoder: str | Path | None = None) -> "Generator":
+        """``model`` in any format ``load_music_model`` reads (detected by content); ``codec``: another codec to
+        decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs."""
+        parts = load_music_model(model, codec, text_encoder, device)
+        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph)
+
+    @property
+    def channels(self) -> int:
+        return self.lm.cfg.audio_channels
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio [B, channels, samples] -> the LM's codes [B, K, frames]: for a stereo LM each channel encoded by
+        the mono codec and the codebooks interleaved (a mono prompt serves both channels)."""
+        if self.channels == 1:
+            return self.codec.encode(audio)
+        if audio.shape[1] not in (1, self.channels):
+            raise ValueError(f"a stereo model takes mono or stereo audio, got {audio.shape[1]} channels")
+        audio = audio.expand(-1, self.channels, -1)
+        codes = [self.codec.encode(audio[:, c: c + 1]) for c in range(self.channels)]
+        return torch.stack(codes, dim=2).flatten(1, 2)  # [B, K, C] -> left k, right k, left k+1, ...
+
+    def decode(self, codes: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """The LM's codes [B, K, frames] -> audio [B, channels, samples]."""
+        if self.channels == 1:
+            return self.codec.decode(codes, length)
+        return torch.cat([self.codec.decode(codes[:, c:: self.channels], length) for c in range(self.channels)],
+                         dim=1)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.cfg.sample_rate
+
+    def frames(self, duration: float, name: str = "duration") -> int:
+        """The codec frames of ``duration`` seconds; ValueError naming ``name`` unless it is a finite number of
+        seconds, at most ``MAX_SECONDS``, that holds at least one frame."""
+        check_number(duration, name, above=0, at_most=MAX_SECONDS)
+        frames = int(round(duration * self.codec.cfg.frame_rate))
+        if frames < 1:
+            raise ValueError(f"{name} must hold at least one frame of the codec ({1 / self.codec.cfg.frame_rate:g} s), "
+                             f"got {duration:g} s")
+        return frames
+
+    @torch.no_grad()
+    def _memory(self, texts: list[str], guided: bool):
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no prompts: expected at least one text")
+        condition = self.text(texts + [""] * len(texts) if guided else texts)
+        return self.lm.cross_memory(condition.states.to(self.device), condition.mask.to(self.device))
+
+    @property
+    def context_frames(self) -> int | None:
+        """The frames the LM was trained on at once; longer audio is generated in windows of this length."""
+        return self.lm.cfg.context_frames
+
+    @torch.no_grad()
+    def generate_codes(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None,
+                       seed: int = 0, prompt_audio: torch.Tensor | None = None, on_step=None,
+                       extend_stride: float | None = None) -> torch.Tensor:
+        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues).
+
+        Beyond the LM's context (``context_frames``) the audio is generated in windows, as audiocraft does: the
+        first window fills the context; each next one is prompted with the last ``context - stride`` frames and
+        adds ``stride`` frames (``extend_stride`` seconds; default 60% of the context, audiocraft's 18 s of 30).
+        ``on_step(step, sequence)`` is called after each decoding step of each window (the window's sequence).
+        """
+        return self._windows(texts, duration, sampling, seed, prompt_audio, extend_stride,
+                             lambda window: on_step)
+
+    def _windows(self, texts, duration, sampling, seed, prompt_audio, extend_stride, window_hook) -> torch.Tensor:
+        """The codes, window by window; ``window_hook(Window)`` gives each window's ``on_step`` (or None)."""
+        sampling = sampling or Sampling()
+        frames = self.frames(duration)
+        prompt = self._prompt_codes(prompt_audio, len(texts), frames)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        memory = self._memory(texts, sampling.guidance_scale is not None)
+        context = self.context_frames or frames
+        stride = self._stride_frames(context, extend_stride)
+        if prompt is not None and prompt.shape[-1] >= context:
+            raise ValueError(f"the prompt is {prompt.shape[-1]} frames long, not shorter than the LM's context of "
+                             f"{context} frames: give a shorter prompt")
+        codes, first = prompt, True
+        while first or codes.shape[-1] < frames:
+            done = 0 if codes is None else codes.shape[-1]
+            overlap = done if first else context - stride  # the frames the window is prompted with
+            window = Window(done - overlap, min(context, frames - done + overlap), overlap, codes)
+            part = decode(self.lm, memory, len(texts), window.frames, self.pattern, sampling, generator,
+                          codes[..., done - overlap:] if overlap else None, self.backend, window_hook(window),
+                          self.compile, self.cuda_graph)
+            codes = part if codes is None else torch.cat([codes, part[..., overlap:]], dim=-1)
+            first = False
+        return codes
+
+    def _stride_frames(self, context: int, extend_stride: float | None) -> int:
+        if extend_stride is None:
+            return max(int(context * 0.6), 1)
+        check_number(extend_stride, "extend_stride", above=0, at_most=MAX_SECONDS)
+        stride = int(round(extend_stride * self.codec.cfg.frame_rate))
+        if not 1 <= stride < context or extend_stride <= 0:
+            raise ValueError(f"extend_stride must be positive and shorter than the LM's context of {context} "
+                             f"frames ({context / self.codec.cfg.frame_rate:g} s), got {extend_stride} s")
+        return stride
+
+    def _prompt_codes(self, audio: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor | None:
+        if audio is None:
+            return None
+        if audio.dim() != 3 or audio.shape[0] not in (1, batch):
+            raise ValueError(f"prompt audio must be [1 or {batch}, channels, samples], got {tuple(audio.shape)}")
+        codes = self.encode(audio.to(self.device)).expand(batch, -1, -1)
+        if codes.shape[-1] >= frames:
+            raise ValueError(f"the prompt is {codes.shape[-1]} frames long, not shorter than the {frames} frames asked "
+                             "for: ask for a longer duration")
+        return codes
+
+    def generate(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
+                 prompt_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Waveforms [B, channels, duration * sample_rate]."""
+        codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio)
+        return self.decode(codes, int(round(duration * self.sample_rate)))
+
+    def stream(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
+               chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Audio chunks [B, channels, n] in order, each as soon as its frames are final; together they equal
+        ``generate``'s output. A chunk is decoded from the start (the decoder's LSTM carries state) and only
+        audio the next frames cannot change any more is emitted (the convolutions look ahead a few frames)."""
+        import queue
+        import threading
+
+        frames = self.frames(duration)
+        check_number(chunk_seconds, "chunk_seconds", above=0, at_most=MAX_SECONDS)
+        total = int(round(duration * self.sample_rate))
+        hop = self.codec.cfg.hop_length
+        chunk_frames = max(int(round(chunk_seconds * self.codec.cfg.frame_rate)), 1)
+        ready: queue.Queue = queue.Queue()
+        pattern, emitted = self.pattern, [0]
+
+        def window_hook(window: Window):
+            finished_at = pattern.step_index(window.frames).max(dim=0).values  # [T]: the step completing each frame
+
+            def on_step(step: int, sequence: torch.Tensor) -> None:
+                done = window.start + int((finished_at <= step).sum())  # frames of the whole that are final
+                stable = done - self.lookahead_frames  # frames whose audio the next frames cannot change
+                if done < frames and stable - emitted[0] >= chunk_frames:
+                    new = pattern.revert(sequence)[..., window.overlap: done - window.start]
+                    ready.put((done, new if window.before is None else torch.cat([window.before, new], dim=-1)))
+                    emitted[0] = stable
+            return on_step
+
+        def run() -> None:
+            try:
+                codes = self._windows(texts, duration, sampling, seed, prompt_audio, None, window_hook)
+                ready.put((frames, codes))
+            except BaseException as error:  # surfaced in the consuming thread
+                ready.put(error)
+            ready.put(None)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        sent = 0
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            done, codes = item
+            stable = total if done >= frames else min((done - self.lookahead_frames) * hop, total)
+            if stable > sent:
+                audio = self.decode(codes, min(done * hop, total))
+                yield audio[..., sent:stable]
+                sent = stable
+        worker.join()
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Frames of right context the decoder reads (its non-causal convolutions; its LSTM runs forward only),
+        rounded up with a frame to spare."""
+        cfg = self.codec.cfg
+        if cfg.causal:
+            return 0
+        reach, rate = cfg.kernel_size // 2, 1  # in frames; the first convolution runs at the frame rate
+        for ratio in cfg.ratios:
+            reach += 1 / rate  # the transposed convolution reads one step of its input to the right
+            rate *= ratio
+            reach += (cfg.residual_kernel_size // 2) * cfg.dilation_base ** (cfg.num_residual_layers - 1) \
+                * cfg.num_residual_layers / rate
+        reach += (cfg.last_kernel_size // 2) / rate
+        return math.ceil(reach) + 1
