@@ -481,3 +481,18 @@ def test_bad_destinations_formats_and_sources_are_refused(mono, tmp_path, monkey
     export_model(source, occupied, "transformers", overwrite=True)
     assert (occupied / "model.safetensors").is_file() and not (occupied / "keep.txt").exists()
     shutil.rmtree(occupied)
+
+
+def test_the_export_command_writes_and_refuses_by_name(tmp_path, t5_folder, capsys):
+    from mmdgen import cli
+
+    source = t5_lm_dir(tmp_path / "model", t5_folder)
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(source), "--format", "transformers", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out and load_music_model(out).format == "transformers"
+    assert cli.main(["export", str(source), "--format", "transformers", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["export", str(source), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "--format" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err

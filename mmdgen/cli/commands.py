@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdgen.choices import Backend, Split
+from mmdgen.choices import Backend, ExportFormat, Split
 from mmdgen.data.build import BuildConfig
 from mmdgen.demo.config import DemoConfig
 from mmdgen.eval.config import CoupledLatentsConfig
@@ -341,13 +341,37 @@ GROUPS = {
     ("codec",): "encode audio to codes and back",
 }
 
+@dataclass
+class ExportOptions:
+    model: str = option(help="the model to write: anything `mmdgen generate --model` takes", positional=True,
+                        path="model")
+    format: ExportFormat = option("transformers", "transformers: a MusicgenForConditionalGeneration folder "
+                                  "(from_pretrained); audiocraft: state_dict.bin + compression_state_dict.bin")
+    out: str = option("", "the folder to write (replaced atomically)", required=True, path="new_folder")
+    overwrite: bool = option(False, "replace a non-empty --out")
+    text_encoder: str | None = option(None, "the T5 folder or cache id of an audiocraft source", path="model")
+    codec: str | None = option(None, "another codec to export with the LM", path="model")
+    t5_name: str | None = option(None, "audiocraft: the name it fetches the T5 by (t5-base, ...), when the source "
+                                        "does not tell it")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def export(options: ExportOptions) -> None:
+    from mmdgen.pretrained.export import export_model
+
+    print(export_model(options.model, options.out, options.format, overwrite=options.overwrite,
+                       text_encoder=options.text_encoder, codec=options.codec, t5_name=options.t5_name))
+
+
 COMMANDS = (
     Command(("demo",), "the whole pipeline on CPU in minutes: corpus, codecs with and without the independence loss, "
                        "tokens, LMs, generation, evaluation, report", DemoConfig, demo),
     Command(("eval", "report"), "evaluate a `mmdgen demo` run (if not yet) and write its report.md with tables, "
                                 "figures and links to the clips", ReportOptions, eval_report),
-    Command(("eval", "codec"), "dependence between codebooks and reconstruction of codecs (ours or local transformers "
-                               "EnCodec folders) on a corpus split", CodecReportOptions, eval_codec),
+    Command(("eval", "codec"), "dependence between codebooks and reconstruction of codecs (ours or published ones) on "
+                               "a corpus split", CodecReportOptions, eval_codec),
     Command(("eval", "coupled-latents"), "train coupled latents to independence on the loss and compare the fused "
                                          "estimator with the naive one", CoupledLatentsConfig, coupled_latents),
     Command(("data", "build"), "render music21's score corpus to captioned clips (resumable)", BuildOptions,
@@ -360,8 +384,11 @@ COMMANDS = (
             train_codec),
     Command(("train", "lm"), "train the music LM on a token folder (resumes from --out/checkpoint)", LMTrainConfig,
             train_lm),
-    Command(("generate",), "text to music with a trained LM (and its codec)", GenerateOptions, generate),
+    Command(("generate",), "text to music with a trained or published MusicGen (and its codec)", GenerateOptions,
+            generate),
     Command(("codec", "encode"), "audio file -> codes", EncodeOptions, codec_encode),
     Command(("codec", "decode"), "codes -> audio file", DecodeOptions, codec_decode),
     Command(("codec", "reconstruct"), "audio file -> codes -> audio file", ReconstructOptions, codec_reconstruct),
+    Command(("export",), "write a model (trained here or published) as a transformers folder or as audiocraft's "
+                         "files", ExportOptions, export),
 )

@@ -36,9 +36,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from mmdgen.choices import ExportFormat
 from mmdgen.files import write_folder_atomic
 from mmdgen.model.convert import (codec_config_to_dict, codec_key_to_transformers, lm_config_to_dict,
                                   lm_key_to_transformers, transformers_delays)
@@ -49,7 +51,7 @@ from mmdgen.pretrained import audiocraft_files as audiocraft
 from mmdgen.pretrained.loader import MusicModel, load_music_model, locate
 from mmdgen.version import __version__
 
-FORMATS = ("transformers", "audiocraft")
+FORMATS = get_args(ExportFormat)
 README = "README.txt"
 AUDIOCRAFT_VERSION = "1.3.0"  # the release whose loaders read these files (tests/audiocraft_export_check.py)
 UNSET = "???"  # OmegaConf's mandatory value: audiocraft stops with "Missing mandatory value" until it is set
