@@ -31,6 +31,7 @@ from mmdgen.model.text import (LearnedTextEncoder, T5TextEncoder, TextConditione
 from mmdgen.model.text.t5 import T5Config
 from mmdgen.pretrained import codec_identity, copy_codec, export_model, load_codec_model, load_music_model, \
     save_codec, save_music_lm
+from tests.transformers_musicgen import their_codes_and_audio
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
 FRAMES = 6  # also the LM's context: transformers' default generation length
@@ -125,35 +126,15 @@ def learned_lm_dir(folder: Path, text_dim: int = 32, **overrides) -> Path:
 
 # -- transformers: the whole MusicGen ----------------------------------------------------------------------------
 
-def their_codes_and_audio(model, tokenizer, **generate):
-    """transformers' greedy generate: the codes its codec decoded (both channels' for stereo) and the audio."""
-    calls = []
-    real_decode = model.audio_encoder.decode
-
-    def capture(codes, *args, **kwargs):
-        calls.append(codes[0])
-        return real_decode(codes, *args, **kwargs)
-
-    model.audio_encoder.decode = capture
-    try:
-        inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            audio = model.generate(**inputs, do_sample=False, **generate)
-    finally:
-        model.audio_encoder.decode = real_decode
-    codes = torch.stack(calls, dim=2).flatten(1, 2) if len(calls) == 2 else calls[0]  # left k, right k, ...
-    return codes, audio
-
-
 @pytest.mark.parametrize("guidance", [None, 3.0], ids=["no-guidance", "guidance-3"])
 def test_a_t5_model_exported_to_transformers_generates_our_greedy_codes_and_audio(mono, guidance):
     source, out = mono
     model = transformers.MusicgenForConditionalGeneration.from_pretrained(out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     if guidance is None:  # 1 switches the exported generation config's guidance off; the length is asked for
-        codes, audio = their_codes_and_audio(model, tokenizer, guidance_scale=1.0, max_new_tokens=FRAMES + 3)
+        codes, audio = their_codes_and_audio(model, tokenizer, TEXTS, guidance_scale=1.0, max_new_tokens=FRAMES + 3)
     else:  # guidance 3 and the length (the LM's context of FRAMES frames) from generation_config.json
-        codes, audio = their_codes_and_audio(model, tokenizer)
+        codes, audio = their_codes_and_audio(model, tokenizer, TEXTS)
     ours = Generator.from_pretrained(source)
     sampling = Sampling(guidance_scale=guidance, temperature=0)
     expected = ours.generate_codes(TEXTS, duration=FRAMES / 50, sampling=sampling)
@@ -189,7 +170,7 @@ def test_a_stereo_model_exported_to_transformers_generates_our_greedy_codes(tmp_
     assert "8 x 32 codes, stereo" in summary
     model = transformers.MusicgenForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     assert model.config.decoder.audio_channels == 2
-    codes, audio = their_codes_and_audio(model, transformers.AutoTokenizer.from_pretrained(tmp_path / "out"))
+    codes, audio = their_codes_and_audio(model, transformers.AutoTokenizer.from_pretrained(tmp_path / "out"), TEXTS)
     ours = Generator.from_pretrained(source)
     sampling = Sampling(guidance_scale=3.0, temperature=0)
     expected = ours.generate_codes(TEXTS, duration=FRAMES / 50, sampling=sampling)

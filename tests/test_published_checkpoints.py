@@ -16,6 +16,7 @@ from mmdgen.generate import Generator, Sampling
 from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
 from mmdgen.model.text import T5TextEncoder, word_level_t5_tokenizer
 from mmdgen.pretrained import load_codec_model, load_music_model
+from tests.transformers_musicgen import their_codes_and_audio
 
 TEXTS = ["an upbeat pop song with a catchy melody", "slow piano ballad"]
 FRAMES = 8
@@ -77,25 +78,9 @@ def stereo(tmp_path_factory):
 
 
 def _their_codes_and_audio(model, tokenizer, guidance, frames=FRAMES):
-    """transformers' greedy generate: the codes its codec decoded (both channels' for stereo) and the audio."""
-    calls = []
-    real_decode = model.audio_encoder.decode
-
-    def capture(codes, *args, **kwargs):
-        calls.append(codes[0])
-        return real_decode(codes, *args, **kwargs)
-
-    model.audio_encoder.decode = capture
-    try:
-        inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            audio = model.generate(**inputs, do_sample=False, guidance_scale=guidance,
-                                   max_new_tokens=frames + model.decoder.config.num_codebooks // 
-                                   model.decoder.config.audio_channels - 1)
-    finally:
-        model.audio_encoder.decode = real_decode
-    codes = torch.stack(calls, dim=2).flatten(1, 2) if len(calls) == 2 else calls[0]  # left k, right k, ...
-    return codes, audio
+    per_channel = model.decoder.config.num_codebooks // model.decoder.config.audio_channels
+    return their_codes_and_audio(model, tokenizer, TEXTS, guidance_scale=guidance,
+                                 max_new_tokens=frames + per_channel - 1)
 
 
 @pytest.mark.parametrize("guidance", [None, 3.0], ids=["no-guidance", "guidance-3"])

@@ -276,13 +276,16 @@ def generate(options: GenerateOptions) -> None:
     print(f"{options.out}: {options.duration:g} s at {generator.sample_rate} Hz")
 
 
+def _codec_model():
+    return option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, audiocraft's "
+                      "compression_state_dict.bin, or a repository id in the local cache", required=True, path="model")
+
+
 @dataclass
 class EncodeOptions:
     input: str = option(help="an audio file", positional=True, path="file")
     output: str = option(help="the codes file to write (a torch file)", positional=True, path="new_file")
-    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
-                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
-                        required=True, path="model")
+    model: str = _codec_model()
 
     def __post_init__(self):
         check_fields(self)
@@ -292,9 +295,7 @@ class EncodeOptions:
 class DecodeOptions:
     input: str = option(help="a codes file from `mmdgen codec encode`", positional=True, path="file")
     output: str = option(help="the audio file to write", positional=True, path="new_file", suffixes=AUDIO_SUFFIXES)
-    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
-                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
-                        required=True, path="model")
+    model: str = _codec_model()
 
     def __post_init__(self):
         check_fields(self)
@@ -304,9 +305,7 @@ class DecodeOptions:
 class ReconstructOptions:
     input: str = option(help="an audio file", positional=True, path="file")
     output: str = option(help="the audio file to write", positional=True, path="new_file", suffixes=AUDIO_SUFFIXES)
-    model: str = option("", "the codec: an mmdgen codec directory, a transformers EnCodec or MusicGen folder, "
-                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache",
-                        required=True, path="model")
+    model: str = _codec_model()
 
     def __post_init__(self):
         check_fields(self)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdgen.model.text.conditioning import FrozenConditioner, TextConditioning
+from mmdgen.model.text.tokenizer import pad_rows
 from mmdgen.tensor_files import TensorFiles
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
@@ -434,14 +435,8 @@ class T5Tokenizer:
                 raise ValueError(f"T5Tokenizer.encode: captions[{index}] is {type(caption).__name__}, expected str")
         if max_length < 1:
             raise ValueError(f"T5Tokenizer.encode: max_length is {max_length}, expected >= 1 (room for </s>)")
-        rows = [pieces[: max_length - 1] + [self.eos_id] for pieces in self._encode_pieces(captions)]
-        length = max(len(row) for row in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for index, row in enumerate(rows):
-            ids[index, : len(row)] = torch.tensor(row, dtype=torch.int64)
-            mask[index, : len(row)] = True
-        return ids, mask
+        return pad_rows([pieces[: max_length - 1] + [self.eos_id] for pieces in self._encode_pieces(captions)],
+                        self.pad_id)
 
 
 def _has_module(name: str) -> bool:

@@ -73,14 +73,7 @@ class CaptionTokenizer:
         """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        pieces = [self.processor.encode(caption or "")[:max_length] for caption in captions]
-        length = max([1] + [len(row) for row in pieces])
-        ids = torch.full((len(captions), length), self.pad_id, dtype=torch.int64)
-        mask = torch.zeros(len(captions), length, dtype=torch.bool)
-        for row, row_pieces in enumerate(pieces):
-            ids[row, : len(row_pieces)] = torch.tensor(row_pieces, dtype=torch.int64)
-            mask[row, : len(row_pieces)] = True
-        return ids, mask
+        return pad_rows([self.processor.encode(caption or "")[:max_length] for caption in captions], self.pad_id)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of one row of ids; padding is skipped."""
@@ -201,3 +194,15 @@ def word_level_t5_tokenizer(texts: list[str]):
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                                                 unk_token="<unk>")
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> ids ``[B, L]`` int64 padded with ``pad_id`` to the longest row (at least 1) and the mask
+    ``[B, L]`` bool, True on real tokens."""
+    length = max([1] + [len(row) for row in rows])
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        mask[index, : len(row)] = True
+    return ids, mask
