@@ -81,19 +81,47 @@ def test_leading_dims_strides_and_an_empty_batch(backend, device):
     assert _ours(backend, device, torch.zeros(0, 2, 130), qweight, scale, None).shape == (0, 2, 67)
 
 
-def test_dynamic_activations_stay_within_their_bound():
-    """mode="int8-dynamic" on the PyTorch path: each activation row quantised to 8 bits, so the error is at most
-    row_max / 254 * sum_k |W[n, k]| (plus fp32 rounding), and it is really larger than the weight-only mode's."""
-    x, qweight, scale, bias = _case(9, 1000, 130, True, torch.float32, seed=1)
-    x[3] *= 1e-3  # rows of different magnitudes: each row has its own step
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_activations_stay_within_their_bound(dtype):
+    """mode="int8-dynamic" on CPU (fbgemm): the activations quantised per tensor to 7 bits, so each is within
+    range / 254 (range = max(x_max, 0) - min(x_min, 0)) and the error at most that times sum_k |W[n, k]|, plus
+    rounding; and really larger than the weight-only mode's."""
+    x, qweight, scale, bias = _case(9, 1000, 130, True, dtype, seed=1)
     expected, magnitude = reference(x, qweight, scale, bias)
-    out = int8_linear(x, qweight, scale, bias, backend="torch", mode="int8-dynamic").double()
+    out = int8_linear(x, qweight, scale, bias, backend="torch", mode="int8-dynamic")
+    assert out.dtype == dtype
     weight = qweight.double() * scale.double()[:, None]
-    bound = x.double().abs().amax(dim=1, keepdim=True) / 254 * weight.abs().sum(dim=1) + 1e-5 * magnitude
-    error = (out - expected).abs()
-    assert bool((error <= bound).all())
-    weight_only = (int8_linear(x, qweight, scale, bias, backend="torch").double() - expected).abs()
-    assert float(error.max()) > 100 * float(weight_only.max())
+    spread = float(x.double().max().clamp_min(0) - x.double().min().clamp_max(0))
+    bound = 1.01 * spread / 254 * weight.abs().sum(dim=1) + RTOL[dtype] * magnitude
+    error = (out.double() - expected).abs()
+    assert bool((error <= bound).all()), float((error / bound).max())
+    if dtype == torch.float32:
+        weight_only = (int8_linear(x, qweight, scale, bias, backend="torch").double() - expected).abs()
+        assert float(error.max()) > 100 * float(weight_only.max())
+
+
+def test_the_dynamic_mode_packs_once_and_follows_changes_to_the_codes():
+    """fbgemm's packed copy is reused while the codes and scales are unchanged, packed again after an in-place
+    change of either, dropped with the codes, and never kept for inference tensors (no version counter)."""
+    x, qweight, scale, _ = _case(3, 70, 20, False, torch.float32, seed=2)
+    run = lambda: int8_linear(x, qweight, scale, mode="int8-dynamic")  # noqa: E731
+    first = run()
+    packed = module.packed_dynamic_weight(qweight, scale)
+    assert module.packed_dynamic_weight(qweight, scale) is packed and torch.equal(run(), first)
+    for change in (lambda: qweight[4].neg_(), lambda: scale[7].mul_(3.0)):
+        change()
+        expected, magnitude = reference(x, qweight, scale)
+        assert bool(((run().double() - expected).abs() <= 0.05 * magnitude).all())  # the new codes count
+        assert module.packed_dynamic_weight(qweight, scale) is not packed
+        packed = module.packed_dynamic_weight(qweight, scale)
+    entries = len(module._PACKED)
+    del qweight, run
+    assert len(module._PACKED) == entries - 1
+    with torch.inference_mode():
+        codes, steps = quantize_weight(torch.randn(20, 70))
+        out = int8_linear(x, codes, steps, mode="int8-dynamic")
+    assert len(module._PACKED) == entries - 1
+    assert torch.equal(out, int8_linear(x, codes.clone(), steps.clone(), mode="int8-dynamic"))
 
 
 @needs_triton

@@ -57,6 +57,20 @@ def test_int8_linear_module_follows_the_float_layer(bias):
     assert list(dict(module.named_parameters())) == []  # nothing to train
 
 
+def test_the_dynamic_mode_follows_loads_and_moves():
+    """mode "int8-dynamic" on CPU: fbgemm's packed copy of the codes follows load_state_dict and casts."""
+    torch.manual_seed(1)
+    first, second = (Int8Linear.from_linear(torch.nn.Linear(40, 24), "int8-dynamic") for _ in range(2))
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        expected = second(x)
+        assert not torch.equal(first(x), expected)
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(first(x), expected)
+        first.double().float()  # new scale tensors
+        assert torch.equal(first(x), expected)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_quantize_lm_replaces_the_decoder_and_head_linears_only(mode):
     lm = _tiny_lm(0)

@@ -10,7 +10,9 @@ Quantisation (``quantize_weight``): symmetric, one scale per output channel, ``s
 Shapes. ``x`` ``[..., K]``, ``qweight`` ``[N, K]`` int8, ``scale`` ``[N]`` float (applied in fp32; stored fp32 by
 ``quantize_weight``), ``bias`` ``[N]`` float or None. Output ``[..., N]`` in x's dtype.
 
-Two modes, the same on CUDA, different in what the CPU path does to the activations:
+Two modes (``MODES``), the same on CUDA, different on CPU: ``"int8"`` is weight-only (the result is that of the
+dequantised weight, to fp32 accuracy); ``"int8-dynamic"`` also quantises the activations to 8 bits on the fly on
+CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
 
 - Triton (CUDA, or CPU through ``TRITON_INTERPRET=1``), both modes: program ``(n block, m block, split)`` walks
   its chunk of K in ``TRITON_BLOCK_K`` steps, loads a ``[TRITON_BLOCK_N, TRITON_BLOCK_K]`` tile of int8 codes,
@@ -20,28 +22,39 @@ Two modes, the same on CUDA, different in what the CPU path does to the activati
   converted to x's dtype, which holds every int8 value exactly; 3xTF32 for fp32 x), fp32 accumulation. K is
   split so that about ``TRITON_TARGET_PROGRAMS`` programs run (a GEMV at batch 1 still fills the GPU); with one
   split the program scales (and adds the bias) and writes the output, with several it writes fp32 partials
-  ``[splits, M, N]`` that a second kernel sums, scales and writes. fp32, bf16 or fp16 x.
-- PyTorch (CPU): an int8 x int8 matrix product (``torch._int_mm``, oneDNN's VNNI kernels on x86) over
-  activations quantised per row on the fly, the fastest path measured on CPU (``bench/int8_linear.py``:
-  dequantising the weight, even block by block, costs more than reading fp32 weights). Each row of x is written
-  as ``row_max / 127 * (x1 + x2 / 254 + x3 / 254^2 + ...)`` with ``L`` int8 levels ``x1, x2, ...`` (each level
-  quantises the rounding residual of the levels before it), the ``L * M`` rows go through one product, and the
-  levels are summed in fp32. The reconstructed activations are within ``row_max / 254^L`` of x:
-  ``mode="int8"`` uses ``L = 3`` (``6.1e-8 * row_max``, the rounding of fp32 itself: the result is that of the
-  dequantised weight to fp32 accuracy, a weight-only quantisation), ``mode="int8-dynamic"`` uses ``L = 1``
-  (``row_max / 254``: dynamic 8-bit activations, the fastest, with the activation error of fbgemm-style dynamic
-  quantisation but a scale per row instead of per tensor). Any K up to ``TORCH_MAX_K`` (the int32
-  accumulator). float64 x (a reference) and tensors off the CPU (a fallback: ``torch._int_mm`` on CUDA needs
-  more than 16 rows, and Triton is the CUDA path) take a float product with the dequantised weight instead,
-  which materialises that weight in x's dtype, in both modes.
+  ``[splits, M, N]`` that a second kernel sums, scales and writes. fp32, bf16 or fp16 x. (On sm90 the 64-row
+  tiles feed wgmma, which reads its operand from shared memory: the converted tile passes through it, on chip.)
+- PyTorch, ``"int8"`` on CPU: an int8 x int8 matrix product (``torch._int_mm``, oneDNN) over activations
+  written exactly enough in int8: each row of x is ``step * (x1 + x2 / 254 + x3 / 254^2)`` with
+  ``step = row_max / 127`` and ``WEIGHT_ONLY_LEVELS = 3`` int8 levels ``x1, x2, x3`` (each level quantises the
+  rounding residual of the levels before it), within ``row_max / 254^3 = 6.1e-8 * row_max`` of x, about the
+  rounding error of an fp32 product. The ``3 M`` level rows go through one product (exact in int32), the
+  levels are summed in fp32 and scaled. Why: dequantising the weight, even block by block so that it never
+  exists in full, costs more than reading fp32 weights on CPU, and ``torch.ops.aten._weight_int8pack_mm`` is
+  slower still (``bench/int8_linear.py``). K up to ``TORCH_MAX_K`` (the int32 accumulator).
+- PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
+  ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
+  (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
+  of its value. fbgemm wants the weight prepacked: the packed copy is made at the first call and kept in a side
+  table keyed by the codes' memory, and used again while the codes and scales are the same tensors, unchanged
+  (their version counters); a new or modified tensor is packed again, and an entry goes when its codes are freed.
+  The op is wrapped as the custom op ``mmdgen::int8_dynamic_linear`` taking plain tensors, so that
+  ``torch.compile`` captures it in a full graph (fbgemm's packed object cannot be a graph input).
+- PyTorch, float64 x (a reference) or tensors off the CPU (a fallback: ``torch._int_mm`` on CUDA needs more
+  than 16 rows, and Triton is the CUDA path), both modes: a float product with the dequantised weight, which
+  materialises that weight in x's dtype.
 
 Memory: reads the codes once per M block (Triton) or once (PyTorch), ``N * K`` bytes, plus x and the output;
-no dequantised weight is ever stored (except on the float64 and non-CPU fallback). Extra memory: Triton, the partials
-``splits * M * N`` fp32 when K is split; PyTorch, the ``L * M * K`` int8 levels and an ``L * M * N`` int32
-product. No gradient (inference only): int8 weights are not trained.
+no dequantised weight is ever stored (except by the float64 and off-CPU fallback). Extra memory: Triton, the
+partials ``splits * M * N`` fp32 when K is split; PyTorch ``"int8"``, the ``3 M K`` int8 levels and a
+``3 M N`` int32 product; ``"int8-dynamic"``, fbgemm's packed copy of the codes (``N K`` bytes) for as long as
+the codes live. No gradient (inference only): int8 weights are not trained.
 """
 
 from __future__ import annotations
+
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +62,8 @@ import torch.nn.functional as F
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
 
 MODES = ("int8", "int8-dynamic")
-ACTIVATION_LEVELS = {"int8": 3, "int8-dynamic": 1}  # int8 levels per activation row on the PyTorch path
+WEIGHT_ONLY_LEVELS = 3  # int8 levels per activation row of the weight-only CPU path
+DYNAMIC_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 (non-VNNI) kernels
 TORCH_MAX_K = (2**31 - 1) // (127 * 127)  # products summed in int32 without overflow
 TRITON_BLOCK_N = 64  # output channels per program
 TRITON_BLOCK_K = 64  # input features per step of the K loop
@@ -79,6 +93,56 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (weight.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
     qweight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return qweight, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# fbgemm's packed weights (mode "int8-dynamic" on CPU)
+# ----------------------------------------------------------------------------------------------
+
+# (codes' address, shape, strides) -> (weak reference to the codes, their version, scales' address and version,
+# packed weight)
+_PACKED: dict[tuple, tuple] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change); None for inference tensors, which have
+    none (their packed weight is never reused)."""
+    return None if t.is_inference() else t._version
+
+
+def _pack(qweight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.14; fbgemm's packing takes one
+        warnings.simplefilter("ignore", UserWarning)
+        per_channel = torch._make_per_channel_quantized_tensor(
+            qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(per_channel, None)
+
+
+def packed_dynamic_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's packed copy of ``qweight`` [N, K] int8 with ``scale`` [N] (CPU): from the side table while both
+    are the same, unchanged tensors, else packed now (and kept, if their versions can be tracked)."""
+    key = (qweight.data_ptr(), tuple(qweight.shape), qweight.stride())
+    versions = (_version(qweight), scale.data_ptr(), _version(scale))
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is not None and entry[1] == versions and None not in versions:
+        return entry[2]
+    packed = _pack(qweight, scale)
+    if None not in versions:
+        if entry is None:  # the entry goes with the codes (a later entry under the same key reuses the finaliser)
+            weakref.finalize(qweight, _PACKED.pop, key, None)
+        _PACKED[key] = (weakref.ref(qweight), versions, packed)
+    return packed
+
+
+@torch.library.custom_op("mmdgen::int8_dynamic_linear", mutates_args=())
+def _dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fbgemm's dynamic int8 linear: x [M, K] fp32 -> [M, N] fp32, without the bias."""
+    return torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale), DYNAMIC_REDUCE_RANGE)
+
+
+@_dynamic_linear.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,22 +188,20 @@ def _split_rows(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
     """x [M, K] fp32 -> (int8 levels [levels * M, K], row step [M, 1]) with
     x ~ step * (x1 + x2 / 254 + x3 / 254^2 + ...), within row_max / 254^levels."""
     # a zero row keeps a finite step (its levels are 0); NaN or inf in a row make its step, and so its output, so
-    row_max = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    units = x * (127.0 / row_max)  # in [-127, 127]
+    row_max = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+    step = row_max / 127.0
+    units = x / step  # in [-127, 127]
     parts = []
     for level in range(levels):
         part = units.round()
         parts.append(part)
         if level + 1 < levels:
-            units = (units - part) * 254.0  # the residual, in [-0.5, 0.5], stretched to [-127, 127]
-    return torch.cat(parts).to(torch.int8), row_max / 127.0
+            units = (units - part).mul_(254.0)  # the residual, in [-0.5, 0.5], stretched to [-127, 127]
+    return torch.cat(parts).to(torch.int8), step
 
 
 def _torch_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
-    """[M, K] float -> [M, N] fp32 (fp64 for fp64 x), without the bias."""
-    if x.dtype == torch.float64 or x.device.type != "cpu":
-        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return F.linear(x, qweight.to(x.dtype)).to(out_dtype) * scale.to(out_dtype)
+    """Weight-only on CPU: [M, K] float -> [M, N] fp32, without the bias."""
     if x.shape[1] > TORCH_MAX_K:
         raise ValueError(f"int8_linear: K={x.shape[1]} input features overflow the int32 accumulator of the "
                          f"PyTorch path; expected K <= {TORCH_MAX_K}")
@@ -150,6 +212,25 @@ def _torch_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     for level in range(1, levels):
         total = total.add_(products[level], alpha=254.0 ** -level)
     return total * step * scale.float()
+
+
+def _dequantised_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float64 reference and the off-CPU fallback: [M, K] -> [M, N] (fp64 for fp64 x, else fp32)."""
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.linear(x, qweight.to(x.dtype)).to(out_dtype) * scale.to(out_dtype)
+
+
+def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                mode: str) -> torch.Tensor:
+    if x.dtype == torch.float64 or x.device.type != "cpu":
+        out = _dequantised_linear(x, qweight, scale)
+    elif mode == "int8-dynamic":
+        out = _dynamic_linear(x.float().contiguous(), qweight, scale)
+    else:
+        out = _torch_int8_linear(x, qweight, scale, WEIGHT_ONLY_LEVELS)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +363,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     ``bias`` ``[N]`` or None; returns ``[..., N]`` in x's dtype. Inference only: no gradient.
 
     ``mode``: ``"int8"`` (weight-only: the result of the dequantised weight, to fp32 accuracy) or
-    ``"int8-dynamic"`` (the PyTorch path also quantises each activation row to 8 bits: faster on CPU, less
-    accurate; the Triton path is the same for both). ``backend``: ``"auto"`` (Triton on CUDA, PyTorch otherwise;
-    env ``MMDGEN_BACKEND``; float64 x goes to PyTorch), ``"triton"``, ``"torch"``.
+    ``"int8-dynamic"`` (on CPU the activations are quantised to 7 bits per tensor as well, through fbgemm, which
+    keeps a packed copy of the codes while they live: much faster, less accurate; the Triton path is the same in
+    both modes). ``backend``: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``MMDGEN_BACKEND``; float64 x
+    goes to PyTorch), ``"triton"``, ``"torch"``.
     """
     _check(x, qweight, scale, bias, mode)
     chosen = resolve_backend(backend, x.device)
@@ -294,8 +376,5 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if chosen == "triton":
         out = _triton_int8_linear(flat, qweight, scale, bias)
     else:
-        out = _torch_int8_linear(flat, qweight, scale, ACTIVATION_LEVELS[mode])
-        if bias is not None:
-            out = out + bias
-        out = out.to(x.dtype)
+        out = _torch_path(flat, qweight, scale, bias, mode)
     return out.view(*x.shape[:-1], qweight.shape[0])
