@@ -21,7 +21,8 @@ Weights are read from memory, not from the cache, as in a decode step (which rea
 weight family (fp32, bf16, the int8 codes, torchao's, fbgemm's packed) is a pool of copies of at least
 ``--cold-mib`` in all, and every call takes the next copy of its pool. Methods take turns call by call, in a
 new random order each turn, so that a change of machine load hits them alike and no method always runs after
-the same one. Also measured: the copy bandwidth (``dst.copy_(src)`` of 256 MiB, bytes
+the same one. Each case runs in its own process (``harness.isolated``, under its address-space limit): its pools
+and compiled code go with it. Also measured: the copy bandwidth (``dst.copy_(src)`` of 256 MiB, bytes
 read + written per second, the STREAM convention) and from it the weight-read bound of each weight width; and
 the max abs error of each method against the fp32 result (and, for int8, against the exact product with the
 dequantised weight). Prints tables and writes ``bench/results/int8_linear-<device>.json`` and the text as
@@ -34,16 +35,18 @@ dequantised weight). Prints tables and writes ``bench/results/int8_linear-<devic
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, device_name, write_json
+from harness import RESULTS, child, device_name, isolated, write_json
 
 SHAPES = ("1024x1024", "1024x4096", "4096x1024", "1024x2048", "512x2048")
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -120,8 +123,9 @@ def _onednn_levels(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
 
     parts, step = _split_rows(x, levels)
     shifted = parts.view(torch.uint8).bitwise_xor_(128)
-    out = torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, packed, scale, torch.zeros_like(scale, dtype=torch.long),
-                                             None, 1.0, 0, torch.float32, "none", [], "")
+    zero_points = torch.zeros_like(scale, dtype=torch.long)
+    out = torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, packed, scale, zero_points, None, 1.0, 0,
+                                             torch.float32, "none", [], "")
     out = out.view(levels, x.shape[0], -1)
     total = out[0]
     for level in range(1, levels):
@@ -168,7 +172,6 @@ def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[
                                      for i in range(_copies(elements, cold_bytes))])
         except Exception as error:  # an absent or incompatible torchao is a result, not a crash
             unavailable["torchao"] = f"{type(error).__name__}: {error}"
-    torch._dynamo.reset()  # a fresh compilation per case: the shapes change from case to case
     compiled_dequant = torch.compile(_dequant_matmul, dynamic=False)
     compiled_ours = torch.compile(ours.int8_linear, dynamic=False)
     x_bf16 = x.bfloat16()
@@ -195,6 +198,12 @@ def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[
             unavailable[method] = unavailable.get(family, "not built")
             log(f"  {method}: unavailable ({unavailable[method]})")
     return pools, calls, unavailable
+
+
+def measure(spec: dict) -> dict:
+    """One case in its own process (``harness.isolated``): its pools and compiled code go with it."""
+    torch.set_num_threads(spec.pop("threads"))
+    return measure_case(**spec, log=lambda line: print(line, file=sys.stderr))
 
 
 @torch.no_grad()
@@ -248,7 +257,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cold-mib", type=int, default=128, help="MiB of weight copies per family (> the L3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=str, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child(measure, json.loads(args.child))
+        return
     torch.set_num_threads(args.threads)
     name = device_name(torch.device("cpu"))
     bandwidth = copy_bandwidth()
@@ -273,7 +286,15 @@ def main(argv=None) -> None:
         log(header)
         log("-" * len(header))
         for rows in args.rows:
-            case = measure_case(k, n, rows, args.methods, args.repeats, args.cold_mib * 2**20, args.budget, log)
+            spec = {"k": k, "n": n, "rows": rows, "methods": args.methods, "repeats": args.repeats,
+                    "cold_bytes": args.cold_mib * 2**20, "budget_s": args.budget, "threads": args.threads}
+            case = isolated(__file__, spec)
+            if "oom" in case:
+                log(f"{rows:>3} out of memory: {case['oom']}")
+                continue
+            for method, result in case["methods"].items():
+                if "unavailable" in result:
+                    log(f"    {method}: unavailable ({result['unavailable']})")
             case["bound_ms"] = bounds
             cases.append(case)
             timed = {m: case["methods"][m] for m in args.methods if "median_ms" in case["methods"][m]}

@@ -104,18 +104,22 @@ def test_the_dynamic_mode_packs_once_and_follows_changes_to_the_codes():
     """fbgemm's packed copy is reused while the codes and scales are unchanged, packed again after an in-place
     change of either, dropped with the codes, and never kept for inference tensors (no version counter)."""
     x, qweight, scale, _ = _case(3, 70, 20, False, torch.float32, seed=2)
-    run = lambda: int8_linear(x, qweight, scale, mode="int8-dynamic")  # noqa: E731
-    first = run()
+    first = int8_linear(x, qweight, scale, mode="int8-dynamic")
     packed = module.packed_dynamic_weight(qweight, scale)
-    assert module.packed_dynamic_weight(qweight, scale) is packed and torch.equal(run(), first)
-    for change in (lambda: qweight[4].neg_(), lambda: scale[7].mul_(3.0)):
-        change()
+    assert module.packed_dynamic_weight(qweight, scale) is packed
+    assert torch.equal(int8_linear(x, qweight, scale, mode="int8-dynamic"), first)
+    for change in ("codes", "scales"):  # in place, one after the other
+        if change == "codes":
+            qweight[4].neg_()
+        else:
+            scale[7].mul_(3.0)
         expected, magnitude = reference(x, qweight, scale)
-        assert bool(((run().double() - expected).abs() <= 0.05 * magnitude).all())  # the new codes count
+        out = int8_linear(x, qweight, scale, mode="int8-dynamic")
+        assert bool(((out.double() - expected).abs() <= 0.05 * magnitude).all())  # the new values count
         assert module.packed_dynamic_weight(qweight, scale) is not packed
         packed = module.packed_dynamic_weight(qweight, scale)
     entries = len(module._PACKED)
-    del qweight, run
+    del qweight
     assert len(module._PACKED) == entries - 1
     with torch.inference_mode():
         codes, steps = quantize_weight(torch.randn(20, 70))

@@ -11,7 +11,7 @@ Shapes. ``x`` ``[..., K]``, ``qweight`` ``[N, K]`` int8, ``scale`` ``[N]`` float
 ``quantize_weight``), ``bias`` ``[N]`` float or None. Output ``[..., N]`` in x's dtype.
 
 Two modes (``MODES``), the same on CUDA, different on CPU: ``"int8"`` is weight-only (the result is that of the
-dequantised weight, to fp32 accuracy); ``"int8-dynamic"`` also quantises the activations to 8 bits on the fly on
+dequantised weight, to fp32 accuracy); ``"int8-dynamic"`` also quantises the activations to 7 bits on the fly on
 CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
 
 - Triton (CUDA, or CPU through ``TRITON_INTERPRET=1``), both modes: program ``(n block, m block, split)`` walks
@@ -29,9 +29,10 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   ``step = row_max / 127`` and ``WEIGHT_ONLY_LEVELS = 3`` int8 levels ``x1, x2, x3`` (each level quantises the
   rounding residual of the levels before it), within ``row_max / 254^3 = 6.1e-8 * row_max`` of x, about the
   rounding error of an fp32 product. The ``3 M`` level rows go through one product (exact in int32), the
-  levels are summed in fp32 and scaled. Why: dequantising the weight, even block by block so that it never
-  exists in full, costs more than reading fp32 weights on CPU, and ``torch.ops.aten._weight_int8pack_mm`` is
-  slower still (``bench/int8_linear.py``). K up to ``TORCH_MAX_K`` (the int32 accumulator).
+  levels are summed in fp32 and scaled. Why: the fastest weight-only path measured on CPU for 1 to 32 rows
+  (``bench/int8_linear.py``): converting the codes to floats, by blocks so that the weight never exists in full
+  or through ``torch.compile``, costs more, and ``torch.ops.aten._weight_int8pack_mm`` and torchao's int8
+  weight-only layers are slower still. K up to ``TORCH_MAX_K`` (the int32 accumulator).
 - PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
   (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
