@@ -17,4 +17,5 @@ StageLatent = Literal["quantized", "residual_after", "residual_before"]  # what 
 TextConditionerKind = Literal["learned", "minilm", "t5"]  # mmdgen.model.text
 AudioFormat = Literal["flac", "wav"]  # the corpus clips' files
 Split = Literal["train", "valid", "test"]  # a corpus manifest's splits
-ExportFormat = Literal["transformers", "audiocraft"]  # `mmdgen export` (mmdgen.pretrained.export)
+ExportFormat = Literal["transformers", "audiocraft", "mmdgen"]  # `mmdgen export` (mmdgen.pretrained.export)
+Quantization = Literal["none", "int8", "int8-dynamic"]  # int8 decoding (mmdgen.model.quantize; "none": float)

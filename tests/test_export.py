@@ -477,3 +477,48 @@ def test_the_export_command_writes_and_refuses_by_name(tmp_path, t5_folder, caps
     assert "--format" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+def test_the_mmdgen_format_is_self_contained_and_keeps_int8_weights_as_they_are(tmp_path, t5_folder, monkeypatch):
+    """A published-style T5 model written as an mmdgen directory (T5 and codec inside), float and int8: it loads
+    anywhere (the source folder gone), the int8 one without quantizing again, and both decode as the source."""
+    import mmdgen.model.quantize as quantize_module
+    from mmdgen import cli
+
+    t5_copy = shutil.copytree(t5_folder, tmp_path / "t5")  # removed below: the exports must not need it
+    source = t5_lm_dir(tmp_path / "model", t5_copy)
+    original = load_music_model(source)
+    sampling = Sampling(guidance_scale=3.0, temperature=0)
+    expected = Generator(original.lm, original.text, original.codec).generate_codes(TEXTS, FRAMES / 50, sampling)
+    int8_expected = Generator(original.lm, original.text, original.codec, quantize="int8").generate_codes(
+        TEXTS, FRAMES / 50, sampling)
+    assert cli.main(["export", str(source), "--format", "mmdgen", "--out", str(tmp_path / "float")]) == 0
+    assert cli.main(["export", str(source), "--format", "mmdgen", "--quantize", "int8", "--out",
+                     str(tmp_path / "int8")]) == 0
+    shutil.rmtree(source)
+    shutil.rmtree(t5_copy)
+    exported = load_music_model(tmp_path / "float")
+    codes = Generator(exported.lm, exported.text, exported.codec).generate_codes(TEXTS, FRAMES / 50, sampling)
+    assert exported.format == "mmdgen" and torch.equal(codes, expected)
+    monkeypatch.setattr(quantize_module, "quantize_weight", lambda weight: pytest.fail("quantized again"))  # any call
+    quantized = load_music_model(tmp_path / "int8")
+    assert quantized.lm.quantization == "int8" and quantized.lm.heads[0].qweight.dtype == torch.int8
+    codes = Generator(quantized.lm, quantized.text, quantized.codec).generate_codes(TEXTS, FRAMES / 50, sampling)
+    assert torch.equal(codes, int8_expected)
+    with pytest.raises(ValueError, match=r"int8 weights \(int8\) are written in mmdgen's format only"):
+        export_model(tmp_path / "float", tmp_path / "hf", "transformers", quantize="int8")
+
+
+def test_generate_quantizes_on_request_and_refuses_a_second_mode(tmp_path, t5_folder, capsys):
+    from mmdgen import cli
+
+    source = t5_lm_dir(tmp_path / "model", t5_folder)
+    out = tmp_path / "clip.wav"
+    assert cli.main(["generate", TEXTS[0], "--model", str(source), "--duration", str(FRAMES / 50), "--quantize",
+                     "int8-dynamic", "--out", str(out)]) == 0
+    assert out.exists()
+    export_model(source, tmp_path / "int8", "mmdgen", quantize="int8")
+    with pytest.raises(ValueError, match=r"already int8; int8-dynamic asked for"):
+        Generator.from_pretrained(tmp_path / "int8", quantize="int8-dynamic")
+    assert cli.main(["generate", TEXTS[0], "--model", str(source), "--quantize", "int4", "--out", str(out)]) == 2
+    assert "--quantize" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdgen.choices import Backend, ExportFormat, Split
+from mmdgen.choices import Backend, ExportFormat, Quantization, Split
 from mmdgen.data.build import BuildConfig
 from mmdgen.demo.config import DemoConfig
 from mmdgen.eval.config import CoupledLatentsConfig
@@ -231,6 +231,9 @@ class GenerateOptions:
                                   "(seconds to a minute) per batch size and length; worth it for long or many clips")
     cuda_graph: bool = option(False, "(CUDA) capture the decode step in a CUDA graph once and replay it at every "
                                      "step")
+    quantize: Quantization = option("none", "int8 weights for the decoder and heads: int8 (weight-only: the float "
+                                            "model's results to int8 rounding), int8-dynamic (CPU: activations in "
+                                            "8 bits too, fastest, least exact)")
 
     def __post_init__(self):
         check_fields(self)
@@ -256,7 +259,8 @@ def generate(options: GenerateOptions) -> None:
     requests = read_prompts(options.prompts, options.duration, options.seed) if options.prompts else None
     generator = Generator.from_pretrained(options.model, options.codec, device=options.device,
                                           backend=options.backend, compile=options.compile,
-                                          cuda_graph=options.cuda_graph, text_encoder=options.text_encoder)
+                                          cuda_graph=options.cuda_graph, text_encoder=options.text_encoder,
+                                          quantize=None if options.quantize == "none" else options.quantize)
     if requests is not None:
         report = generate_batch(generator, requests, options.out_dir, options.sampling,
                                 batch_size=options.batch_size)
@@ -345,13 +349,15 @@ class ExportOptions:
     model: str = option(help="the model to write: anything `mmdgen generate --model` takes", positional=True,
                         path="model")
     format: ExportFormat = option("transformers", "transformers: a MusicgenForConditionalGeneration folder "
-                                  "(from_pretrained); audiocraft: state_dict.bin + compression_state_dict.bin")
+                                  "(from_pretrained); audiocraft: state_dict.bin + compression_state_dict.bin; "
+                                  "mmdgen: a self-contained mmdgen model directory (int8 with --quantize)")
     out: str = option("", "the folder to write (replaced atomically)", required=True, path="new_folder")
     overwrite: bool = option(False, "replace a non-empty --out")
     text_encoder: str | None = option(None, "the T5 folder or cache id of an audiocraft source", path="model")
     codec: str | None = option(None, "another codec to export with the LM", path="model")
     t5_name: str | None = option(None, "audiocraft: the name it fetches the T5 by (t5-base, ...), when the source "
                                         "does not tell it")
+    quantize: Quantization = option("none", "mmdgen format: the decoder and heads in int8 (loaded as they are)")
 
     def __post_init__(self):
         check_fields(self)
@@ -361,7 +367,8 @@ def export(options: ExportOptions) -> None:
     from mmdgen.pretrained.export import export_model
 
     print(export_model(options.model, options.out, options.format, overwrite=options.overwrite,
-                       text_encoder=options.text_encoder, codec=options.codec, t5_name=options.t5_name))
+                       text_encoder=options.text_encoder, codec=options.codec, t5_name=options.t5_name,
+                       quantize=None if options.quantize == "none" else options.quantize))
 
 
 COMMANDS = (

@@ -18,6 +18,7 @@ from mmdgen.generate.loop import decode
 from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
 from mmdgen.model.patterns import make_pattern
+from mmdgen.model.quantize import quantize_lm
 from mmdgen.model.text import TextConditioner
 from mmdgen.pretrained.loader import load_music_model
 from mmdgen.validation import MAX_SECONDS, check_number
@@ -35,7 +36,9 @@ class Window(NamedTuple):
 
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, quantize: str | None = None):
+        """``quantize`` ("int8", "int8-dynamic"): the decoder's and heads' weights in int8 (``quantize_lm``, in
+        place), unless the LM already holds them."""
         quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
         if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
                                                                              lm.cfg.codebook_size):
@@ -45,6 +48,10 @@ class Generator:
         if channels > 1 and codec.cfg.channels != 1:
             raise ValueError(f"a stereo LM decodes each channel with a mono codec; this codec has "
                              f"{codec.cfg.channels} channels")
+        if quantize not in (None, "none", getattr(lm, "quantization", None)):
+            if getattr(lm, "quantization", None) is not None:
+                raise ValueError(f"the LM's weights are already {lm.quantization}; {quantize} asked for")
+            quantize_lm(lm, quantize)
         self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
         self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
         self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
@@ -56,11 +63,12 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
                         backend: str = "auto", compile: bool = False, cuda_graph: bool = False,
-                        text_encoder: str | Path | None = None) -> "Generator":
+                        text_encoder: str | Path | None = None, quantize: str | None = None) -> "Generator":
         """``model`` in any format ``load_music_model`` reads (detected by content); ``codec``: another codec to
-        decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs."""
+        decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs; ``quantize``: int8
+        weights (see ``__init__``)."""
         parts = load_music_model(model, codec, text_encoder, device)
-        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph)
+        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize)
 
     @property
     def channels(self) -> int:

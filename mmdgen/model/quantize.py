@@ -45,8 +45,11 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, mode: str = "int8") -> "Int8Linear":
-        """The int8 version of ``linear`` (symmetric per output channel; the bias is kept as it is)."""
+        """The int8 version of ``linear`` (symmetric per output channel; the bias is kept as it is). A linear on
+        the meta device gives an empty one on the meta device: the shape of a saved int8 model to load into."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, linear.weight.device)
+        if linear.weight.is_meta:
+            return module
         module.qweight, module.scale = quantize_weight(linear.weight)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()

@@ -21,6 +21,7 @@ import torch
 from mmdgen.files import check_finite, load_weights, save_weights, write_atomic, write_text_atomic
 from mmdgen.model.codec import Codec, CodecConfig
 from mmdgen.model.lm import LMConfig, MusicLM
+from mmdgen.model.quantize import quantize_lm
 from mmdgen.model.text import LearnedTextEncoder, LearnedTextEncoderConfig, TextConditioner, text_conditioner
 
 CONFIG = "config.json"
@@ -102,6 +103,8 @@ def save_music_lm(folder: str | Path, lm: MusicLM, text: TextConditioner, text_r
         save_weights(folder / TEXT_WEIGHTS, text, "the text encoder")
     save_weights(folder / LM_WEIGHTS, lm, "the LM")
     config = {"lm": dataclasses.asdict(lm.cfg), "text": record, "codec": codec}
+    if getattr(lm, "quantization", None) is not None:  # int8 codes and scales: loaded as they are
+        config["quantization"] = lm.quantization
     write_text_atomic(folder / CONFIG, json.dumps(config, indent=1))
     return folder
 
@@ -114,11 +117,13 @@ def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"{config_path}: missing; an LM directory holds {CONFIG} and {LM_WEIGHTS}")
     try:
         config = json.loads(config_path.read_text())
-        lm = MusicLM(LMConfig(**config["lm"]))
+        lm = _new_lm(LMConfig(**config["lm"]), config.get("quantization"))
     except (KeyError, TypeError, ValueError) as error:  # not JSON, a missing or unknown field, a bad value
         raise ValueError(f"{config_path}: not an LM configuration ({error})") from error
     load_weights(folder / LM_WEIGHTS, lm, f"the LM of {config_path}")
-    record = config["text"]
+    record = dict(config["text"])
+    if record.get("path") and not Path(record["path"]).is_absolute() and (folder / record["path"]).exists():
+        record["path"] = str(folder / record["path"])  # a text encoder saved inside the directory
     if record["kind"] == "learned":
         text_cfg = LearnedTextEncoderConfig(**{**record["config"],
                                                "tokenizer_path": str(folder / record["config"]["tokenizer_path"])})
@@ -127,6 +132,15 @@ def load_music_lm(folder: str | Path, device: str | torch.device = "cpu") -> tup
     else:
         text = text_conditioner(record["kind"], **({"path": record["path"]} if record.get("path") else {}))
     return lm.to(device).eval(), text.to(device).eval(), config
+
+
+def _new_lm(cfg: LMConfig, quantization: str | None) -> MusicLM:
+    """An LM to load weights into: float, or with the int8 layers its file holds (built without quantizing)."""
+    if quantization is None:
+        return MusicLM(cfg)
+    with torch.device("meta"):
+        lm = quantize_lm(MusicLM(cfg), quantization)
+    return lm.to_empty(device="cpu")
 
 
 def load_lm_codec(model_dir: str | Path, config: dict, codec_dir: str | Path | None = None,

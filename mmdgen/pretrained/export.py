@@ -30,6 +30,7 @@ an existing non-empty ``out`` is only replaced with ``overwrite``. Weights are w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -45,9 +46,11 @@ from mmdgen.files import write_folder_atomic
 from mmdgen.model.convert import (codec_config_to_dict, codec_key_to_transformers, lm_config_to_dict,
                                   lm_key_to_transformers, transformers_delays)
 from mmdgen.model.lm import LMConfig
+from mmdgen.model.quantize import quantize_lm
 from mmdgen.model.text import LearnedTextEncoder, MiniLMTextEncoder, T5TextEncoder, TextConditioner
 from mmdgen.model.text.t5 import T5Tokenizer, t5_transformers_names
 from mmdgen.pretrained import audiocraft_files as audiocraft
+from mmdgen.pretrained.directory import BUNDLED_CODEC, codec_identity, save_codec, save_music_lm
 from mmdgen.pretrained.loader import MusicModel, load_music_model, locate
 from mmdgen.version import __version__
 
@@ -62,7 +65,8 @@ PADDING_NOTE = ("text padding: {source} {source_rule}, {target} {target_rule}; g
                 "(with or without guidance) and for texts of one token length, not for the shorter texts of a "
                 "padded batch")
 _MASKS, _ATTENDS = "masks the padding of shorter texts in a batch", "attends to it (zero keys, no mask)"
-_POSSESSIVE = {"transformers": "transformers'", "audiocraft": "audiocraft's"}
+_POSSESSIVE = {"transformers": "transformers'", "audiocraft": "audiocraft's", "mmdgen": "mmdgen's"}
+T5_FOLDER = "text"
 
 Writer = Callable[[Path], None]
 
@@ -92,26 +96,31 @@ class Plan:
 
 def export_model(source: str | Path, out: str | Path, format: str, overwrite: bool = False,
                  text_encoder: str | Path | None = None, codec: str | Path | None = None,
-                 t5_name: str | None = None) -> str:
+                 t5_name: str | None = None, quantize: str | None = None) -> str:
     """Write the model ``source`` (anything ``load_music_model`` reads; ``text_encoder`` and ``codec`` as there)
-    to the folder ``out`` in ``format`` ("transformers" or "audiocraft"); return a one-line summary that names
-    what was left out. ``overwrite`` replaces a non-empty ``out``; ``t5_name``: the name audiocraft fetches the
-    T5 by, where the source does not tell it. ValueError, with nothing written, for an unknown format, an
-    ``out`` that is a file or a non-empty folder, a source that is not a model, or a model the format cannot
-    hold."""
+    to the folder ``out`` in ``format`` ("transformers", "audiocraft", or "mmdgen": a self-contained mmdgen LM
+    directory, its decoder and heads in int8 with ``quantize``); return a one-line summary that names what was
+    left out. ``overwrite`` replaces a non-empty ``out``; ``t5_name``: the name audiocraft fetches the T5 by,
+    where the source does not tell it. ValueError, with nothing written, for an unknown format, an ``out`` that
+    is a file or a non-empty folder, a source that is not a model, or a model the format cannot hold."""
     if format not in FORMATS:
         raise ValueError(f"export format {format!r}: expected one of {', '.join(FORMATS)}")
+    if quantize is not None and format != "mmdgen":
+        raise ValueError(f"int8 weights ({quantize}) are written in mmdgen's format only (--format mmdgen); "
+                         f"{format} holds float weights")
     out = Path(out).expanduser()
     _check_out(out, overwrite)
     path = locate(source)
     if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
         raise ValueError(f"{out}: holds the source {source}; exporting there would replace it")
     model = load_music_model(source, codec, text_encoder)
-    plan = transformers_plan(model) if format == "transformers" else audiocraft_plan(model, path, t5_name)
+    plans = {"transformers": lambda: transformers_plan(model), "audiocraft": lambda: audiocraft_plan(model, path, t5_name),
+             "mmdgen": lambda: mmdgen_plan(model, quantize)}
+    plan = plans[format]()
     readme = _readme(model, format, plan)
 
     def write(folder: Path) -> None:
-        for name, writer in plan.files.items():
+        for name, writer in plan.files.items():  # in order: a later writer may read what an earlier one wrote
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             writer(folder / name)
         (folder / README).write_text(readme, encoding="utf-8")
@@ -228,6 +237,45 @@ def _parts_plan(model: MusicModel, decoder_config: dict, left_out: list[Note]) -
                 f"{model.source!r}).text(captions)"]
     what = f"transformers, in parts: {DECODER_FOLDER}/ (MusicgenForCausalLM) and {CODEC_FOLDER}/ (EncodecModel)"
     return Plan(files, what, contents, left_out)
+
+
+# -- mmdgen ------------------------------------------------------------------------------------------------------
+
+def mmdgen_plan(model: MusicModel, quantize: str | None) -> Plan:
+    """A self-contained mmdgen LM directory (``mmdgen.pretrained.directory``): the LM (int8 with ``quantize``:
+    loaded as it is, never quantized again), its codec in ``codec/``, a T5 conditioner's weights and tokenizer in
+    ``text/`` (a learned one beside the LM, as the trainer writes it; MiniLM by reference to its package)."""
+    lm, text, codec = model.lm, model.text, model.codec
+    if quantize is not None:
+        quantize_lm(lm, quantize)
+    record = {"kind": _conditioner_kind(text)}
+    if isinstance(text, LearnedTextEncoder):
+        record["config"] = dataclasses.asdict(text.config)
+    files: dict[str, Writer] = {BUNDLED_CODEC: lambda folder: save_codec(codec, folder)}
+    contents = [f"{BUNDLED_CODEC}/: the codec (config.json, codec.safetensors)"]
+    if isinstance(text, T5TextEncoder):
+        record["path"] = T5_FOLDER
+        files[T5_FOLDER] = lambda folder: _write_t5_folder(text, folder)
+        contents.append(f"{T5_FOLDER}/: the T5 text encoder (config.json, model.safetensors, its tokenizer)")
+    files["."] = lambda folder: save_music_lm(folder, lm, text, record, codec_identity(folder / BUNDLED_CODEC))
+    mode = getattr(lm, "quantization", None)
+    contents.insert(0, "config.json, lm.safetensors: the LM" + (f", its decoder and heads in {mode}" if mode else "")
+                    + "; load with mmdgen.generate.Generator.from_pretrained or mmdgen generate --model")
+    what = "mmdgen LM directory" + (f" ({mode})" if mode else "")
+    return Plan(files, what, contents)
+
+
+def _write_t5_folder(text: T5TextEncoder, folder: Path) -> None:
+    """A transformers-layout T5 folder our loader (and transformers' T5EncoderModel) reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = text.encoder.state_dict()
+    _json_writer(text.encoder.config.to_dict())(folder / "config.json")
+    _safetensors_writer({theirs: state[ours] for ours, theirs in
+                         t5_transformers_names(text.encoder.config).items()})(folder / "model.safetensors")
+    source = text.tokenizer.path.parent
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
 
 
 # -- audiocraft ---------------------------------------------------------------------------------------------------
