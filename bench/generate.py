@@ -61,7 +61,10 @@ MODELS = {  # decoder sizes: tiny and small are lm_config("tiny") / lm_config("s
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
 }
 TEXT_DIM = 32  # the tiny T5's width (the text projection maps it to the decoder's)
-IMPLS = ("transformers", "ours-delay", "ours-delay-compiled", "ours-flatten", "ours-flatten-compiled")
+IMPLS = ("transformers", "transformers-int8", "ours-delay", "ours-delay-compiled", "ours-delay-int8",
+         "ours-delay-int8-compiled", "ours-delay-int8-dynamic", "ours-delay-int8-dynamic-compiled", "ours-flatten",
+         "ours-flatten-compiled")
+BASELINES = ("transformers", "transformers-int8")
 CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle with drums", "slow piano ballad in a minor key",
             "upbeat electronic dance track with a heavy bass line", "acoustic guitar and soft vocals",
             "epic orchestral score with brass and timpani", "lofi hip hop beat", "jazz trio with walking bass"]
@@ -148,7 +151,10 @@ class Side:
         self.guided = spec["guidance"] is not None
         self.rows = 2 * spec["batch"] if self.guided else spec["batch"]
         model, self.tokenizer = build_transformers(spec["model"])
-        if spec["impl"] == "transformers":
+        if spec["impl"] in BASELINES:
+            if spec["impl"] == "transformers-int8":  # what a CPU user picks: torch.ao's dynamic int8 linears
+                model.decoder = torch.ao.quantization.quantize_dynamic(model.decoder, {torch.nn.Linear},
+                                                                        dtype=torch.qint8)
             self.model = model.to(device)
             self.seen: dict = {}
             hop = model.audio_encoder.config.hop_length
@@ -163,6 +169,11 @@ class Side:
         else:
             self.pattern_name = spec["impl"].split("-")[1]
             self.generator = build_ours(model, self.tokenizer, self.pattern_name, device)
+            mode = next((m for m in ("int8-dynamic", "int8") if f"-{m}" in spec["impl"]), None)
+            if mode is not None:
+                from mmdgen.model.quantize import quantize_lm
+
+                quantize_lm(self.generator.lm, mode)
             static = spec["impl"].endswith("-compiled")  # CPU: torch.compile; CUDA: the step in a CUDA graph
             self.generator.compile, self.generator.cuda_graph = static and device.type != "cuda", static and \
                 device.type == "cuda"
@@ -179,7 +190,7 @@ class Side:
     def run(self, frames: int, sampling: str | None = None) -> torch.Tensor:
         spec = dict(self.spec, sampling=sampling or self.spec["sampling"])
         batch = spec["batch"]
-        if spec["impl"] == "transformers":
+        if spec["impl"] in BASELINES:
             torch.manual_seed(0)
             inputs = self.tokenizer(self.texts, padding=True, return_tensors="pt").to(self.device)
             self.seen.clear()
@@ -197,7 +208,7 @@ class Side:
     def step_seconds(self, positions: list[int], steps: int, repeats: int = 3) -> list[float]:
         """Median seconds of one decoder forward (hidden states and the K heads' logits) at each position."""
         k, special = CODEBOOKS, CODES
-        if self.spec["impl"] != "transformers":
+        if self.spec["impl"] not in BASELINES:
             lm = self.generator.lm
             memory = self.generator._memory(self.texts, self.guided)
             caches = lm.new_caches(self.rows, steps)  # static: the same buffers serve every position
@@ -379,23 +390,27 @@ def parameter_counts(size: str) -> dict:
 
 # -- the table ----------------------------------------------------------------------------------------------
 
-HEADER = (f"{'model':<6} {'impl':<21} {'B':>2} {'steps':>5} {'s/step':>9} {'steps/s':>8} {'RTF':>7} "
-          f"{'peak mem':>9} {'reps':>4} {'est/real':>8} {'vs transformers':>15}")
+HEADER = (f"{'model':<6} {'impl':<32} {'B':>2} {'steps':>5} {'s/step':>9} {'steps/s':>8} {'RTF':>7} "
+          f"{'peak mem':>9} {'reps':>4} {'est/real':>8} {'vs transformers':>15} {'vs tf-int8':>10}")
 
 
-def _row(size: str, impl: str, batch: int, steps: int, result: dict, baseline: dict | None) -> str:
-    lead = f"{size:<6} {impl:<21} {batch:>2} {steps:>5} "
+def _row(size: str, impl: str, batch: int, steps: int, result: dict, baselines: dict) -> str:
+    """A table row; ``baselines``: the transformers rows measured so far at this size and batch (their time /
+    ours, for the same audio)."""
+    lead = f"{size:<6} {impl:<32} {batch:>2} {steps:>5} "
     if "oom" in result:
         return lead + f"OOM ({result['oom']})"
     if "skipped" in result:
         return lead + f"skipped (est. {_seconds(result['estimate_seconds'])} s)"
-    versus = "-"
-    if impl != "transformers" and baseline and "seconds" in baseline:
-        versus = f"{baseline['seconds'] / result['seconds']:.2f}x"
+    versus = ["-", "-"]
+    for index, name in enumerate(BASELINES):
+        baseline = baselines.get(name)
+        if impl not in BASELINES and baseline and "seconds" in baseline:
+            versus[index] = f"{baseline['seconds'] / result['seconds']:.2f}x"
     compiled = "first_run_seconds" in result
     estimate = "-" if compiled else f"{result['estimate_seconds'] / result['seconds']:.2f}"
     line = (lead + f"{result['seconds_per_step']:>9.5f} {result['steps_per_s']:>8.1f} {result['rtf']:>6.2f}x "
-            f"{fmt_mem(result):>9} {result['repeats']:>4} {estimate:>8} {versus:>15}")
+            f"{fmt_mem(result):>9} {result['repeats']:>4} {estimate:>8} {versus[0]:>15} {versus[1]:>10}")
     return line + (f"  (first run, compiling: {result['first_run_seconds']:.1f} s)" if compiled else "")
 
 
@@ -479,7 +494,7 @@ def main(argv=None) -> None:
                     spec["eager_estimate_seconds"] = eager.get("estimate_seconds", float("inf"))
                 result = results[impl] = run_case(__file__, measure, spec, device)
                 steps = CODEBOOKS * args.frames if impl.startswith("ours-flatten") else args.frames + CODEBOOKS - 1
-                line = _row(size, impl, batch, steps, result, results.get("transformers"))
+                line = _row(size, impl, batch, steps, result, results)
                 print(line, flush=True)
                 lines.append(line)
                 rows.append({"model": size, "impl": impl, "batch": batch, "steps": steps, "result": result})
