@@ -28,13 +28,12 @@ timeout 180 python3 -m pytest -q -n 8 -p no:cacheprovider -k "triton or cuda or 
 
 step "CUDA-graph decode vs eager"
 timeout 90 python3 bench/gpu_check.py || status=1
+cp bench/results/gpu_check-cuda.json "$OUT"/ 2>/dev/null
 
 step "generation bench (GPU rows)"
 timeout 200 python3 bench/generate.py --check --models tiny small --batches 1 --frames 500 --repeats 3 \
-    --max-seconds 15 --impls transformers ours-delay ours-delay-compiled ours-delay-int8 ours-delay-int8-compiled \
-    || status=1
+    --max-seconds 10 --impls transformers ours-delay ours-delay-compiled ours-delay-int8 ours-delay-int8-compiled \
+    --out "$OUT/generate-cuda.json" || status=1
 step "MMD bench (GPU rows)"
-timeout 120 python3 bench/mmd.py --sizes 1024 4096 16384 --dims 32 128 || status=1
-[ "$OUT" != bench/results ] && cp bench/results/generate-cuda.* bench/results/gpu_check-cuda.json \
-    bench/results/mmd-cuda.* "$OUT"/ 2>/dev/null
+timeout 120 python3 bench/mmd.py --sizes 1024 4096 16384 --dims 32 128 --out "$OUT/mmd-cuda.json" || status=1
 exit $status
