@@ -234,8 +234,9 @@ class Generator:
                chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None,
                melody: torch.Tensor | None = None, melody_sample_rate: int | None = None) -> Iterator[torch.Tensor]:
         """Audio chunks [B, channels, n] in order, each as soon as its frames are final; together they equal
-        ``generate``'s output (``melody`` as there). A chunk is decoded from the start (the decoder's LSTM carries state) and only
-        audio the next frames cannot change any more is emitted (the convolutions look ahead a few frames)."""
+        ``generate``'s output (``melody`` as there). A chunk is decoded from the start (the decoder's LSTM carries
+        state) and only audio the next frames cannot change any more is emitted (the convolutions look ahead a few
+        frames)."""
         import queue
         import threading
 
