@@ -12,6 +12,7 @@ Codes: equal; audio: within 1e-5 (the same codes through two EnCodec implementat
 """
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -429,3 +430,11 @@ def test_exporting_a_melody_model_is_refused_before_anything_is_written(tiny, tm
                                              r"supported yet \(nothing written\)"):
             export_model(tiny.folder, tmp_path / format, format)
         assert not (tmp_path / format).exists()
+
+
+def test_a_melody_checkpoint_runs_without_transformers_or_audiocraft(tiny, monkeypatch):
+    their_codes, _ = tiny.generate(3.0, True)  # computed before transformers is blocked
+    for library in ("transformers", "audiocraft"):
+        monkeypatch.setitem(sys.modules, library, None)  # any import of it now fails
+    generator = Generator.from_pretrained(tiny.folder)
+    assert torch.equal(tiny.ours(generator, 3.0, True), their_codes)
