@@ -13,6 +13,7 @@ Precision = Literal["auto", "bf16", "fp32"]  # training: bf16 autocast on CUDA (
 CodecPreset = Literal["tiny", "paper"]  # mmdgen.model.codec.PRESETS
 LMPreset = Literal["tiny", "mini", "small"]  # mmdgen.model.lm.PRESETS
 PatternName = Literal["parallel", "delay", "flatten", "valle"]  # the codebook patterns (mmdgen.model.patterns)
+Conditioning = Literal["cross", "prefix"]  # how the LM's layers see the conditioning (mmdgen.model.lm)
 StageLatent = Literal["quantized", "residual_after", "residual_before"]  # what the independence loss sees per stage
 TextConditionerKind = Literal["learned", "minilm", "t5"]  # mmdgen.model.text
 AudioFormat = Literal["flac", "wav"]  # the corpus clips' files

@@ -35,11 +35,10 @@ class Entry:
     fields: dict = field(default_factory=dict)
 
 
-def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
-    """[1, T] float32 mono at ``sample_rate``; ValueError naming the file when it cannot be read or holds a NaN or
-    infinite sample (a float WAV can: encoded, every such frame would become code 0)."""
+def _read_samples(path: Path) -> tuple[np.ndarray, int]:
+    """[samples, channels] float32 and the sample rate; ValueError naming the file when it cannot be read or holds
+    a NaN or infinite sample (a float WAV can: encoded, every such frame would become code 0)."""
     import soundfile
-    import torchaudio.functional as AF
 
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
@@ -50,10 +49,29 @@ def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
         first = int(np.argwhere(~finite)[0][0])
         raise NonFiniteAudioError(f"{path}: non-finite samples ({int((~finite).sum())} NaN or infinite values, the "
                                   f"first at {first / rate:.3f} s); expected audio")
+    return data, rate
+
+
+def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
+    """[1, T] float32 mono at ``sample_rate``; ValueError naming the file when it cannot be read or holds a NaN or
+    infinite sample."""
+    import torchaudio.functional as AF
+
+    data, rate = _read_samples(path)
     audio = torch.from_numpy(data.mean(axis=1))[None]
     if rate != sample_rate:
         audio = AF.resample(audio, rate, sample_rate)
     return audio
+
+
+def read_melody(path: Path) -> tuple[torch.Tensor, int]:
+    """A melody LM's reference recording as it is: ([1, channels, samples] float32, sample rate); the chroma
+    extractor resamples and mixes it as transformers does. ValueError naming the file when it is not audio, holds
+    no samples or holds non-finite ones."""
+    data, rate = _read_samples(path)
+    if data.size == 0:
+        raise ValueError(f"{path}: the melody holds no audio samples (expected at least one)")
+    return torch.from_numpy(np.ascontiguousarray(data.T))[None], rate
 
 
 def _problem(audio: torch.Tensor, min_samples: int) -> str | None:

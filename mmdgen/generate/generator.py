@@ -2,6 +2,11 @@
 
 Stereo LMs (``LMConfig.audio_channels == 2``) predict 2K codebooks, left and right interleaved; each channel's K
 codebooks go through the mono codec, and the waveforms have two channels.
+
+Melody LMs (MusicGen-melody) take ``melody=`` audio ``[1 or B, channels, samples]`` (at ``melody_sample_rate``,
+default the codec's): its chroma (``mmdgen.model.melody``) goes before the text in the LM's prefix; without a
+melody, and in guidance's null rows, the null melody does. Beyond the LM's context each window hears the melody
+from its own start time on, looped when the recording is shorter (audiocraft's rule for extended generation).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from mmdgen.generate.config import Sampling
 from mmdgen.generate.loop import decode
 from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
+from mmdgen.model.melody import ChromaConfig, ChromaExtractor, null_chroma
 from mmdgen.model.patterns import make_pattern
 from mmdgen.model.quantize import quantize_lm
 from mmdgen.model.text import TextConditioner
@@ -36,9 +42,10 @@ class Window(NamedTuple):
 
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
-                 cuda_graph: bool = False, quantize: str | None = None):
+                 cuda_graph: bool = False, quantize: str | None = None, chroma: ChromaExtractor | None = None):
         """``quantize`` ("int8", "int8-dynamic"): the decoder's and heads' weights in int8 (``quantize_lm``, in
-        place), unless the LM already holds them."""
+        place), unless the LM already holds them; ``chroma``: a melody LM's chroma extractor (default:
+        transformers' settings at the codec's rate)."""
         quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
         if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
                                                                              lm.cfg.codebook_size):
@@ -59,6 +66,20 @@ class Generator:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {self.device}")
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
+        self.chroma = self._chroma_extractor(chroma)
+
+    def _chroma_extractor(self, chroma: ChromaExtractor | None) -> ChromaExtractor | None:
+        bins = self.lm.cfg.melody_dim
+        if bins is None:
+            if chroma is not None:
+                raise ValueError("a chroma extractor was given, but this LM takes no melody (LMConfig.melody_dim is "
+                                 "None)")
+            return None
+        if chroma is None:
+            chroma = ChromaExtractor(ChromaConfig(sample_rate=self.codec.cfg.sample_rate, num_chroma=bins))
+        if chroma.cfg.num_chroma != bins:
+            raise ValueError(f"the chroma extractor makes {chroma.cfg.num_chroma} classes, the LM takes {bins}")
+        return chroma.to(self.device)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
@@ -68,7 +89,7 @@ class Generator:
         decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs; ``quantize``: int8
         weights (see ``__init__``)."""
         parts = load_music_model(model, codec, text_encoder, device)
-        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize)
+        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize, parts.chroma)
 
     @property
     def channels(self) -> int:
@@ -107,12 +128,33 @@ class Generator:
         return frames
 
     @torch.no_grad()
-    def _memory(self, texts: list[str], guided: bool):
+    def _memory(self, texts: list[str], guided: bool, melody: torch.Tensor | None = None):
+        """The LM's conditioning, 2B rows with guidance (conditional, then null): the text's cross-attention memory,
+        or a prefix LM's prefix states (``melody``: the chroma [B, T, classes] of the conditional rows)."""
         texts = list(texts)
         if not texts:
             raise ValueError("no prompts: expected at least one text")
         condition = self.text(texts + [""] * len(texts) if guided else texts)
-        return self.lm.cross_memory(condition.states.to(self.device), condition.mask.to(self.device))
+        states, mask = condition.states.to(self.device), condition.mask.to(self.device)
+        if self.lm.cfg.conditioning == "cross":
+            return self.lm.cross_memory(states, mask)
+        if melody is not None and guided:
+            melody = torch.cat([melody, null_chroma(*melody.shape, melody.dtype, melody.device)])
+        return self.lm.prefix(states, mask, melody)
+
+    def _melody_chroma(self, audio: torch.Tensor, sample_rate: int | None, batch: int,
+                       start_frame: int) -> torch.Tensor:
+        """[B, T, classes]: the chroma of the melody heard from frame ``start_frame`` of the generation on."""
+        if self.chroma is None:
+            raise ValueError("this model takes no melody (a MusicGen-melody checkpoint does); generate without one")
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 3 or audio.shape[0] not in (1, batch):
+            found = tuple(audio.shape) if isinstance(audio, torch.Tensor) else type(audio).__name__
+            raise ValueError(f"melody audio must be [1 or {batch}, channels, samples], got {found}")
+        sample_rate = self.sample_rate if sample_rate is None else sample_rate
+        if start_frame and audio.shape[-1]:  # looped from the window's start time (the first window's was checked)
+            shift = round(start_frame / self.codec.cfg.frame_rate * sample_rate) % audio.shape[-1]
+            audio = audio.roll(-shift, dims=-1)
+        return self.chroma(audio, sample_rate).expand(batch, -1, -1)
 
     @property
     def context_frames(self) -> int | None:
@@ -122,8 +164,10 @@ class Generator:
     @torch.no_grad()
     def generate_codes(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None,
                        seed: int = 0, prompt_audio: torch.Tensor | None = None, on_step=None,
-                       extend_stride: float | None = None) -> torch.Tensor:
-        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues).
+                       extend_stride: float | None = None, melody: torch.Tensor | None = None,
+                       melody_sample_rate: int | None = None) -> torch.Tensor:
+        """Codes [B, K, frames] for ``duration`` seconds (including a prompt's, which it continues); ``melody``
+        (melody LMs): audio [1 or B, channels, samples] at ``melody_sample_rate`` (default the codec's).
 
         Beyond the LM's context (``context_frames``) the audio is generated in windows, as audiocraft does: the
         first window fills the context; each next one is prompted with the last ``context - stride`` frames and
@@ -131,15 +175,22 @@ class Generator:
         ``on_step(step, sequence)`` is called after each decoding step of each window (the window's sequence).
         """
         return self._windows(texts, duration, sampling, seed, prompt_audio, extend_stride,
-                             lambda window: on_step)
+                             lambda window: on_step, melody, melody_sample_rate)
 
-    def _windows(self, texts, duration, sampling, seed, prompt_audio, extend_stride, window_hook) -> torch.Tensor:
+    def _windows(self, texts, duration, sampling, seed, prompt_audio, extend_stride, window_hook, melody=None,
+                 melody_sample_rate=None) -> torch.Tensor:
         """The codes, window by window; ``window_hook(Window)`` gives each window's ``on_step`` (or None)."""
         sampling = sampling or Sampling()
         frames = self.frames(duration)
         prompt = self._prompt_codes(prompt_audio, len(texts), frames)
         generator = torch.Generator(self.device).manual_seed(seed)
-        memory = self._memory(texts, sampling.guidance_scale is not None)
+        guided = sampling.guidance_scale is not None
+
+        def memory_from(start_frame: int):  # a melody changes with the window; the text alone does not
+            return self._memory(texts, guided, None if melody is None else self._melody_chroma(
+                melody, melody_sample_rate, len(texts), start_frame))
+
+        memory = memory_from(0)
         context = self.context_frames or frames
         stride = self._stride_frames(context, extend_stride)
         if prompt is not None and prompt.shape[-1] >= context:
@@ -150,6 +201,8 @@ class Generator:
             done = 0 if codes is None else codes.shape[-1]
             overlap = done if first else context - stride  # the frames the window is prompted with
             window = Window(done - overlap, min(context, frames - done + overlap), overlap, codes)
+            if melody is not None and window.start:
+                memory = memory_from(window.start)
             part = decode(self.lm, memory, len(texts), window.frames, self.pattern, sampling, generator,
                           codes[..., done - overlap:] if overlap else None, self.backend, window_hook(window),
                           self.compile, self.cuda_graph)
@@ -179,16 +232,20 @@ class Generator:
         return codes
 
     def generate(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
-                 prompt_audio: torch.Tensor | None = None) -> torch.Tensor:
-        """Waveforms [B, channels, duration * sample_rate]."""
-        codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio)
+                 prompt_audio: torch.Tensor | None = None, melody: torch.Tensor | None = None,
+                 melody_sample_rate: int | None = None) -> torch.Tensor:
+        """Waveforms [B, channels, duration * sample_rate]; ``melody`` as in ``generate_codes``."""
+        codes = self.generate_codes(texts, duration, sampling, seed, prompt_audio, melody=melody,
+                                    melody_sample_rate=melody_sample_rate)
         return self.decode(codes, int(round(duration * self.sample_rate)))
 
     def stream(self, texts: list[str], duration: float = 10.0, sampling: Sampling | None = None, seed: int = 0,
-               chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+               chunk_seconds: float = 1.0, prompt_audio: torch.Tensor | None = None,
+               melody: torch.Tensor | None = None, melody_sample_rate: int | None = None) -> Iterator[torch.Tensor]:
         """Audio chunks [B, channels, n] in order, each as soon as its frames are final; together they equal
-        ``generate``'s output. A chunk is decoded from the start (the decoder's LSTM carries state) and only
-        audio the next frames cannot change any more is emitted (the convolutions look ahead a few frames)."""
+        ``generate``'s output (``melody`` as there). A chunk is decoded from the start (the decoder's LSTM carries
+        state) and only audio the next frames cannot change any more is emitted (the convolutions look ahead a few
+        frames)."""
         import queue
         import threading
 
@@ -214,7 +271,8 @@ class Generator:
 
         def run() -> None:
             try:
-                codes = self._windows(texts, duration, sampling, seed, prompt_audio, None, window_hook)
+                codes = self._windows(texts, duration, sampling, seed, prompt_audio, None, window_hook, melody,
+                                      melody_sample_rate)
                 ready.put((frames, codes))
             except BaseException as error:  # surfaced in the consuming thread
                 ready.put(error)

@@ -8,6 +8,12 @@ classifier-free guidance the conditional and the null rows run as one batch of 2
 audio prompt are forced, and the leading steps that the prompt fixes entirely run as prefill passes of up to
 ``MAX_QUERIES`` steps (the decode attention's query block).
 
+A prefix LM (MusicGen-melody: ``LMConfig.conditioning == "prefix"``) takes ``lm.prefix``'s states instead of the
+text's keys and values: they are prefilled into the caches first (passes of up to ``MAX_QUERIES`` positions,
+each state plus its position), and step s then sits at position P + s (``DecodeState.offset``). Every row has the
+same P (the text is padded to the longest prompt, the melody repeated or cut to ``melody_frames``), and every
+prefix position is attended, padding included, as transformers does.
+
 Everything the loop needs is allocated before the first step: the caches (``lm.new_caches``), the text's
 keys and values (computed once), the sequence, the prompt's forced cells, the stacked embedding tables and
 the position table; each step's input (the previous step's K codes embedded and summed, plus the position)
@@ -63,10 +69,11 @@ class DecodeState:
     forced: torch.Tensor  # [B, K, S] bool: cells an audio prompt fixes
     valid: torch.Tensor  # [K, S] bool: cells where the pattern holds a code
     caches: list[KVCache]
-    memory: tuple  # lm.cross_memory's result: per layer (keys, values), and the text mask
+    memory: tuple | None  # lm.cross_memory's result: per layer (keys, values), and the text mask; None: a prefix LM
     embeddings: torch.Tensor  # [K, V + 1, dim]: the stacked code embedding tables
-    positions: torch.Tensor  # [S, dim]: the position table
+    positions: torch.Tensor  # [S, dim]: the position table (of positions offset..offset+S-1)
     rows: int  # 2B with guidance, else B
+    offset: int = 0  # cache positions a prefix LM's conditioning takes before step 0
 
 
 def decode_step(lm: MusicLM, state: DecodeState, step: int | torch.Tensor, noise: torch.Tensor | None,
@@ -76,7 +83,8 @@ def decode_step(lm: MusicLM, state: DecodeState, step: int | torch.Tensor, noise
     int64 tensor (compiled and graphed steps: nothing is read on the host and every step is the same graph)."""
     special = lm.cfg.special_token
     embedded = pattern_step_input(state.sequence, step, state.embeddings, state.positions, special, backend=backend)
-    hidden = lm.hidden(None, None, None, caches=state.caches, start=step, memory=state.memory, backend=backend,
+    start = step + state.offset if state.offset else step
+    hidden = lm.hidden(None, None, None, caches=state.caches, start=start, memory=state.memory, backend=backend,
                        embedded=_repeat(embedded, state.rows))
     chosen = sample_next(lm.logits(hidden)[:, :, 0], guidance_scale=sampling.guidance_scale,
                          temperature=0.0 if noise is None else sampling.temperature,
@@ -100,8 +108,9 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
            generator: torch.Generator | None = None, prompt: torch.Tensor | None = None, backend: str = "auto",
            on_step: Callable[[int, torch.Tensor], None] | None = None, compile: bool = False,
            cuda_graph: bool = False) -> torch.Tensor:
-    """Codes [B, K, frames]. ``memory``: ``lm.cross_memory`` of the text states, 2B rows (conditional first,
-    then null) with guidance, B without; ``prompt``: codes [B, K, T_prompt] to continue. ``compile``: run the
+    """Codes [B, K, frames]. ``memory``: ``lm.cross_memory`` of the text states (for a prefix LM ``lm.prefix``'s
+    states [rows, P, dim]), 2B rows (conditional first, then null) with guidance, B without; ``prompt``: codes
+    [B, K, T_prompt] to continue. ``compile``: run the
     step through ``torch.compile`` (one graph for every step; the first call of a shape compiles it).
     ``cuda_graph`` (CUDA): capture the whole step once in a CUDA graph and replay it at every step."""
     special = lm.cfg.special_token
@@ -110,15 +119,20 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
     steps = pattern.num_steps(frames)
     sequence, forced = forced_cells(pattern, prompt, batch, frames, special, device)
     embeddings = lm.embedding_weights()
-    state = DecodeState(sequence, forced, pattern.valid_mask(frames).to(device), lm.new_caches(rows, max(steps, 1)),
-                        memory, embeddings, sinusoidal_positions(torch.arange(steps, device=device),
-                                                                 lm.cfg.dim).to(embeddings.dtype), rows)
+    prefix = memory if lm.cfg.conditioning == "prefix" else None
+    offset = 0 if prefix is None else prefix.shape[1]
+    positions = sinusoidal_positions(torch.arange(offset, offset + steps, device=device), lm.cfg.dim)
+    state = DecodeState(sequence, forced, pattern.valid_mask(frames).to(device),
+                        lm.new_caches(rows, offset + max(steps, 1)), None if prefix is not None else memory,
+                        embeddings, positions.to(embeddings.dtype), rows, offset)
+    if prefix is not None:
+        _prefill_prefix(lm, state, prefix, backend)
     greedy = sampling.temperature == 0 or sampling.top_k == 1
     start = prefill_steps(pattern, forced, frames)
     known = _repeat(_inputs(sequence, start, special), rows)
     for first in range(0, start, MAX_QUERIES):  # the prompt's fully known steps, in passes of up to MAX_QUERIES
-        lm.hidden(known[..., first: first + MAX_QUERIES], None, None, caches=state.caches, start=first,
-                  memory=memory, backend=backend)  # only the caches are wanted, not the logits
+        lm.hidden(known[..., first: first + MAX_QUERIES], None, None, caches=state.caches, start=offset + first,
+                  memory=state.memory, backend=backend)  # only the caches are wanted, not the logits
     run_step, step_index = decode_step, None
     if compile or cuda_graph:
         step_index = torch.zeros((), dtype=torch.long, device=device)
@@ -144,6 +158,19 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
         if on_step is not None:
             on_step(step, sequence)
     return pattern.revert(sequence)
+
+
+def _prefill_prefix(lm: MusicLM, state: DecodeState, prefix: torch.Tensor, backend: str) -> None:
+    """Write a prefix LM's conditioning states [rows, P, dim] (plus positions 0..P-1) into the caches."""
+    if prefix.dim() != 3 or prefix.shape[0] != state.rows or prefix.shape[2] != lm.cfg.dim:
+        raise ValueError(f"expected prefix states [{state.rows}, P, {lm.cfg.dim}] (lm.prefix), got "
+                         f"{tuple(prefix.shape)}")
+    dtype = state.embeddings.dtype
+    for first in range(0, prefix.shape[1], MAX_QUERIES):
+        part = prefix[:, first: first + MAX_QUERIES].to(dtype)
+        positions = sinusoidal_positions(torch.arange(first, first + part.shape[1], device=part.device), lm.cfg.dim)
+        lm.hidden(None, None, None, caches=state.caches, start=first, backend=backend,
+                  embedded=part + positions.to(dtype))
 
 
 class GraphedStep:

@@ -8,7 +8,9 @@ transformers name the weight-norm parts ``weight_g`` / ``weight_v``.
 
 Language model: the decoder of ``MusicgenForCausalLM`` or ``MusicgenForConditionalGeneration`` (unscaled
 embeddings, GELU; mono, or stereo as 2 x K interleaved codebooks with delays 0, 0, 1, 1, ...); with the latter,
-its ``enc_to_dec_proj`` becomes our ``text_projection``.
+its ``enc_to_dec_proj`` becomes our ``text_projection``. ``MusicgenMelodyForConditionalGeneration`` has the same
+names without cross-attention (a prefix LM, ``melody_lm_config``), and ``audio_enc_to_dec_proj`` becomes our
+``melody_projection``.
 
 The configurations are read from ``config.json`` dictionaries (``*_config_from_dict``), with transformers'
 defaults for the keys a file leaves out, so no transformers object is needed to load a checkpoint; and written
@@ -18,6 +20,7 @@ needed to export one either.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -43,6 +46,7 @@ ENCODEC_DEFAULTS = dict(sampling_rate=24000, audio_channels=1, normalize=False, 
 DECODER_DEFAULTS = dict(vocab_size=2048, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
                         activation_function="gelu", hidden_size=1024, scale_embedding=False, num_codebooks=4,
                         audio_channels=1, cross_attention_hidden_size=None)
+MELODY_DEFAULTS = dict(num_chroma=12, chroma_length=235)  # MusicgenMelodyConfig's (235 frames: 30 s of chroma)
 
 
 def _with_defaults(config: dict, defaults: dict) -> dict:
@@ -171,7 +175,8 @@ def codec_to_transformers(codec: Codec):
 
 _LM_NAMES = [  # (theirs, ours), after the decoder prefix is stripped
     (r"^embed_tokens\.", "embeddings."), (r"^layer_norm\.", "norm."), (r"^lm_heads\.", "heads."),
-    (r"^enc_to_dec_proj\.", "text_projection."), (r"\.encoder_attn_layer_norm\.", ".cross_attn_norm."),
+    (r"^enc_to_dec_proj\.", "text_projection."), (r"^audio_enc_to_dec_proj\.", "melody_projection."),
+    (r"\.encoder_attn_layer_norm\.", ".cross_attn_norm."),
     (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".self_attn_norm."),
     (r"\.final_layer_norm\.", ".ffn_norm."),
 ]
@@ -212,6 +217,15 @@ def lm_config_from_dict(decoder: dict, text_dim: int | None = None) -> LMConfig:
     return LMConfig(num_codebooks=d["num_codebooks"], codebook_size=d["vocab_size"], dim=d["hidden_size"],
                     layers=d["num_hidden_layers"], heads=d["num_attention_heads"], ffn_dim=d["ffn_dim"],
                     text_dim=text_dim or d["hidden_size"], delays=delays, audio_channels=channels)
+
+
+def melody_lm_config(cfg: LMConfig, config: dict) -> LMConfig:
+    """The LM of a transformers ``MusicgenMelodyConfig`` dictionary, ``cfg`` being its decoder's: no
+    cross-attention, the projected chroma (``num_chroma`` classes, repeated or cut to ``chroma_length`` frames)
+    and text states prepended to the code steps."""
+    melody = _with_defaults(config, MELODY_DEFAULTS)
+    return dataclasses.replace(cfg, conditioning="prefix", melody_dim=melody["num_chroma"],
+                               melody_frames=melody["chroma_length"])
 
 
 def lm_config_to_dict(cfg: LMConfig) -> dict:

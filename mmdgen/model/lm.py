@@ -1,6 +1,12 @@
 """MusicGen's language model over K codebooks: summed code embeddings, sinusoidal positions, pre-norm layers
 of causal self-attention, cross-attention to the text states and a GELU feed-forward block, K output heads.
 
+Prefix conditioning (``LMConfig.conditioning = "prefix"``, MusicGen-melody): the layers have no cross-attention;
+the conditioning states (``prefix``: the projected melody chroma, repeated or cut to ``melody_frames``, then the
+projected text states) are positions before the first code step, read by the causal self-attention. Positions
+count from the first conditioning state, so code step s sits at position P + s; every conditioning position is
+attended, text padding included (zero states plus their positions), as transformers and audiocraft do.
+
 Input: a pattern sequence ``[B, K, S]`` (``mmdgen.model.patterns``) whose empty cells and start step hold the
 special token ``codebook_size``; each step's K tokens are embedded and summed. Output: hidden states
 ``[B, S, dim]`` (what the fused cross-entropy takes) or logits ``[B, K, S, codebook_size]``.
@@ -21,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdgen.choices import PatternName
+from mmdgen.choices import Conditioning, PatternName
 from mmdgen.kernels.attention import decode_attention
+from mmdgen.model.melody import null_chroma
 from mmdgen.validation import check_fields, option
 
 
@@ -50,6 +57,13 @@ class LMConfig:
     attend_text_padding: bool = option(False, "audiocraft's cross-attention has no mask: its zeroed text padding "
                                               "stays in the softmax (transformers' port leaves it out, as we do by "
                                               "default); True reproduces audiocraft's numbers for padded texts")
+    conditioning: Conditioning = option("cross", "how the conditioning reaches the layers: cross (cross-attention to "
+                                                 "the text states) or prefix (MusicGen-melody: no cross-attention; "
+                                                 "the conditioning states go before the first code step)")
+    melody_dim: int | None = option(None, "prefix LMs that take a melody: chroma classes per frame (projected to "
+                                          "dim)", at_least=1)
+    melody_frames: int | None = option(None, "the melody's positions in the prefix (its chroma repeated or cut to "
+                                             "this many frames: transformers' chroma_length)", at_least=1)
 
     def __post_init__(self):
         if isinstance(self.delays, list):
@@ -60,6 +74,12 @@ class LMConfig:
                              f"({self.num_codebooks})")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if (self.melody_dim is None) != (self.melody_frames is None):
+            raise ValueError(f"melody_dim ({self.melody_dim}) and melody_frames ({self.melody_frames}) are set "
+                             "together or not at all")
+        if self.melody_dim is not None and self.conditioning != "prefix":
+            raise ValueError(f"a melody (melody_dim={self.melody_dim}) needs conditioning='prefix', got "
+                             f"{self.conditioning!r}")
 
     @property
     def special_token(self) -> int:
@@ -149,32 +169,40 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
         self.self_attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.cross_attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
-        self.cross_attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.cross_attn = self.cross_attn_norm = None  # a prefix LM's layers read the conditioning as positions
+        if cfg.conditioning == "cross":
+            self.cross_attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
+            self.cross_attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None, start: int | torch.Tensor = 0,
-                backend: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor] | None,
+                memory_mask: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                start: int | torch.Tensor = 0, backend: str = "auto") -> torch.Tensor:
+        """``memory`` / ``memory_mask``: the text's cross-attention keys, values and mask (None without
+        cross-attention)."""
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.split_heads(self.self_attn.k_proj(h)), self.self_attn.split_heads(
             self.self_attn.v_proj(h))
         if cache is None:
             attended = self.self_attn(h, keys, values, causal=True)
-            crossed = self.cross_attn(self.cross_attn_norm(x + attended), *memory, mask=memory_mask)
         else:  # decoding: the new steps see every cached step up to their own position
             length = start + x.shape[1]  # a tensor for a tensor start: no host read (compiled, graphed steps)
             keys, values = cache.update(positions, keys, values)
             attended = self.self_attn.decode(h, keys, values, length, backend=backend)
-            text_keys, text_values = memory
-            crossed = self.cross_attn.decode(self.cross_attn_norm(x + attended), text_keys, text_values,
-                                             text_keys.shape[2], key_mask=memory_mask[:, 0, 0], causal=False,
-                                             backend=backend)
+        if self.cross_attn is not None:
+            h = self.cross_attn_norm(x + attended)
+            if cache is None:
+                crossed = self.cross_attn(h, *memory, mask=memory_mask)
+            else:
+                text_keys, text_values = memory
+                crossed = self.cross_attn.decode(h, text_keys, text_values, text_keys.shape[2],
+                                                 key_mask=memory_mask[:, 0, 0], causal=False, backend=backend)
         x = x + F.dropout(attended, self.dropout, self.training)
-        x = x + F.dropout(crossed, self.dropout, self.training)
+        if self.cross_attn is not None:
+            x = x + F.dropout(crossed, self.dropout, self.training)
         return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ffn_norm(x)))), self.dropout, self.training)
 
 
@@ -184,6 +212,10 @@ class MusicLM(nn.Module):
         self.cfg = cfg
         self.embeddings = nn.ModuleList(nn.Embedding(cfg.codebook_size + 1, cfg.dim) for _ in range(cfg.num_codebooks))
         self.text_projection = nn.Linear(cfg.text_dim, cfg.dim) if cfg.text_dim != cfg.dim else nn.Identity()
+        self.melody_projection = None
+        if cfg.melody_dim is not None:
+            self.melody_projection = (nn.Linear(cfg.melody_dim, cfg.dim) if cfg.melody_dim != cfg.dim
+                                      else nn.Identity())
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
@@ -197,16 +229,21 @@ class MusicLM(nn.Module):
             raise ValueError(f"tokens must lie in [0, {self.cfg.special_token}] (the last is the special token), "
                              f"got values in [{int(tokens.min())}, {int(tokens.max())}]")
 
+    def _check_text(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        if states.dim() != 3 or states.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"expected text states [B, L, {self.cfg.text_dim}], got {tuple(states.shape)}")
+        if mask.shape != states.shape[:2]:
+            raise ValueError(f"expected a text mask {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
+
     def cross_memory(self, states: torch.Tensor, mask: torch.Tensor):
         """Per layer (keys, values) of the projected text states, and the [B, 1, 1, L] attention mask.
 
         The projected memory is zero where ``mask`` is False (transformers' MusicGen does the same), so a null
         condition (an all-False row) adds exactly nothing; such a row attends to its first, zero position only
         to keep the softmax defined."""
-        if states.dim() != 3 or states.shape[-1] != self.cfg.text_dim:
-            raise ValueError(f"expected text states [B, L, {self.cfg.text_dim}], got {tuple(states.shape)}")
-        if mask.shape != states.shape[:2]:
-            raise ValueError(f"expected a text mask {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
+        if self.cfg.conditioning != "cross":
+            raise ValueError(f"a {self.cfg.conditioning}-conditioned LM has no cross-attention memory; use prefix()")
+        self._check_text(states, mask)
         mask = mask.bool()
         projected = self.text_projection(states) * mask[..., None].to(states.dtype)
         if self.cfg.attend_text_padding:
@@ -215,6 +252,27 @@ class MusicLM(nn.Module):
             attend = mask.clone()
             attend[:, 0] |= ~mask.any(dim=1)
         return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
+
+    def prefix(self, states: torch.Tensor, mask: torch.Tensor, melody: torch.Tensor | None = None) -> torch.Tensor:
+        """A prefix LM's conditioning positions [B, P, dim] (before positions are added): the projected ``melody``
+        chroma [B, T, melody_dim] (None: the null melody) repeated or cut to ``melody_frames``, then the projected
+        text states, zero where ``mask`` is False (padding, null rows) as in transformers."""
+        if self.cfg.conditioning != "prefix":
+            raise ValueError(f"a {self.cfg.conditioning}-conditioned LM takes no prefix; use cross_memory()")
+        self._check_text(states, mask)
+        text = self.text_projection(states) * mask[..., None].to(states.dtype)
+        if self.melody_projection is None:
+            if melody is not None:
+                raise ValueError("this LM takes no melody (LMConfig.melody_dim is None)")
+            return text
+        batch, frames, bins = states.shape[0], self.cfg.melody_frames, self.cfg.melody_dim
+        if melody is None:
+            melody = null_chroma(batch, 1, bins, states.dtype, states.device)
+        if melody.dim() != 3 or melody.shape[0] != batch or melody.shape[1] < 1 or melody.shape[2] != bins:
+            raise ValueError(f"expected melody chroma [{batch}, frames >= 1, {bins}], got {tuple(melody.shape)}")
+        projected = self.melody_projection(melody.to(text.dtype))
+        projected = projected.repeat(1, math.ceil(frames / projected.shape[1]), 1)[:, :frames]
+        return torch.cat([projected, text], dim=1)
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Tokens [B, K, S] (steps start..start+S-1) -> the summed code embeddings plus positions [B, S, dim]."""
@@ -225,20 +283,40 @@ class MusicLM(nn.Module):
 
     def hidden(self, tokens: torch.Tensor | None, states: torch.Tensor | None, mask: torch.Tensor | None,
                caches: list[KVCache] | None = None, start: int | torch.Tensor = 0, memory=None, backend: str = "auto",
-               embedded: torch.Tensor | None = None) -> torch.Tensor:
+               embedded: torch.Tensor | None = None, melody: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
         the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
         ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``);
         ``embedded`` replaces ``embed(tokens, start)`` (the decode loop's fused step input). ``start`` may be a
-        0-d integer tensor (with ``caches`` and ``embedded``): then nothing is read on the host."""
+        0-d integer tensor (with ``caches`` and ``embedded``): then nothing is read on the host.
+
+        A prefix LM: without ``caches`` the conditioning (``memory``: ``prefix``'s result, else built from
+        ``states``, ``mask`` and ``melody``) goes in front of the steps; with ``caches`` it is already in them
+        (the decode loop writes it first) and ``start`` counts positions from its first state."""
+        if self.cfg.conditioning == "prefix":
+            if caches is None:
+                return self._hidden_after(memory if memory is not None else self.prefix(states, mask, melody),
+                                          tokens, start)
+            memories, memory_mask = [None] * len(self.layers), None
+        else:
+            memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         x = self.embed(tokens, start) if embedded is None else embedded
         x = F.dropout(x, self.cfg.dropout, self.training)
         positions = torch.arange(x.shape[1], device=x.device) + start
-        memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         for index, layer in enumerate(self.layers):
             x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions, start,
                       backend)
         return self.norm(x)
+
+    def _hidden_after(self, prefix: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The steps' hidden states [B, S, dim] behind the conditioning positions ``prefix`` [B, P, dim]."""
+        length = prefix.shape[1]
+        positions = sinusoidal_positions(torch.arange(length, device=prefix.device), self.cfg.dim)
+        x = torch.cat([prefix + positions.to(prefix.dtype), self.embed(tokens, length + start)], dim=1)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for layer in self.layers:
+            x = layer(x, None, None)
+        return self.norm(x[:, length:])
 
     def embedding_weights(self) -> torch.Tensor:
         """[K, V + 1, dim]: the K embedding tables stacked, as the fused step input takes them."""
@@ -252,8 +330,9 @@ class MusicLM(nn.Module):
         """[B, S, dim] -> [B, K, S, V]."""
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
-    def forward(self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden(tokens, states, mask))
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                melody: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(tokens, states, mask, melody=melody))
 
     def new_caches(self, batch: int, max_steps: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         param = self.heads[0].weight

@@ -114,6 +114,9 @@ def export_model(source: str | Path, out: str | Path, format: str, overwrite: bo
     if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
         raise ValueError(f"{out}: holds the source {source}; exporting there would replace it")
     model = load_music_model(source, codec, text_encoder)
+    if model.lm.cfg.conditioning != "cross":
+        raise ValueError(f"{source}: a {model.lm.cfg.conditioning}-conditioned LM (MusicGen-melody); exporting one is "
+                         "not supported yet (nothing written)")
     plans = {"transformers": lambda: transformers_plan(model), "audiocraft": lambda: audiocraft_plan(model, path, t5_name),
              "mmdgen": lambda: mmdgen_plan(model, quantize)}
     plan = plans[format]()

@@ -2,7 +2,8 @@
 
 ``X`` may be
 - an mmdgen model directory (``lm.safetensors`` + config.json, its codec in ``codec/``) or codec directory;
-- a transformers folder: ``MusicgenForConditionalGeneration`` (LM, T5 and EnCodec in one), or a lone
+- a transformers folder: ``MusicgenForConditionalGeneration`` (LM, T5 and EnCodec in one),
+  ``MusicgenMelodyForConditionalGeneration`` (the same, the LM conditioned on a melody's chroma too), or a lone
   ``EncodecModel`` (codec commands);
 - audiocraft's exported files: ``state_dict.bin`` (the LM; ``compression_state_dict.bin`` beside it is its codec)
   or a folder holding them; the T5 text encoder is not in them: give its folder or cache id, else the one the
@@ -20,6 +21,7 @@ import torch
 
 from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
+from mmdgen.model.melody import ChromaExtractor
 from mmdgen.model.text import T5TextEncoder, TextConditioner
 from mmdgen.pretrained import audiocraft_files as audiocraft
 from mmdgen.pretrained import transformers_folder as hf
@@ -33,13 +35,15 @@ _T5_ALIASES = {"t5-base": ("t5-base", "google-t5/t5-base"), "t5-large": ("t5-lar
 
 @dataclass
 class MusicModel:
-    """What generation needs: the LM, its text conditioner and its codec, and where they came from."""
+    """What generation needs: the LM, its text conditioner and its codec, and where they came from; for a melody
+    LM the chroma extractor of its melodies."""
 
     lm: MusicLM
     text: TextConditioner
     codec: Codec
     source: str
     format: str  # "mmdgen", "transformers" or "audiocraft"
+    chroma: ChromaExtractor | None = None
 
 
 def locate(source: str | Path) -> Path:
@@ -70,13 +74,12 @@ def load_music_model(source: str | Path, codec: str | Path | None = None, text_e
                          f"(transformers) or {audiocraft.LM_FILE} (audiocraft)")
     config = hf.read_config(path)
     kind = hf.config_kind(config)
-    if kind == "musicgen":
+    if kind in ("musicgen", "musicgen_melody"):
         codec_model = load_codec_model(codec, device) if codec is not None else hf.load_encodec(path, device=device)
+        chroma = hf.load_chroma(path, device) if kind == "musicgen_melody" else None
         return MusicModel(hf.load_musicgen_lm(path, device=device, dtype=dtype),
-                          hf.load_musicgen_text(path, device, dtype), codec_model, str(source), "transformers")
-    if kind == "musicgen_melody":
-        raise ValueError(f"{path / hf.CONFIG}: a MusicGen-melody checkpoint; melody conditioning (chroma prepended to "
-                         "the text) is not supported yet: use a text-only MusicGen")
+                          hf.load_musicgen_text(path, device, dtype), codec_model, str(source), "transformers",
+                          chroma)
     what = f"model_type {config.get('model_type')!r}" if config.get("model_type") else "no model_type"
     raise ValueError(f"{path / hf.CONFIG}: {what}, not a music LM (expected a MusicGen checkpoint or an mmdgen "
                      "LM directory)")

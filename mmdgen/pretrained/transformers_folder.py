@@ -1,6 +1,7 @@
 """transformers model folders, read without transformers: ``MusicgenForConditionalGeneration`` (config.json with
 ``text_encoder`` / ``audio_encoder`` / ``decoder`` parts; the weights as one safetensors file, a sharded set or
-``pytorch_model.bin``; the T5 tokenizer beside them) and a lone ``EncodecModel``.
+``pytorch_model.bin``; the T5 tokenizer beside them), ``MusicgenMelodyForConditionalGeneration`` (the same parts;
+a prefix LM whose melody chroma settings are in preprocessor_config.json) and a lone ``EncodecModel``.
 
 Weights go straight from the files into modules built on the meta device (``tensor_files.load_module``), so
 the only copy made is the module's own. The published checkpoints were trained on 30-s excerpts (1500 frames at
@@ -17,12 +18,14 @@ import torch
 
 from mmdgen.model.codec import Codec
 from mmdgen.model.convert import codec_config_from_dict, codec_key_from_transformers, lm_config_from_dict, \
-    lm_key_from_transformers
+    lm_key_from_transformers, melody_lm_config
 from mmdgen.model.lm import MusicLM
+from mmdgen.model.melody import ChromaConfig, ChromaExtractor
 from mmdgen.model.text import T5TextEncoder
 from mmdgen.tensor_files import TensorFiles, load_module
 
 CONFIG = "config.json"
+PREPROCESSOR = "preprocessor_config.json"
 PUBLISHED_CONTEXT_SECONDS = 30  # the excerpt length every published MusicGen was trained on
 AUDIO_PREFIX = "audio_encoder."
 
@@ -56,11 +59,14 @@ def _part(config: dict, name: str, folder: Path) -> dict:
 
 def load_musicgen_lm(folder: Path, tensors: TensorFiles | None = None, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> MusicLM:
-    """The LM (decoder and text projection) of a ``MusicgenForConditionalGeneration`` folder."""
+    """The LM (decoder and text projection; the melody projection too for a melody checkpoint) of a
+    ``MusicgenForConditionalGeneration`` or ``MusicgenMelodyForConditionalGeneration`` folder."""
     config = read_config(folder)
     text_dim = _part(config, "text_encoder", folder).get("d_model")
     try:
         cfg = lm_config_from_dict(_part(config, "decoder", folder), text_dim)
+        if config_kind(config) == "musicgen_melody":
+            cfg = melody_lm_config(cfg, config)
     except ValueError as error:
         raise ValueError(f"{folder / CONFIG}: {error}") from error
     cfg.context_frames = _context_frames(folder, cfg, _frame_rate(_part(config, "audio_encoder", folder)))
@@ -75,6 +81,27 @@ def load_musicgen_text(folder: Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> T5TextEncoder:
     """The frozen T5 conditioner inside a MusicGen folder (its tokenizer files beside the weights)."""
     return T5TextEncoder.from_folder(folder, dtype=dtype).to(device)
+
+
+def load_chroma(folder: Path, device: str | torch.device = "cpu") -> ChromaExtractor:
+    """The chroma extractor of a ``MusicgenMelodyForConditionalGeneration`` folder: the settings of its
+    preprocessor_config.json (transformers' ``MusicgenMelodyFeatureExtractor``), its defaults where absent."""
+    path = folder / PREPROCESSOR
+    settings = {}
+    if path.exists():
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a JSON configuration ({error})") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(settings).__name__}")
+    names = dict(sampling_rate="sample_rate", n_fft="n_fft", hop_length="hop_length", feature_size="num_chroma",
+                 chunk_length="chunk_length")
+    try:
+        cfg = ChromaConfig(**{ours: settings[theirs] for theirs, ours in names.items() if theirs in settings})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
+    return ChromaExtractor(cfg).to(device)
 
 
 def load_encodec(folder: Path, tensors: TensorFiles | None = None, device: str | torch.device = "cpu") -> Codec:
