@@ -32,7 +32,7 @@ from mmdgen.pretrained.directory import tensors_sha256
 from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
 from mmdgen.train.lm import LMTrainConfig, LMTrainer
 from mmdgen.train.optim import BF16StateAdamW
-from tests.test_export import SAMPLE_RATE, TEXTS, make_t5_folder, t5_lm_dir
+from tests.test_export import SAMPLE_RATE, TEXTS, learned_lm_dir, make_t5_folder, t5_lm_dir
 
 CAPTIONS = TEXTS + ["a calm reel on flute", "a fast jig on fiddle"]  # words the word-level T5 tokenizer knows
 FORMATS = ("mmdgen", "transformers", "audiocraft", "cache-id")
@@ -226,6 +226,25 @@ def test_options_that_disagree_with_the_init_model_are_refused(models, manifest,
             f"codec: mmdgen data tokenize --codec {init}") in capsys.readouterr().err
     assert cli.main(args[:-2] + ["--out", str(tmp_path / "x"), "--tokens", str(tokens), "--preset", "mini"]) == 2
     assert "--init" in (err := capsys.readouterr().err) and "--preset mini (dim 128" in err
+
+
+def test_init_from_an_lm_with_a_learned_text_encoder_trains_the_encoder_on(manifest, tmp_path):
+    source = learned_lm_dir(tmp_path / "learned" / "model")
+    tokens = tmp_path / "tokens"
+    tokenize_corpus(source, manifest, tokens, progress=False)
+    original = load_music_model(source)
+    trainer = LMTrainer(_lm_cfg(tokens, tmp_path / "run", init=str(source), text_dim=32, text_layers=1),
+                        progress=False)
+    assert _equal_state(trainer.text.state_dict(), original.text.state_dict())
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in trainer.text.parameters())
+    assert trainer.text_record["kind"] == "learned" and not (tokens / CACHE_FOLDER).exists()
+    with pytest.raises(ValueError, match=r"text_dim 16 is not its learned encoder's dim \(32\)"):
+        LMTrainer(_lm_cfg(tokens, tmp_path / "other", init=str(source), text_dim=16), progress=False)
+    trainer.train()
+    tuned = load_music_model(tmp_path / "run" / "model")
+    assert not _equal_state(tuned.text.state_dict(), original.text.state_dict())
+    assert tuned.text([TEXTS[0]]).states.shape[-1] == 32
 
 
 def test_a_resumed_finetuning_run_keeps_its_checkpoint(models, manifest, tmp_path):

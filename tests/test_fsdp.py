@@ -16,28 +16,28 @@ from mmdgen.train.lm import LMTrainConfig, LMTrainer
 from tests.test_train_lm import corpus  # noqa: F401 (the fixture: a tiny codec's tokens, 8 train clips)
 
 
-def _cfg(corpus, out, **overrides):
+def _cfg(corpus_dir, out, **overrides):
     """2 steps an epoch over 8 clips at 4 clips a step; a learned text encoder (in the root FSDP unit), captions
     dropped with 0.3, activation checkpointing (as the sharded runs use it)."""
-    base = dict(tokens=str(corpus / "tokens"), out=str(out), steps=4, batch_size=2, crop_frames=20, warmup_steps=2,
+    base = dict(tokens=str(corpus_dir / "tokens"), out=str(out), steps=4, batch_size=2, crop_frames=20, warmup_steps=2,
                 text_dim=32, text_layers=1, ckpt_every=2, log_every=1, valid_every=100, backend="torch", fsdp=True,
                 activation_checkpointing=True, condition_dropout=0.3)
     return LMTrainConfig(**{**base, **overrides})
 
 
-def _worker(rank, world, init_file, corpus, root):
+def _worker(rank, world, init_file, corpus_dir, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        straight = LMTrainer(_cfg(corpus, root / "straight"), progress=False)
+        straight = LMTrainer(_cfg(corpus_dir, root / "straight"), progress=False)
         weight = straight.lm.layers[0].fc1.weight  # each rank holds half of each layer's rows
         assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] * 2 == weight.shape[0]
         straight.train()
-        LMTrainer(_cfg(corpus, root / "stopped", steps=2), progress=False).train()
+        LMTrainer(_cfg(corpus_dir, root / "stopped", steps=2), progress=False).train()
         if rank == 0:
             shutil.copytree(root / "stopped", root / "onto-one")
         dist.barrier()
-        LMTrainer(_cfg(corpus, root / "stopped"), progress=False).train()
+        LMTrainer(_cfg(corpus_dir, root / "stopped"), progress=False).train()
     finally:
         dist.destroy_process_group()
 

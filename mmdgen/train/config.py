@@ -154,7 +154,8 @@ class LMTrainConfig(LoopConfig):
     def check(self) -> None:
         super().check()
         if self.init is None:  # the defaults; with --init the model's own
-            self.preset, self.pattern, self.text = self.preset or "tiny", self.pattern or "delay", self.text or "learned"
+            self.preset, self.pattern = self.preset or "tiny", self.pattern or "delay"
+            self.text = self.text or "learned"
         if self.text == "t5" and not self.text_path and self.init is None:
             raise ValueError(f"{label('text')} t5 needs {label('text_path')}: a local folder with the T5 encoder's "
                              "weights and tokenizer")
