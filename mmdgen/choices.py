@@ -10,6 +10,7 @@ from typing import Literal
 
 Backend = Literal["auto", "triton", "torch"]  # the fused ops' implementation (mmdgen.kernels.backend)
 Precision = Literal["auto", "bf16", "fp32"]  # training: bf16 autocast on CUDA ("auto"), or full precision
+OptimizerState = Literal["fp32", "bf16"]  # the dtype of the LM optimiser's moments (mmdgen.train.optim)
 CodecPreset = Literal["tiny", "paper"]  # mmdgen.model.codec.PRESETS
 LMPreset = Literal["tiny", "mini", "small"]  # mmdgen.model.lm.PRESETS
 PatternName = Literal["parallel", "delay", "flatten", "valle"]  # the codebook patterns (mmdgen.model.patterns)

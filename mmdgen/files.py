@@ -35,7 +35,7 @@ def write_folder_atomic(folder: str | Path, write: Callable[[Path], None]) -> No
     """Call ``write`` on an empty temporary folder beside ``folder``, then swap it into place by renames
     (a crash leaves the old folder or the new one; ``folder.old`` only between the two renames)."""
     folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -43,6 +43,15 @@ def write_folder_atomic(folder: str | Path, write: Callable[[Path], None]) -> No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, folder)
+
+
+def replace_folder(tmp: str | Path, folder: str | Path) -> None:
+    """Swap the complete folder ``tmp`` into place as ``folder`` by renames (``folder.old`` holds the previous one
+    between the two renames only); what ``write_folder_atomic`` ends with, for writers that fill ``tmp`` from
+    several processes."""
+    tmp, folder = Path(tmp), Path(folder)
+    old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         given = vars(build_parser().parse_args(argv))
         command: Command = given.pop(COMMAND)
         prog = " ".join(("mmdgen",) + command.words)
-        with option_names():
+        with option_names():  # also while it runs: a trainer's messages about its options name them as flags
             options = build(command.options, given)
-        command.run(options)
+            command.run(options)
     except UsageError as error:
         return _refuse(error.prog, error)
     except (ValueError, RuntimeError, OSError) as error:

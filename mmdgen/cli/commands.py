@@ -142,7 +142,9 @@ def data_build(options: BuildOptions) -> None:
 
 @dataclass
 class TokenizeOptions:
-    codec: str = option("", "codec directory (config.json + codec.safetensors)", required=True, path="folder")
+    codec: str = option("", "the codec: an mmdgen codec or LM directory, a transformers EnCodec or MusicGen folder, "
+                            "audiocraft's compression_state_dict.bin, or a repository id in the local cache (the "
+                            "codec of the model `train lm --init` fine-tunes)", required=True, path="model")
     manifest: str = option("", "the corpus manifest.jsonl", required=True, path="file")
     out: str = option("", "token folder to write (replaced atomically)", required=True, path="new_folder")
     batch_size: int = option(8, "clips encoded at once", at_least=1)

@@ -1,13 +1,17 @@
 """Encode the corpus once into codes, so that LM training never runs the codec.
 
     mmdgen data tokenize --codec runs/codec/model --manifest runs/corpus/manifest.jsonl --out runs/tokens
+    mmdgen data tokenize --codec facebook/musicgen-small --manifest my_music/manifest.jsonl --out runs/my-tokens
 
-A token folder holds ``tokens.json`` (the codec's identity: its configuration and the SHA-256 of its
-weights file, and where it was; K, codebook size, frame rate; one record per clip: id, split, caption,
+The codec may come in any format the loader reads (``mmdgen.pretrained.load_codec_model``: our codec or LM
+directory, a transformers EnCodec or MusicGen folder, audiocraft's files, a cache id). A token folder holds
+``tokens.json`` (the codec's identity: its configuration and the SHA-256 of its weights file, or of its tensors
+for a published codec, and where it was; K, codebook size, frame rate; one record per clip: id, split, caption,
 offset, frames) and
 ``codes.safetensors`` (one ``[K, frames]`` int16 tensor per split, the clips of that split end to end,
 ``offset`` locating each). The folder is written under a temporary name and renamed into place, so it is
-complete or absent. ``TokenSet`` reads it back, checking that the codes fit the header.
+complete or absent. ``TokenSet`` reads it back, checking that the codes fit the header. A frozen text
+encoder's states may be cached beside the codes (``mmdgen.data.text_states``).
 """
 
 from __future__ import annotations
@@ -21,18 +25,34 @@ from tqdm import tqdm
 
 from mmdgen.data.audio import collate, manifest_entries, read_audio
 from mmdgen.files import read_weights, save_weights, write_folder_atomic
-from mmdgen.pretrained.directory import codec_identity, load_codec
+from mmdgen.model.codec import Codec
+from mmdgen.pretrained.directory import (BUNDLED_CODEC, LM_WEIGHTS, codec_identity, is_codec_directory, load_codec,
+                                         loaded_codec_identity)
+from mmdgen.pretrained.loader import load_codec_model, locate
 
 HEADER = "tokens.json"
 CODES = "codes.safetensors"
 FORMAT_VERSION = 1
 
 
-def tokenize_corpus(codec_dir: str | Path, manifest: str | Path, out: str | Path, batch_size: int = 8,
+def codec_with_identity(source: str | Path, device: str | torch.device = "cpu") -> tuple[Codec, dict, Path]:
+    """The codec of ``source`` (any format), its identity and where it is: a codec directory of ours (also the one
+    bundled in an LM directory) is known by its weights file's hash, what LMs trained on it record; any other codec
+    by its tensors' hash."""
+    path = locate(source)
+    folder = path / BUNDLED_CODEC if path.is_dir() and (path / LM_WEIGHTS).exists() else path
+    if path.is_dir() and is_codec_directory(folder):
+        return load_codec(folder, device), codec_identity(folder), folder.resolve()
+    codec = load_codec_model(path, device)
+    return codec, loaded_codec_identity(codec), path.resolve()
+
+
+def tokenize_corpus(codec_source: str | Path, manifest: str | Path, out: str | Path, batch_size: int = 8,
                     device: str = "cpu", progress: bool = True) -> dict:
-    """Encode every clip of ``manifest`` with the codec in ``codec_dir``; returns the header written."""
+    """Encode every clip of ``manifest`` with the codec of ``codec_source`` (any format); returns the header
+    written."""
     out = Path(out)
-    codec = load_codec(codec_dir, device)
+    codec, identity, location = codec_with_identity(codec_source, device)
     cfg = codec.cfg
     if cfg.quantizer.codebook_size > 2**15:
         raise ValueError(f"codebook_size {cfg.quantizer.codebook_size} does not fit the int16 token files")
@@ -58,7 +78,7 @@ def tokenize_corpus(codec_dir: str | Path, manifest: str | Path, out: str | Path
                             "offset": offset, "frames": frames})
         bar.update(len(chunk))
     bar.close()
-    header = {"format": FORMAT_VERSION, "codec": codec_identity(codec_dir), "codec_dir": str(Path(codec_dir).resolve()),
+    header = {"format": FORMAT_VERSION, "codec": identity, "codec_dir": str(location),
               "num_codebooks": cfg.quantizer.num_codebooks, "codebook_size": cfg.quantizer.codebook_size,
               "frame_rate": cfg.frame_rate, "sample_rate": cfg.sample_rate, "manifest": str(manifest),
               "splits": {s: sum(p.shape[-1] for p in parts) for s, parts in codes_by_split.items()},

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmdgen.choices import Conditioning, PatternName
 from mmdgen.kernels.attention import decode_attention
@@ -178,11 +179,13 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor] | None,
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
                 memory_mask: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 start: int | torch.Tensor = 0, backend: str = "auto") -> torch.Tensor:
-        """``memory`` / ``memory_mask``: the text's cross-attention keys, values and mask (None without
-        cross-attention)."""
+        """``memory`` / ``memory_mask``: the text's cross-attention keys, values and mask, or the projected text
+        states (this layer's keys and values made here: sharded training); None without cross-attention."""
+        if isinstance(memory, torch.Tensor):
+            memory = self.cross_attn.memory(memory)
         h = self.self_attn_norm(x)
         keys, values = self.self_attn.split_heads(self.self_attn.k_proj(h)), self.self_attn.split_heads(
             self.self_attn.v_proj(h))
@@ -220,6 +223,8 @@ class MusicLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
                                    for _ in range(cfg.num_codebooks))
+        # training: keep each layer's input only and recompute its activations in the backward pass
+        self.activation_checkpointing = False
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         k = self.cfg.num_codebooks
@@ -236,7 +241,12 @@ class MusicLM(nn.Module):
             raise ValueError(f"expected a text mask {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
 
     def cross_memory(self, states: torch.Tensor, mask: torch.Tensor):
-        """Per layer (keys, values) of the projected text states, and the [B, 1, 1, L] attention mask.
+        """Per layer (keys, values) of the projected text states, and the [B, 1, 1, L] attention mask."""
+        projected, attend = self.project_text(states, mask)
+        return [layer.cross_attn.memory(projected) for layer in self.layers], attend
+
+    def project_text(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text states projected to the model's width [B, L, dim], and the [B, 1, 1, L] attention mask.
 
         The projected memory is zero where ``mask`` is False (transformers' MusicGen does the same), so a null
         condition (an all-False row) adds exactly nothing; such a row attends to its first, zero position only
@@ -251,7 +261,7 @@ class MusicLM(nn.Module):
         else:
             attend = mask.clone()
             attend[:, 0] |= ~mask.any(dim=1)
-        return [layer.cross_attn.memory(projected) for layer in self.layers], attend[:, None, None, :]
+        return projected, attend[:, None, None, :]
 
     def prefix(self, states: torch.Tensor, mask: torch.Tensor, melody: torch.Tensor | None = None) -> torch.Tensor:
         """A prefix LM's conditioning positions [B, P, dim] (before positions are added): the projected ``melody``
@@ -298,14 +308,20 @@ class MusicLM(nn.Module):
                 return self._hidden_after(memory if memory is not None else self.prefix(states, mask, melody),
                                           tokens, start)
             memories, memory_mask = [None] * len(self.layers), None
+        elif memory is None and caches is None:  # each layer projects the text inside its forward (sharded training)
+            projected, memory_mask = self.project_text(states, mask)
+            memories = [projected] * len(self.layers)
         else:
             memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
         x = self.embed(tokens, start) if embedded is None else embedded
         x = F.dropout(x, self.cfg.dropout, self.training)
         positions = torch.arange(x.shape[1], device=x.device) + start
         for index, layer in enumerate(self.layers):
-            x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions, start,
-                      backend)
+            if self.activation_checkpointing and caches is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, memories[index], memory_mask, use_reentrant=False)
+            else:
+                x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions,
+                          start, backend)
         return self.norm(x)
 
     def _hidden_after(self, prefix: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:

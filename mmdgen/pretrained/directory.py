@@ -2,7 +2,8 @@
 
 A codec directory holds ``config.json`` (the ``CodecConfig``) and ``codec.safetensors``. An LM directory holds
 ``config.json`` (the ``LMConfig``, what rebuilds the text conditioner, and the identity of the codec whose codes
-the LM learned: its configuration and the SHA-256 of its weights file), ``lm.safetensors``, for a learned text
+the LM learned: its configuration and the SHA-256 of its weights file, or for a codec read from a published
+checkpoint, which has no such file, the SHA-256 of its tensors), ``lm.safetensors``, for a learned text
 encoder ``text.safetensors`` and its ``text_tokenizer.model``, and usually the codec itself in ``codec/``. Each
 file is written atomically, and no weights file is written with a NaN or an infinity in it (ValueError naming the
 file and the tensor); loading checks every tensor's name and shape and never unpickles anything.
@@ -67,11 +68,39 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(tensors) -> str:
+    """SHA-256 of a module's state dict (or a name -> tensor mapping): every tensor's name, dtype, shape and bytes,
+    in name order. The same tensors give the same digest whatever file they were read from."""
+    state = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def codec_identity(codec_dir: str | Path) -> dict:
-    """What a token set and an LM record about the codec that made their codes."""
+    """What a token set and an LM record about the codec directory that made their codes."""
     codec_dir = Path(codec_dir)
     return {"config": json.loads((codec_dir / CONFIG).read_text()),
             "weights_sha256": file_sha256(codec_dir / CODEC_WEIGHTS)}
+
+
+def loaded_codec_identity(codec: Codec) -> dict:
+    """The identity of a codec read from a published checkpoint (no codec.safetensors of ours to hash): its
+    configuration and the SHA-256 of its tensors (``tensors_sha256``)."""
+    return json.loads(json.dumps({"config": dataclasses.asdict(codec.cfg), "tensors_sha256": tensors_sha256(codec)}))
+
+
+def is_codec(identity: dict, codec: Codec | None = None, codec_dir: str | Path | None = None) -> bool:
+    """Whether the codec (loaded, or its directory) is the one ``identity`` records: its weights file's hash for an
+    identity of a codec directory, its tensors' hash for one of a published codec."""
+    if "tensors_sha256" in identity:
+        codec = codec if codec is not None else load_codec(codec_dir)
+        return tensors_sha256(codec) == identity["tensors_sha256"]
+    return codec_dir is not None and is_codec_directory(codec_dir) and \
+        file_sha256(Path(codec_dir) / CODEC_WEIGHTS) == identity.get("weights_sha256")
 
 
 def is_codec_directory(folder: str | Path) -> bool:
@@ -146,12 +175,15 @@ def _new_lm(cfg: LMConfig, quantization: str | None) -> MusicLM:
 def load_lm_codec(model_dir: str | Path, config: dict, codec_dir: str | Path | None = None,
                   device: str | torch.device = "cpu") -> Codec:
     """The codec whose codes the LM of ``model_dir`` (its ``config``) learned: ``codec_dir``, or the one bundled
-    in ``model_dir/codec``; ValueError unless its weights hash to what the LM recorded."""
+    in ``model_dir/codec``; ValueError unless its weights (or, for a published codec's identity, its tensors) hash
+    to what the LM recorded."""
     model_dir = Path(model_dir)
     codec_dir = Path(codec_dir) if codec_dir is not None else model_dir / BUNDLED_CODEC
     if not is_codec_directory(codec_dir):
         raise ValueError(f"{codec_dir}: no codec here; pass codec_dir, the codec the LM's tokens came from")
-    if codec_identity(codec_dir)["weights_sha256"] != config["codec"]["weights_sha256"]:
+    codec = load_codec(codec_dir, device)
+    if not is_codec(config["codec"], codec, codec_dir):
+        what = "tensors" if "tensors_sha256" in config["codec"] else "weights"
         raise ValueError(f"{codec_dir / CODEC_WEIGHTS} is not the codec {model_dir} was trained on "
-                         "(its weights hash differs)")
-    return load_codec(codec_dir, device)
+                         f"(its {what} hash differs)")
+    return codec

@@ -12,6 +12,12 @@ discriminator trains on the same step's detached reconstructions. A step whose l
 finite is skipped whole: the quantizer's EMA codebooks, which its forward pass updated, and the balancer's norms
 are put back as they were, and neither optimiser steps. A run folder holds ``checkpoint/`` (resumed
 automatically), ``metrics.jsonl`` and the final ``model/`` (config.json + codec.safetensors).
+
+``--init CODEC`` fine-tunes a trained or published codec (any format the loader reads: a transformers EnCodec, the
+one inside a MusicGen folder, audiocraft's compression_state_dict.bin...): its configuration and weights, EMA
+codebooks included, before the first step (``mmdgen.train.finetune``); the discriminator starts afresh.
+
+    mmdgen train codec --init facebook/encodec_32khz --data my_music/ --mmd-weight 1e4 --mmd-delay
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.discriminator import DiscriminatorConfig, MultiScaleSTFTDiscriminator
 from mmdgen.pretrained.directory import save_codec
 from mmdgen.train.config import CodecTrainConfig
+from mmdgen.train.finetune import load_codec_init
 from mmdgen.train.loop import Process, Trainer, autocast
 
 
@@ -49,11 +56,12 @@ class CodecTrainer(Trainer):
 
     def __init__(self, cfg: CodecTrainConfig, process: Process | None = None, progress: bool = True):
         super().__init__(cfg, process, progress)
-        codec_cfg = codec_config(cfg.preset)
-        codec_cfg.quantizer.stage_latent = cfg.stage_latent
+        self.codec = load_codec_init(cfg) if cfg.init else Codec(codec_config(cfg.preset))
+        codec_cfg = self.codec.cfg
+        codec_cfg.quantizer.stage_latent = cfg.stage_latent  # the quantizer reads its configuration's
         self.codec_cfg = codec_cfg
         device = self.process.device
-        self.codec = Codec(codec_cfg).to(device)
+        self.codec.to(device)
         self.disc = MultiScaleSTFTDiscriminator(DiscriminatorConfig(filters=cfg.disc_filters)).to(device)
         self.g_opt = torch.optim.Adam(self.codec.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mmdgen.choices import (Backend, CodecPreset, LMPreset, PatternName, Precision, StageLatent,
+from mmdgen.choices import (Backend, CodecPreset, LMPreset, OptimizerState, PatternName, Precision, StageLatent,
                             TextConditionerKind)
 from mmdgen.validation import INT64_MAX, MAX_SECONDS, check_fields, label, option, path_problem
 
@@ -67,7 +67,12 @@ class CodecTrainConfig(LoopConfig):
     data: str = option("", "a corpus manifest.jsonl (its train and valid splits) or a folder of audio files",
                        required=True, path="file_or_folder")
     out: str = "runs/codec"
-    preset: CodecPreset = option("tiny", "the codec's size (paper: EnCodec 32 kHz, 4 x 2048 codes)")
+    init: str | None = option(None, "fine-tune this codec (its weights before the first step; the discriminator "
+                                    "starts afresh): an mmdgen codec or LM directory, a transformers EnCodec or "
+                                    "MusicGen folder, audiocraft's compression_state_dict.bin, or a repository id in "
+                                    "the local cache", path="model")
+    preset: CodecPreset | None = option(None, "the codec's size (paper: EnCodec 32 kHz, 4 x 2048 codes); default "
+                                              "tiny, with --init the codec's own")
     crop_seconds: float = option(1.0, "seconds of audio per training item", above=0, at_most=MAX_SECONDS)
     lr: float = option(3e-4, "Adam's learning rate (codec and discriminator)", above=0)
     betas: tuple[float, float] = option((0.5, 0.9), "Adam's betas", at_least=0, below=1)
@@ -86,8 +91,14 @@ class CodecTrainConfig(LoopConfig):
     adversarial: bool = option(True, "train with the multi-scale STFT discriminator")
     disc_filters: int = option(32, "the discriminator's filters", at_least=1)
 
-    FREE = LoopConfig.FREE + ("lr", "betas")
+    # a resumed run keeps its checkpoint's weights: --init only builds the model
+    FREE = LoopConfig.FREE + ("lr", "betas", "init")
     PATHS = ("data",)
+
+    def check(self) -> None:
+        super().check()
+        if self.init is None and self.preset is None:
+            self.preset = "tiny"
 
 
 @dataclass
@@ -96,13 +107,23 @@ class LMTrainConfig(LoopConfig):
 
     tokens: str = option("", "a token folder from `mmdgen data tokenize`", required=True, path="folder")
     out: str = "runs/lm"
-    preset: LMPreset = option("tiny", "the LM's size (small: MusicGen small)")
-    pattern: PatternName = option("delay", "the codebook pattern")
-    delays: str = option("", "comma-separated per-codebook delays of the delay pattern (empty: 0..K-1)",
-                         rule=delays_rule)
-    text: TextConditionerKind = option("learned", "the text conditioner")
+    init: str | None = option(None, "fine-tune this model: an mmdgen LM directory, a transformers MusicGen folder, "
+                                    "audiocraft's state_dict.bin (or its folder) or a repository id in the local "
+                                    "cache; its LM (weights before the first step, its size and pattern) and its "
+                                    "text conditioner (a T5 stays frozen); tokenize with its codec (`data tokenize "
+                                    "--codec` the same model)", path="model")
+    preset: LMPreset | None = option(None, "the LM's size (small: MusicGen small); default tiny, with --init the "
+                                           "model's own")
+    pattern: PatternName | None = option(None, "the codebook pattern; default delay, with --init the model's own")
+    delays: str = option("", "comma-separated per-codebook delays of the delay pattern (empty: 0..K-1, or with "
+                             "--init the model's own)", rule=delays_rule)
+    text: TextConditionerKind | None = option(None, "the text conditioner; default learned, with --init the "
+                                                    "model's own")
     text_path: str = option("", "learned: a sentencepiece model (default: trained on the captions); minilm: a model "
-                                "folder (default: the installed package); t5: the encoder's folder (required)")
+                                "folder (default: the installed package); t5: the encoder's folder (required; with "
+                                "an audiocraft --init, default: the T5 it names, from the local cache)")
+    text_cache: bool = option(True, "compute a frozen text encoder's states (t5, minilm) once per caption and keep "
+                                    "them in the token folder (text_states/), instead of running it at every step")
     text_dim: int = option(128, "the learned text encoder's width", at_least=1)
     text_layers: int = option(2, "the learned text encoder's layers", at_least=1)
     batch_size: int = 16
@@ -116,15 +137,26 @@ class LMTrainConfig(LoopConfig):
                                       at_most=1)
     fused_ce: bool = option(True, "fuse the output heads with the cross-entropy (mmdgen.kernels.cross_entropy)")
     backend: Backend = option("auto", "the fused ops' implementation")
+    activation_checkpointing: bool = option(False, "keep each decoder layer's input only and recompute its "
+                                                   "activations in the backward pass (less memory, one more forward)")
+    optimizer_state: OptimizerState = option("fp32", "the dtype of AdamW's moments (bf16: half the optimiser's "
+                                                     "memory; the weights stay fp32)")
+    fsdp: bool = option(False, "shard the model over the processes with FSDP2 (each decoder layer, then the rest); "
+                               "checkpoints through torch.distributed.checkpoint, resumable on another number of "
+                               "processes")
     ckpt_every: int = 200
     valid_clips: int = 64
 
-    FREE = LoopConfig.FREE + ("backend", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip")
+    FREE = LoopConfig.FREE + ("backend", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "init",
+                              "text_cache", "activation_checkpointing")
     PATHS = ("tokens", "text_path")
 
     def check(self) -> None:
         super().check()
-        if self.text == "t5" and not self.text_path:
+        if self.init is None:  # the defaults; with --init the model's own
+            self.preset, self.pattern = self.preset or "tiny", self.pattern or "delay"
+            self.text = self.text or "learned"
+        if self.text == "t5" and not self.text_path and self.init is None:
             raise ValueError(f"{label('text')} t5 needs {label('text_path')}: a local folder with the T5 encoder's "
                              "weights and tokenizer")
         kind = "file" if self.text == "learned" else "folder"

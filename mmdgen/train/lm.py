@@ -13,6 +13,16 @@ max_nonfinite): the schedule continues from the checkpoint's step under the new 
 
 A run folder holds ``checkpoint/``, ``metrics.jsonl`` and the final ``model/`` (``mmdgen.pretrained``'s LM
 directory, with the codec bundled).
+
+Fine-tuning: ``--init MODEL`` starts from a trained or published model (``mmdgen.train.finetune``) on tokens of its
+codec. A frozen text encoder (T5, MiniLM) runs once per caption: its states are cached in the token folder
+(``mmdgen.data.text_states``) and read at every step, the encoder itself staying on the CPU. Memory:
+``--activation-checkpointing`` recomputes each decoder layer in the backward pass; ``--optimizer-state bf16`` keeps
+AdamW's moments in bf16 (``mmdgen.train.optim``; the weights stay fp32, as with bf16 autocast); ``--fsdp`` shards
+the model over the processes with FSDP2 (``fully_shard`` on each decoder layer, then on the whole: the fused
+cross-entropy gets the gathered head weights inside the root's forward), its checkpoints going through
+torch.distributed.checkpoint (``mmdgen.train.loop``) and its export gathering the full weights on rank 0. Under
+torchrun, each process is one rank of the global batch; losses are logged as the global batch's mean.
 """
 
 from __future__ import annotations
@@ -24,19 +34,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mmdgen.data.text_states import CachedTextStates, cache_path, conditioner_key, fill_text_cache
 from mmdgen.data.tokenize import TokenSet
 from mmdgen.losses.lm import IGNORE, codebook_losses
+from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import Pattern, make_pattern
 from mmdgen.model.text import (LearnedTextEncoder, TextConditioner, drop_captions, text_conditioner,
                                train_caption_tokenizer)
-from mmdgen.pretrained.directory import (BUNDLED_CODEC, codec_identity, copy_codec, is_codec_directory,
-                                         save_music_lm)
+from mmdgen.pretrained.directory import (BUNDLED_CODEC, codec_identity, copy_codec, is_codec, is_codec_directory,
+                                         save_codec, save_music_lm)
+from mmdgen.pretrained.loader import load_codec_model
 from mmdgen.train.config import LMTrainConfig
+from mmdgen.train.finetune import load_lm_init
 from mmdgen.train.loop import Process, Trainer, autocast
+from mmdgen.train.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +105,37 @@ def teacher_forcing(codes: torch.Tensor, pattern: Pattern, special: int) -> tupl
 
 
 class ConditionedLM(nn.Module):
-    """The LM with its text conditioner; forward returns the loss, so DDP sees one graph per step."""
+    """The LM with its text conditioner; forward returns the loss, so DDP and FSDP see one graph per step.
 
-    def __init__(self, lm: MusicLM, text: TextConditioner):
+    ``every_parameter_in_graph``: a batch whose captions were all dropped never runs a trainable text encoder; its
+    parameters then join the loss with a zero weight, so that they get a (zero) gradient on every rank, as FSDP's
+    gradient reduction needs the same tensors from all of them."""
+
+    def __init__(self, lm: MusicLM, text: TextConditioner, every_parameter_in_graph: bool = False):
         super().__init__()
-        self.lm, self.text = lm, text
+        self.lm, self.text, self.every_parameter_in_graph = lm, text, every_parameter_in_graph
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, captions: list[str], fused: bool = True,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         condition = self.text(captions)
         hidden = self.lm.hidden(inputs, condition.states, condition.mask)
-        return codebook_losses(self.lm, hidden, targets, fused, backend)
+        loss, per_codebook = codebook_losses(self.lm, hidden, targets, fused, backend)
+        unused = [p for p in self.text.parameters() if p.requires_grad] if self.every_parameter_in_graph and \
+            not bool(condition.mask.any()) else []
+        if unused:
+            loss = loss + 0.0 * sum(p.sum() for p in unused)
+        return loss, per_codebook
+
+
+def shard_model(model: ConditionedLM) -> None:
+    """FSDP2 over the current process group: each decoder layer a unit, then the rest (embeddings, text projection,
+    final norm, heads, a learned text encoder) as the root; a frozen text encoder is left whole (not trained)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.lm.layers:
+        fully_shard(layer)
+    frozen = {p for p in model.text.parameters() if not p.requires_grad}
+    fully_shard(model, ignored_params=frozen or None)
 
 
 def build_text_conditioner(cfg: LMTrainConfig, tokens: TokenSet, out: Path, process: Process
@@ -129,19 +165,33 @@ class LMTrainer(Trainer):
         train_tokens = TokenSet(cfg.tokens, "train")
         if not len(train_tokens):
             raise ValueError(f"{cfg.tokens}: the token folder has no 'train' clips")
-        self.pattern = make_pattern(cfg.pattern, train_tokens.num_codebooks, cfg.delay_values())
+        valid_tokens = TokenSet(cfg.tokens, "valid")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out, self.process)
-        self.lm_cfg = lm_config(cfg.preset, num_codebooks=train_tokens.num_codebooks,
-                                codebook_size=train_tokens.codebook_size, text_dim=self.text.dim,
-                                pattern=cfg.pattern, delays=self.pattern.delays, context_frames=cfg.crop_frames)
+        self.init_codec: Codec | None = None  # the codec of --init's model, bundled when the tokens came from it
+        if cfg.init:
+            init = load_lm_init(cfg, train_tokens)
+            self.lm, self.lm_cfg, self.text, self.text_record = init.lm, init.lm.cfg, init.text, init.text_record
+            self.init_codec = init.codec
+            self.pattern = make_pattern(self.lm_cfg.pattern, self.lm_cfg.num_codebooks, self.lm_cfg.delays)
+        else:
+            self.pattern = make_pattern(cfg.pattern, train_tokens.num_codebooks, cfg.delay_values())
+            self.text, self.text_record = build_text_conditioner(cfg, train_tokens, self.out, self.process)
+            self.lm_cfg = lm_config(cfg.preset, num_codebooks=train_tokens.num_codebooks,
+                                    codebook_size=train_tokens.codebook_size, text_dim=self.text.dim,
+                                    pattern=cfg.pattern, delays=self.pattern.delays, context_frames=cfg.crop_frames)
+            self.lm = MusicLM(self.lm_cfg)
         self.codec = train_tokens.codec
         device = self.process.device
-        self.lm = MusicLM(self.lm_cfg).to(device)
-        self.text.to(device)
-        self.model = ConditionedLM(self.lm, self.text)
+        self.lm.to(device)
+        self.lm.activation_checkpointing = cfg.activation_checkpointing
+        step_text = self._step_conditioner(train_tokens.records + valid_tokens.records)
+        self.model = ConditionedLM(self.lm, step_text, every_parameter_in_graph=cfg.fsdp)
         self.train_model = self.model
-        if self.process.world > 1:
+        if cfg.fsdp:
+            self.sharded = self.model
+            if self.process.world > 1:
+                shard_model(self.model)
+        elif self.process.world > 1:
             # a batch whose captions were all dropped never runs a learned text encoder
             self.train_model = DistributedDataParallel(self.model,
                                                        find_unused_parameters=self.text_record["kind"] == "learned")
@@ -149,16 +199,28 @@ class LMTrainer(Trainer):
             self.train_model = torch.compile(self.train_model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         decayed = [p for p in trainable if p.dim() >= 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decayed, "weight_decay": cfg.weight_decay},
-             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = adamw([{"params": decayed, "weight_decay": cfg.weight_decay},
+                                {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+                               cfg.lr, cfg.betas, cfg.optimizer_state)
         self.dropout_generator = torch.Generator().manual_seed(cfg.seed + 2)
-        valid_tokens = TokenSet(cfg.tokens, "valid")
         self.valid_data = None
         if cfg.valid_clips and len(valid_tokens) and any(r["frames"] >= cfg.crop_frames for r in valid_tokens.records):
             self.valid_data = CodeCrops(valid_tokens, cfg.crop_frames, random_crop=False)
             self.valid_data.indices = self.valid_data.indices[: cfg.valid_clips]
         self._start(CodeCrops(train_tokens, cfg.crop_frames, seed=cfg.seed), collate_codes)
+
+    def _step_conditioner(self, records: list[dict]) -> TextConditioner:
+        """What turns captions into states at each step: a frozen encoder's cached states (computed here by rank 0
+        for the captions of ``records`` the cache lacks; the encoder stays on the CPU), or the conditioner itself
+        on the device."""
+        if self.text_record["kind"] == "learned" or not self.cfg.text_cache:
+            return self.text.to(self.process.device)
+        path = cache_path(self.cfg.tokens, conditioner_key(self.text))
+        if self.process.main:
+            fill_text_cache(path, self.text, [r["caption"] for r in records], self.process.device)
+        if self.process.world > 1:
+            dist.barrier()
+        return CachedTextStates(path, self.text.dim, self.process.device)
 
     # -- what the shared loop asks for ---------------------------------------------------------------
 
@@ -186,20 +248,56 @@ class LMTrainer(Trainer):
     def progress_fields(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics.get('loss', float('nan')):.3f}", "lr": f"{metrics.get('lr', 0.0):.1e}"}
 
-    def export(self) -> Path:
-        folder = save_music_lm(self.out / "model", self.lm, self.text, self.text_record, self.codec)
+    def export(self) -> Path | None:
+        """The model directory (rank 0; under FSDP every rank calls this to gather the full weights)."""
+        lm, text = self._full_models()
+        if not self.process.main:
+            return None
+        folder = save_music_lm(self.out / "model", lm, text, self.text_record, self.codec)
         self._bundle_codec(folder / BUNDLED_CODEC)
         return folder
 
+    def _full_models(self) -> tuple[MusicLM, TextConditioner]:
+        """The LM and the text conditioner with whole weights: under FSDP over several processes, unsharded copies
+        on rank 0's CPU (the other ranks get the sharded modules back)."""
+        if self.sharded is None or self.process.world == 1:
+            return self.lm, self.text
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.process.main:
+            return self.lm, self.text
+        lm = MusicLM(self.lm_cfg)
+        lm.load_state_dict({k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")})
+        text = self.text
+        if self.text_record["kind"] == "learned":
+            text = LearnedTextEncoder(self.text.config)
+            text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+        return lm, text
+
     def _bundle_codec(self, target: Path) -> None:
-        """Copy the codec the tokens came from beside the LM (when it is still where it was and unchanged), so
-        that the model directory alone generates audio."""
+        """The codec the tokens came from beside the LM (when it is still where it was and unchanged), so that the
+        model directory alone generates audio: a codec directory copied, a published codec saved as one."""
         source = Path(self.train_data.tokens.header.get("codec_dir", ""))
-        if not is_codec_directory(source) or codec_identity(source) != self.codec:
-            log.warning("the codec of %s is not at %s any more (or changed): the model directory holds the LM only",
-                        self.cfg.tokens, source)
+        if "tensors_sha256" in self.codec:
+            codec = self.init_codec if self.init_codec is not None and is_codec(self.codec, self.init_codec) else \
+                self._published_codec(source)
+            if codec is not None:
+                save_codec(codec, target)
+                return
+        elif is_codec_directory(source) and codec_identity(source) == self.codec:
+            copy_codec(source, target)
             return
-        copy_codec(source, target)
+        log.warning("the codec of %s is not at %s any more (or changed): the model directory holds the LM only",
+                    self.cfg.tokens, source)
+
+    def _published_codec(self, source: Path) -> Codec | None:
+        """The codec at ``source`` when it is still the one the tokens came from, else None."""
+        try:
+            codec = load_codec_model(source)
+        except ValueError:
+            return None
+        return codec if is_codec(self.codec, codec) else None
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -215,7 +313,8 @@ class LMTrainer(Trainer):
         metrics: dict[str, float] = {"lr": lr}
         finite = True
         for batch in micro_batches:
-            captions = drop_captions(batch["captions"], cfg.condition_dropout, self.dropout_generator)
+            captions = drop_captions(batch["captions"], cfg.condition_dropout, self.dropout_generator,
+                                     self.process.rank, self.process.world)
             loss, per_codebook = self._losses(self.train_model, batch, captions)
             values = {"loss": loss.item(), **{f"loss_k{k}": v for k, v in enumerate(per_codebook.tolist())}}
             for key, value in values.items():
@@ -223,9 +322,11 @@ class LMTrainer(Trainer):
             finite = finite and not self.any_rank(not all(math.isfinite(v) for v in values.values()))
             if finite:
                 (loss.float() / len(micro_batches)).backward()
+        self._mean_over_ranks(metrics)
         if finite:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  cfg.grad_clip)
+            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not self.guard.check(metrics):
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
@@ -234,6 +335,16 @@ class LMTrainer(Trainer):
             group["lr"] = lr
         self.optimizer.step()
         return metrics
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> None:
+        """The losses as the global batch's: each rank's mean over its items, averaged over the ranks (equal item
+        counts, equal crops)."""
+        if self.process.world == 1:
+            return
+        names = [name for name in metrics if name.startswith("loss")]
+        values = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=self.process.device)
+        dist.all_reduce(values)
+        metrics.update(zip(names, (values / self.process.world).tolist()))
 
     @torch.no_grad()
     def validate(self) -> dict:

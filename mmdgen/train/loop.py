@@ -15,6 +15,13 @@ whose changes it logs, one line each.
 
 A step whose losses (or gradient norm) are not finite is skipped without changing any state; more than
 ``max_nonfinite`` such steps in a row stop the run with a RuntimeError.
+
+A sharded run (a trainer setting ``sharded``: FSDP2) checkpoints its model and optimisers through
+``torch.distributed.checkpoint`` instead: every rank writes its shards into the checkpoint folder (``.metadata``
+and ``*.distcp`` beside ``config.json`` and ``training_state.pt``; a filesystem all ranks share), swapped into
+place as a whole by rank 0. Such a checkpoint loads onto any number of processes, one included. A run may resume on
+another number of processes when the global batch (``batch_size x grad_accum x processes``) stays the same: the
+data position carries over in items of the global batch, so the run sees the items it would have seen.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import math
 import os
 import pickle
 import random
+import shutil
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -37,8 +46,8 @@ import torch
 import torch.distributed as dist
 
 from mmdgen.choices import Precision
-from mmdgen.files import (check_finite, load_weights, read_jsonl, save_weights, write_folder_atomic,
-                          write_text_atomic)
+from mmdgen.files import (check_finite, load_weights, read_jsonl, replace_folder, save_weights,
+                          write_folder_atomic, write_text_atomic)
 from mmdgen.train.sampler import ShardedSampler
 
 log = logging.getLogger(__name__)
@@ -109,6 +118,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _global_batch(train: dict, world: int) -> int | None:
+    """Items per optimiser step over all processes, from a config's training settings."""
+    if not isinstance(train.get("batch_size"), int) or not isinstance(train.get("grad_accum"), int):
+        return None
+    return train["batch_size"] * train["grad_accum"] * world
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
@@ -172,6 +188,97 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, setting in zip(optimizer.param_groups, settings):
         group.update(setting)
+
+
+def sharded_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """The model's and the optimisers' state dicts as torch.distributed.checkpoint takes them: each rank its shards
+    (DTensors) under FSDP, whole tensors in a single process; keys are the model's parameter names."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model),
+            "optimizers": {name: get_optimizer_state_dict(model, optimizer) for name, optimizer in optimizers.items()}}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def first_nonfinite(tensors: dict) -> str | None:
+    """The name of the first tensor (this rank's shard of it) inside nested containers that holds a NaN or an
+    infinity, or None."""
+    for name, tensor in named_tensors(tensors):
+        local = _local(tensor)
+        if (local.is_floating_point() or local.is_complex()) and not bool(local.isfinite().all()):
+            return name
+    return None
+
+
+def _barrier(process: Process) -> None:
+    if process.world > 1:
+        dist.barrier()
+
+
+@contextmanager
+def _single_process_is_meant():
+    """torch.distributed.checkpoint warns at each save and load without a process group: one process is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_sharded_checkpoint(folder: Path, config: dict, model: torch.nn.Module,
+                            optimizers: dict[str, torch.optim.Optimizer], state: dict, process: Process) -> None:
+    """Every rank: its shards of the model and the optimisers into a temporary folder, which rank 0 completes with
+    the config and the training state and swaps into place (``folder`` keeps the previous checkpoint until then).
+    ValueError on every rank, with nothing written, when a tensor is not finite on some rank."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    tensors = sharded_state(model, optimizers)
+    bad = first_nonfinite(tensors)
+    names = [bad] if process.world == 1 else [None] * process.world
+    if process.world > 1:
+        dist.all_gather_object(names, bad)
+    bad = next((name for name in names if name), None)
+    if bad:
+        raise ValueError(f"{folder}: not written: tensor {bad} of the sharded model or its optimiser holds non-finite "
+                         "values (NaN or infinity); expected finite values only")
+    if process.main:
+        check_finite(folder / STATE_FILE, dict(named_tensors(state)), "the training state")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if process.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(process)
+    with _single_process_is_meant():
+        dcp.save(tensors, checkpoint_id=tmp)
+    _barrier(process)
+    if process.main:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        torch.save(state, tmp / STATE_FILE)
+        replace_folder(tmp, folder)
+    _barrier(process)
+
+
+def load_sharded_checkpoint(folder: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]
+                            ) -> None:
+    """The model's and the optimisers' state from ``save_sharded_checkpoint``'s folder, resharded onto however many
+    processes run now; the optimisers keep the settings (lr, betas...) they were built with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (Path(folder) / ".metadata").exists():
+        raise ValueError(f"{folder}: no torch.distributed.checkpoint files (.metadata); the checkpoint of a sharded "
+                         "run holds them")
+    tensors = sharded_state(model, optimizers)
+    with _single_process_is_meant():
+        dcp.load(tensors, checkpoint_id=folder)
+    set_model_state_dict(model, tensors["model"])
+    for name, optimizer in optimizers.items():
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        set_optimizer_state_dict(model, optimizer, tensors["optimizers"][name])
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
 
 
 def _get(config: dict, keys: tuple[str, ...]):
@@ -299,6 +406,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.guard = NonFiniteGuard(cfg.max_nonfinite, self.out / "checkpoint", self.any_rank)
         self.step, self.epoch, self.consumed = 0, 0, 0
+        # the module whose state (and its optimisers') checkpoints go through torch.distributed.checkpoint; then
+        # every rank validates and exports, as the model's forward and its full state need them all
+        self.sharded: torch.nn.Module | None = None
 
     def _start(self, train_data, collate) -> None:
         self.train_data, self.collate = train_data, collate
@@ -363,12 +473,13 @@ class Trainer:
         config["train"]["out"] = str(self.run_folder)
         return config
 
-    def _check_configuration(self, folder: Path, saved: dict) -> None:
+    def _check_configuration(self, folder: Path, saved: dict, saved_world: int) -> None:
         """ValueError naming the settings that differ from the checkpoint's, but those a resume may change.
 
         A path matches when it names the same place relative to the run folder (the run folder moved together
         with its inputs, or nothing moved) or the same absolute place (the run folder moved alone). Checkpoints
-        older than ``train.out`` stored paths as given, relative to the working directory."""
+        older than ``train.out`` stored paths as given, relative to the working directory. On another number of
+        processes, the batch size and the accumulation may change with the global batch kept."""
         expected = self.saved_config()
         saved_run = Path(saved.get("train", {}).get("out") or Path.cwd())
         for keys in self._path_keys():
@@ -376,8 +487,18 @@ class Trainer:
             if isinstance(old, str) and old and new and old != new and \
                     (saved_run / old).resolve() == (self.run_folder / new).resolve():
                 _set(saved, keys, new)
-        saved_train = {k: v for k, v in saved.get("train", {}).items() if k not in self.cfg.FREE}
-        expected_train = {k: v for k, v in expected["train"].items() if k not in self.cfg.FREE}
+        free = self.cfg.FREE
+        if saved_world != self.process.world:
+            saved_global = _global_batch(saved.get("train", {}), saved_world)
+            now = _global_batch(expected["train"], self.process.world)
+            if saved_global != now:
+                raise ValueError(f"{folder} was written by {saved_world} processes with a global batch of "
+                                 f"{saved_global} items; on {self.process.world}, batch_size x grad_accum x processes "
+                                 f"must stay {saved_global} (it is {now}) to resume; or use another --out to start "
+                                 "afresh")
+            free = free + ("batch_size", "grad_accum")
+        saved_train = {k: v for k, v in saved.get("train", {}).items() if k not in free}
+        expected_train = {k: v for k, v in expected["train"].items() if k not in free}
         differing = sorted(k for k in set(saved_train) | set(expected_train)
                            if saved_train.get(k) != expected_train.get(k))
         differing += sorted(k for k in set(saved) | set(expected) if k != "train" and saved.get(k) != expected.get(k))
@@ -398,13 +519,19 @@ class Trainer:
         if folder is None:
             return
         saved = json.loads((folder / "config.json").read_text())
-        self._check_configuration(folder, saved)
-        for name, model in self.checkpoint_models().items():
-            load_weights(folder / f"{name}.safetensors", _unwrap(model), f"the checkpoint's {name}")
         state = load_state(folder)
-        for name, optimizer in self.optimizers().items():
-            _load_optimizer(optimizer, state["optimizers"][name])
-        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
+        saved_world = state.get("world", self.process.world)  # older checkpoints: the same processes
+        self._check_configuration(folder, saved, saved_world)
+        if self.sharded is not None:
+            load_sharded_checkpoint(folder, self.sharded, self.optimizers())
+        else:
+            for name, model in self.checkpoint_models().items():
+                load_weights(folder / f"{name}.safetensors", _unwrap(model), f"the checkpoint's {name}")
+            for name, optimizer in self.optimizers().items():
+                _load_optimizer(optimizer, state["optimizers"][name])
+        self.step, self.epoch = state["step"], state["epoch"]
+        # the data position in items of the global batch, shared out among the processes of this run
+        self.consumed = state["consumed"] * saved_world // self.process.world
         # checkpoints older than the count of steps skipped in a row hold the total only
         self.guard.total, self.guard.in_a_row = state["skipped"], state.get("skipped_in_a_row", 0)
         set_rng_state(state["rng"][min(self.process.rank, len(state["rng"]) - 1)])
@@ -431,12 +558,15 @@ class Trainer:
 
     def _save(self) -> None:
         rngs, extra = self._gather(rng_state()), self.extra_state()
+        state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.guard.total,
+                 "skipped_in_a_row": self.guard.in_a_row, "world": self.process.world, "rng": rngs, "extra": extra}
+        if self.sharded is not None:
+            save_sharded_checkpoint(self.out / "checkpoint", self.saved_config(), self.sharded, self.optimizers(),
+                                    state, self.process)
+            return
         if not self.process.main:
             return
-        state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.guard.total,
-                 "skipped_in_a_row": self.guard.in_a_row,
-                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers().items()},
-                 "rng": rngs, "extra": extra}
+        state["optimizers"] = {name: opt.state_dict() for name, opt in self.optimizers().items()}
         save_checkpoint(self.out / "checkpoint", self.saved_config(), self.checkpoint_models(), state)
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -478,9 +608,10 @@ class Trainer:
                     self.log.write("train", self.step, {**metrics, "steps_per_s": rate,
                                                         "skipped_total": self.guard.total})
                 self.guard.stop_if_exhausted(self.step)  # before a checkpoint: the last one stays in place
-                if self.process.main and (self.step % cfg.valid_every == 0 or self.step == cfg.steps):
+                if (self.process.main or self.sharded is not None) and (self.step % cfg.valid_every == 0 or
+                                                                        self.step == cfg.steps):
                     last = self.validate()
-                    if last:
+                    if last and self.process.main:
                         self.log.write("valid", self.step, last)
                         bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                                                                      if isinstance(v, (int, float))))
@@ -491,6 +622,6 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the model's validation {', '.join(broken)} is not finite, so no "
                                f"model was exported from {self.out / 'checkpoint'}; the run diverged: start afresh "
                                "with another --out and a lower --lr")
-        if self.process.main:
-            self.export()
+        if self.process.main or self.sharded is not None:
+            self.export()  # sharded: every rank, to gather the full weights
         return last

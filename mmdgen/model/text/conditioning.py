@@ -93,17 +93,23 @@ def _zero_padding(encoded: TextConditioning) -> TextConditioning:
 
 
 def drop_captions(
-    captions: list[str | None], probability: float, generator: torch.Generator
+    captions: list[str | None], probability: float, generator: torch.Generator, rank: int = 0, world: int = 1
 ) -> list[str | None]:
     """Condition dropout for classifier-free guidance training (MusicGen uses 0.3).
 
     Each caption is replaced by "" with ``probability``, independently; the draws come from
     ``generator`` (a CPU generator), so the result is deterministic given its state.
+
+    Across ``world`` processes, each holding every world-th item of a global batch from ``rank`` on, every process
+    draws for the whole global batch (its generator stays in step with the others') and keeps its own items' draws:
+    the captions dropped are those one process would drop holding the whole batch, whatever the world size.
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"drop probability must be in [0, 1], got {probability}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world} processes")
     # uniform draws lie in [0, 1): probability 0 keeps everything and 1 drops everything.
-    draws = torch.rand(len(captions), generator=generator)
+    draws = torch.rand(len(captions) * world, generator=generator)[rank::world]
     return ["" if float(draw) < probability else caption for draw, caption in zip(draws, captions)]
 
 

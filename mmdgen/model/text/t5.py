@@ -502,6 +502,7 @@ class T5TextEncoder(FrozenConditioner):
         self.tokenizer = tokenizer
         self.dim = encoder.config.d_model
         self.max_length = max_length
+        self.folder: Path | None = None  # the folder it was read from (from_folder)
         self.freeze()
 
     @classmethod
@@ -529,7 +530,9 @@ class T5TextEncoder(FrozenConditioner):
         encoder = encoder.to_empty(device="cpu").to(dtype)
         tensors = TensorFiles.from_folder(folder)
         load_t5_weights(encoder, tensors, tensors.description, prefix)
-        return cls(encoder, T5Tokenizer.from_folder(tokenizer_path or folder), max_length)
+        text = cls(encoder, T5Tokenizer.from_folder(tokenizer_path or folder), max_length)
+        text.folder = folder  # what a model directory records to load it again
+        return text
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer.encode(captions, self.max_length)
