@@ -438,3 +438,23 @@ def test_a_melody_checkpoint_runs_without_transformers_or_audiocraft(tiny, monke
         monkeypatch.setitem(sys.modules, library, None)  # any import of it now fails
     generator = Generator.from_pretrained(tiny.folder)
     assert torch.equal(tiny.ours(generator, 3.0, True), their_codes)
+
+
+def test_the_generate_command_takes_a_melody_file(tiny, tmp_path, capsys):
+    import soundfile
+
+    from mmdgen import cli
+
+    soundfile.write(tmp_path / "melody.wav", tiny.melody[0].T.numpy(), tiny.melody_rate, subtype="FLOAT")
+    out = tmp_path / "clip.wav"
+    args = ["generate", "a calm jig", "--model", str(tiny.folder), "--duration", "0.4", "--temperature", "0", "--out",
+            str(out)]
+    assert cli.main(args + ["--melody", str(tmp_path / "melody.wav")]) == 0
+    written, _ = soundfile.read(out, dtype="float32")
+    generator = Generator.from_pretrained(tiny.folder)
+    expected = generator.generate(["a calm jig"], 0.4, Sampling(temperature=0), melody=tiny.melody,
+                                  melody_sample_rate=tiny.melody_rate)[0, 0]
+    assert abs(torch.from_numpy(written) - expected.clamp(-1, 1)).max() < 2 / 32768
+    (tmp_path / "noise.txt").write_text("not audio")
+    assert cli.main(args + ["--melody", str(tmp_path / "noise.txt")]) == 2
+    assert "noise.txt: cannot read audio" in capsys.readouterr().err

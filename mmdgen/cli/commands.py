@@ -227,6 +227,8 @@ class GenerateOptions:
     seed: int = option(0, "seed of the sampling (a prompt's default seed is this plus its line number)",
                        at_least=0, at_most=INT64_MAX)
     prompt_audio: str | None = option(None, "an audio file to continue (with one text)", path="file")
+    melody: str | None = option(None, "a MusicGen-melody model: an audio file whose chroma (its first 30 s) "
+                                      "conditions the music (with one text)", path="file")
     device: str = option("cpu", "cpu or cuda", required=True)
     backend: Backend = option("auto", "the fused ops' implementation")
     compile: bool = option(False, "run the decode step through torch.compile: faster steps after a one-off compile "
@@ -250,6 +252,8 @@ class GenerateOptions:
             raise ValueError(f"{out_dir} goes with {prompts}; one text is written to {label('out')}")
         if self.prompts is not None and self.prompt_audio is not None:
             raise ValueError(f"{label('prompt_audio')} continues one text; it does not go with {prompts}")
+        if self.prompts is not None and self.melody is not None:
+            raise ValueError(f"{label('melody')} conditions one text; it does not go with {prompts}")
 
 
 def generate(options: GenerateOptions) -> None:
@@ -271,13 +275,17 @@ def generate(options: GenerateOptions) -> None:
               f"{Path(options.out_dir) / 'manifest.jsonl'}")
         return
     generator.frames(options.duration, "--duration")  # holds a frame of this codec
-    prompt = None
+    prompt, melody, melody_rate = None, None, None
     if options.prompt_audio:
         from mmdgen.data.audio import read_audio
 
         prompt = read_audio(Path(options.prompt_audio), generator.sample_rate)[None]
+    if options.melody:
+        from mmdgen.data.audio import read_melody
+
+        melody, melody_rate = read_melody(Path(options.melody))
     audio = generator.generate([options.text], options.duration, options.sampling, seed=options.seed,
-                               prompt_audio=prompt)
+                               prompt_audio=prompt, melody=melody, melody_sample_rate=melody_rate)
     write_audio(options.out, audio[0], generator.sample_rate)
     print(f"{options.out}: {options.duration:g} s at {generator.sample_rate} Hz")
 
