@@ -2,6 +2,7 @@
 process on the same global batch; checkpoints through torch.distributed.checkpoint that resume exactly on two
 processes and onto one (the data position and the caption dropout carried over in items of the global batch)."""
 
+import gc
 import json
 import os
 import shutil
@@ -29,17 +30,22 @@ def _worker(rank, world, init_file, corpus_dir, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        straight = LMTrainer(_cfg(corpus_dir, root / "straight"), progress=False)
-        weight = straight.lm.layers[0].fc1.weight  # each rank holds half of each layer's rows
-        assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] * 2 == weight.shape[0]
-        straight.train()
-        LMTrainer(_cfg(corpus_dir, root / "stopped", steps=2), progress=False).train()
-        if rank == 0:
-            shutil.copytree(root / "stopped", root / "onto-one")
-        dist.barrier()
-        LMTrainer(_cfg(corpus_dir, root / "stopped"), progress=False).train()
+        _train_sharded(corpus_dir, root, rank)
     finally:
+        gc.collect()  # the sharded models' collectives gone before their process group (else a C++ abort at exit)
         dist.destroy_process_group()
+
+
+def _train_sharded(corpus_dir, root, rank):
+    straight = LMTrainer(_cfg(corpus_dir, root / "straight"), progress=False)
+    weight = straight.lm.layers[0].fc1.weight  # each rank holds half of each layer's rows
+    assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] * 2 == weight.shape[0]
+    straight.train()
+    LMTrainer(_cfg(corpus_dir, root / "stopped", steps=2), progress=False).train()
+    if rank == 0:
+        shutil.copytree(root / "stopped", root / "onto-one")
+    dist.barrier()
+    LMTrainer(_cfg(corpus_dir, root / "stopped"), progress=False).train()
 
 
 def _train_records(run):

@@ -184,10 +184,22 @@ def text_tokenizer(options: TokenizerOptions) -> None:
 # -- training ----------------------------------------------------------------------------------------------------
 
 def _train(trainer_class, cfg: LoopConfig) -> None:
+    import gc
+
+    import torch.distributed as dist
+
     trainer = trainer_class(cfg)
-    report = trainer.train()
-    if trainer.process.main:
-        print(f"model: {Path(cfg.out) / 'model'}" + (f"; validation: {report}" if report else ""))
+    try:
+        report = trainer.train()
+        if trainer.process.main:
+            print(f"model: {Path(cfg.out) / 'model'}" + (f"; validation: {report}" if report else ""))
+    finally:
+        # under torchrun: the (sharded) model and its pending collectives go before their process group, which
+        # goes before the interpreter (left to exit, gloo's threads abort the process after a good run)
+        del trainer
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train_codec(cfg: CodecTrainConfig) -> None:

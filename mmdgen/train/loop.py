@@ -624,4 +624,5 @@ class Trainer:
                                "with another --out and a lower --lr")
         if self.process.main or self.sharded is not None:
             self.export()  # sharded: every rank, to gather the full weights
+        _barrier(self.process)  # no rank leaves (and tears its process group down) while another still works
         return last
