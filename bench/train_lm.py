@@ -21,7 +21,8 @@ step time), the process's peak memory above its start (on CPU: resident memory, 
 trainer keeps in host memory, about 0.4 GiB; on CUDA: allocated memory) and the split in ms and % of the step;
 ``T5/step`` is the T5 encoder run alone on the same captions (what every step would add without the cache).
 Sizes: ``mini`` at its usual crop (16 x 150 frames) and ``small`` (MusicGen small's widths) at 30 s (1 x 1500
-frames), each with and without activation checkpointing; FSDP: two gloo processes on the CPU, each one rank of a
+frames), each with and without activation checkpointing, and with the plain cross-entropy; mini also with the T5
+run every step; FSDP (mini, CPU only): two gloo processes, each one rank of a
 global batch of 2 x the batch (on a CPU the two ranks share the cores and talk through gloo: it measures FSDP's
 overhead, not a gain; threads are split between them). Medians over ``--repeats`` steps after one warm-up step;
 the small size takes tens of seconds a step on a laptop-class CPU, so it runs ``--small-repeats`` (1) step.
@@ -237,7 +238,8 @@ def measure(spec: dict) -> dict:
 
 def split_cases(args) -> list[dict]:
     """The cases of table 1: per size, activation checkpointing off and on (fused CE, cached T5); plain CE; the T5
-    run every step (sizes with a batch of more than one caption, where it costs most); FSDP on two processes."""
+    run every step (sizes with a batch of more than one caption, where it costs most); FSDP on two CPU processes
+    (tiny and mini: two ranks of the small size at 1500 frames would need about twice the memory of one)."""
     cases = []
     for size in args.sizes:
         shape = SIZES[size]
@@ -247,7 +249,7 @@ def split_cases(args) -> list[dict]:
                   {**base, "label": "plain CE", "fused": False}]
         if size != "small":
             cases.append({**base, "label": "T5 every step", "text_cache": False})
-        if args.fsdp and size != "small":
+        if args.fsdp and size != "small" and not args.device.startswith("cuda"):  # two ranks need two GPUs
             cases += [{**base, "label": "FSDP x2", "processes": 2},
                       {**base, "label": "FSDP x2 + ckpt", "processes": 2, "checkpointing": True}]
     return cases
