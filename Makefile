@@ -33,4 +33,5 @@ bench: $(INSTALLED)
 	$(PY) bench/train_codec.py
 	$(PY) bench/cross_entropy.py
 	$(PY) bench/train_lm.py
+	$(PY) bench/train_memory.py
 	$(PY) bench/generate.py
