@@ -15,15 +15,15 @@ training resumes from its checkpoint):
    warm-up and cosine schedule, run side by side (``--threads`` each); the fine-tunes start from LM A's model
    (``--init``) at their own peak learning rates (``--finetune-lrs``). Each is validated on part B's validation
    split before its first step (``valid_step0.json``) and every ``--valid-every`` steps (its ``metrics.jsonl``).
-   ``lm-B-scratch-<n>steps/``: from scratch on part B for ``--long-scratch-steps`` (default 1300: as many steps
-   as LM A and a fine-tune together), to see whether training from scratch catches up given the same compute.
+   With ``--long-scratch-steps N`` also ``lm-B-scratch-<N>steps/``: from scratch on part B for N steps (1300: as
+   many as LM A and a fine-tune together), to see whether training from scratch catches up given the same compute.
 5. ``docs/finetune_results.json`` and ``docs/figures/finetune.png``: validation NLL per codebook (nats per code)
    over the steps for every part-B run, and the table of the last validation (printed as Markdown).
 
 The run reported in docs/results.md ("Fine-tuning a pretrained LM"):
 
     python experiments/finetune.py --out runs/finetune --hours 3 --codec-steps 600 --preset mini \\
-        --steps-a 800 --steps-b 500 --finetune-lrs 1e-3 2e-3 --long-scratch-steps 1300
+        --steps-a 800 --steps-b 500 --finetune-lrs 1e-3 2e-3
 
 Only the results (step 5) from runs already there: ``--results-only``.
 """
@@ -323,7 +323,7 @@ def main(argv=None) -> None:
     parser.add_argument("--crop-frames", type=int, default=150)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak lr of the runs from scratch")
     parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[1e-3, 2e-3], help="peak lr of each fine-tune")
-    parser.add_argument("--long-scratch-steps", type=int, default=1300,
+    parser.add_argument("--long-scratch-steps", type=int, default=0,
                         help="also a run from scratch on part B for this many steps (0: none)")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--valid-every", type=int, default=0, help="steps between validations (0: a tenth)")
