@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 FOLK = ("essenFolksong", "oneills1850", "ryansMammoth", "miscFolk", "airdsAirs")
@@ -334,7 +334,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     timings = args.out / "timings.json"
-    manifest = args.corpus or args.out / "corpus" / "manifest.jsonl"
     tokens_b, tokenizer, lm_a = args.out / "tokens-B", args.out / "text_tokenizer.model", args.out / "lm-A" / "model"
     if not args.results_only:
         manifest = timed("corpus", timings, build_corpus_stage, args)
@@ -348,7 +347,7 @@ def main(argv=None) -> None:
               args.threads)
     runs = b_runs(args, tokens_b, lm_a, tokenizer)
     curves = {name: validation_curve(Path(fields["out"])) for name, fields in runs.items()}
-    setup = {"command": f"python {SCRIPT} " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    setup = {"command": f"python {SCRIPT} " + " ".join(argv if argv is not None else sys.argv[1:]),
              "arguments": {k: str(v) for k, v in vars(args).items()}, "parts": PARTS,
              "part_clips": json.loads((args.out / "parts.json").read_text()),
              "runs": runs, "seconds_per_stage": json.loads(timings.read_text()) if timings.exists() else {}}
