@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmdgen.generate.config import Sampling
-from mmdgen.generate.loop import DecodeRuntime, DecodeState, decode
+from mmdgen.generate.loop import DecodeRuntime, decode
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import make_pattern
