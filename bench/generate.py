@@ -14,8 +14,9 @@ decode loop (KV caches, guidance batched as 2B rows, top-k sampling); the codec'
   right shape as ``.audio_values`` (its default dynamic KV cache, its default attention implementation).
 Both decode frames + K - 1 steps with the delay pattern (503 for 10 s); ours with flattening K * frames
 (2000). Every run checks that it returned [B, K, frames] codes. ``ours-*-compiled``: the same loop with
-``Generator.compile`` on CPU (the decode step through ``torch.compile``, one graph for every step) and
-``Generator.cuda_graph`` on CUDA (the step captured in a CUDA graph); its first run at the timed length compiles
+``DecodeRuntime(compile=True)`` on CPU (the decode step through ``torch.compile``, one graph for every step) and
+``DecodeRuntime(cuda_graph=True)`` on CUDA (the step captured in a CUDA graph) as the ``Generator``'s runtime;
+its first run at the timed length compiles
 or captures (its time is reported apart: "first run, compiling"), and the timed runs follow.
 
 Per case (its own subprocess on CPU): median over repeats of the whole generation's time, divided by the
@@ -174,9 +175,11 @@ class Side:
                 from mmdgen.model.quantize import quantize_lm
 
                 quantize_lm(self.generator.lm, mode)
+            from mmdgen.generate.loop import DecodeRuntime
+
             static = spec["impl"].endswith("-compiled")  # CPU: torch.compile; CUDA: the step in a CUDA graph
-            self.generator.compile, self.generator.cuda_graph = static and device.type != "cuda", static and \
-                device.type == "cuda"
+            self.generator.runtime = DecodeRuntime(compile=static and device.type != "cuda",
+                                                   cuda_graph=static and device.type == "cuda")
             del model  # the text encoder lives on in the generator; the transformers decoder goes
         gc.collect()
 
@@ -218,8 +221,7 @@ class Side:
                 return position
 
             def forward(position):
-                lm.logits(lm.hidden(tokens, None, None, caches=caches, start=position, memory=memory,
-                                    backend=self.generator.backend))
+                lm.step(tokens, position, caches, memory, self.generator.runtime.backend)
         else:
             from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from harness import RESULTS, device_name, write_json
 
-from mmdgen.generate.loop import Sampling, decode
+from mmdgen.generate.loop import DecodeRuntime, Sampling, decode
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import make_pattern
 from mmdgen.model.quantize import quantize_lm
@@ -55,7 +55,8 @@ def generate(lm: MusicLM, frames: int, sampling: Sampling, compile: bool = False
     pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
     with torch.no_grad():
         memory = lm.cross_memory(*conditioning(lm, sampling.guidance_scale is not None))
-        return decode(lm, memory, 1, frames, pattern, sampling, torch.Generator().manual_seed(0), compile=compile)
+        return decode(lm, memory, 1, frames, pattern, sampling, generator=torch.Generator().manual_seed(0),
+                      runtime=DecodeRuntime(compile=compile))
 
 
 @torch.no_grad()

@@ -185,7 +185,7 @@ def test_tensor_length_is_clamped_not_checked(backend, device):
 @pytest.mark.parametrize("new_steps", [1, 3])
 def test_the_lms_cached_steps_through_the_kernel_equal_its_full_pass(backend, device, new_steps):
     """The tiny LM decodes through decode_attention (self-attention on its static cache, cross-attention on the
-    text memory with padding and a null condition); its hidden states equal the uncached full pass (SDPA)."""
+    text memory with padding and a null condition); its logits equal the uncached full pass (SDPA)."""
     torch.manual_seed(0)
     lm = MusicLM(lm_config("tiny", layers=1)).eval().to(device)
     tokens = torch.randint(0, 257, (3, 4, 5 + new_steps), device=device)
@@ -194,11 +194,11 @@ def test_the_lms_cached_steps_through_the_kernel_equal_its_full_pass(backend, de
     text_mask[1, 4:] = False
     text_mask[2] = False  # a null condition
     with torch.no_grad():
-        full = lm.hidden(tokens, states, text_mask)
+        full = lm(tokens, states, text_mask)
         caches, memory = lm.new_caches(3, 12), lm.cross_memory(states, text_mask)
-        lm.hidden(tokens[..., :5], states, text_mask, caches=caches, start=0, memory=memory, backend=backend)
-        step = lm.hidden(tokens[..., 5:], states, text_mask, caches=caches, start=5, memory=memory, backend=backend)
-    assert torch.allclose(step, full[:, 5:], atol=1e-5), (step - full[:, 5:]).abs().max()
+        lm.prefill(tokens[..., :5], 0, caches, memory, backend)
+        step = lm.step(tokens[..., 5:], 5, caches, memory, backend)
+    assert torch.allclose(step, full[:, :, 5:], atol=1e-5), (step - full[:, :, 5:]).abs().max()
 
 
 def _compile_report():

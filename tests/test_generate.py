@@ -206,9 +206,10 @@ def test_audio_beyond_the_context_is_generated_in_overlapping_windows(tiny):
     assert codes.shape == (2, 4, 45)
     random = torch.Generator().manual_seed(7)
     memory = generator._memory(TEXTS, guided=True)
-    expected = decode(generator.lm, memory, 2, 30, generator.pattern, sampling, random)
+    expected = decode(generator.lm, memory, 2, 30, generator.pattern, sampling, generator=random)
     for window in (30, 30, 27):
-        part = decode(generator.lm, memory, 2, window, generator.pattern, sampling, random, prompt=expected[..., -24:])
+        part = decode(generator.lm, memory, 2, window, generator.pattern, sampling, generator=random,
+                      prompt=expected[..., -24:])
         expected = torch.cat([expected, part[..., 24:]], dim=-1)
     assert torch.equal(codes, expected)
     with pytest.raises(ValueError, match="extend_stride must be positive and shorter than the LM's context of 30"):

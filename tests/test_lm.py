@@ -82,12 +82,11 @@ def test_cached_step_by_step_decoding_equals_the_full_pass():
     tokens = torch.randint(0, 257, (2, 4, 10))
     states, mask = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     with torch.no_grad():
-        full = lm.hidden(tokens, states, mask)
+        full = lm(tokens, states, mask)
         caches, memory = lm.new_caches(2, 16), lm.cross_memory(states, mask)
-        prefix = lm.hidden(tokens[..., :4], states, mask, caches=caches, start=0, memory=memory)
-        steps = [lm.hidden(tokens[..., s:s + 1], states, mask, caches=caches, start=s, memory=memory)
-                 for s in range(4, 10)]
-    assert torch.allclose(torch.cat([prefix, *steps], dim=1), full, atol=1e-5)
+        prefix = lm.step(tokens[..., :4], 0, caches, memory)
+        steps = [lm.step(tokens[..., s:s + 1], s, caches, memory) for s in range(4, 10)]
+    assert torch.allclose(torch.cat([prefix, *steps], dim=2), full, atol=1e-5)
 
 
 def test_a_fully_padded_text_position_changes_nothing():

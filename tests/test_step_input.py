@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mmdgen.generate.loop import Sampling, decode
+from mmdgen.generate.loop import DecodeRuntime, Sampling, decode
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR
 from mmdgen.kernels.step_input import TRITON_BLOCK_D, pattern_step_input
 from mmdgen.model.lm import MusicLM, lm_config, sinusoidal_positions
@@ -187,7 +187,7 @@ def test_equals_the_decode_loops_input(backend, device):
     hook = lm.layers[0].register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
     try:
         codes = decode(lm, memory, 2, frames, pattern, Sampling(guidance_scale=None, temperature=0.0),
-                       backend="torch")
+                       runtime=DecodeRuntime(backend="torch"))
     finally:
         hook.remove()
     assert len(captured) == pattern.num_steps(frames)

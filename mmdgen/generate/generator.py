@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from mmdgen.generate.config import Sampling
-from mmdgen.generate.loop import decode
+from mmdgen.generate.loop import DecodeRuntime, decode
 from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
 from mmdgen.model.melody import ChromaConfig, ChromaExtractor, null_chroma
@@ -43,9 +43,11 @@ class Window(NamedTuple):
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
                  cuda_graph: bool = False, quantize: str | None = None, chroma: ChromaExtractor | None = None):
-        """``quantize`` ("int8", "int8-dynamic"): the decoder's and heads' weights in int8 (``quantize_lm``, in
-        place), unless the LM already holds them; ``chroma``: a melody LM's chroma extractor (default:
-        transformers' settings at the codec's rate)."""
+        """``backend``, ``compile``, ``cuda_graph``: how the decode step runs (``runtime``, a ``DecodeRuntime``:
+        the fused ops' implementation; the step through torch.compile, faster after a compile per shape; on CUDA,
+        the step captured in a CUDA graph and replayed every step). ``quantize`` ("int8", "int8-dynamic"): the
+        decoder's and heads' weights in int8 (``quantize_lm``, in place), unless the LM already holds them;
+        ``chroma``: a melody LM's chroma extractor (default: transformers' settings at the codec's rate)."""
         quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
         if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
                                                                              lm.cfg.codebook_size):
@@ -59,12 +61,10 @@ class Generator:
             if getattr(lm, "quantization", None) is not None:
                 raise ValueError(f"the LM's weights are already {lm.quantization}; {quantize} asked for")
             quantize_lm(lm, quantize)
-        self.lm, self.text, self.codec, self.backend = lm.eval(), text.eval(), codec.eval(), backend
-        self.compile = compile  # the decode step through torch.compile: faster steps after a compile per shape
-        self.cuda_graph = cuda_graph  # on CUDA, the decode step captured in a CUDA graph (replayed every step)
+        self.lm, self.text, self.codec = lm.eval(), text.eval(), codec.eval()
         self.device = lm.heads[0].weight.device
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {self.device}")
+        self.runtime = DecodeRuntime(backend, compile, cuda_graph)
+        self.runtime.check(self.device)
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
         self.chroma = self._chroma_extractor(chroma)
 
@@ -203,9 +203,9 @@ class Generator:
             window = Window(done - overlap, min(context, frames - done + overlap), overlap, codes)
             if melody is not None and window.start:
                 memory = memory_from(window.start)
-            part = decode(self.lm, memory, len(texts), window.frames, self.pattern, sampling, generator,
-                          codes[..., done - overlap:] if overlap else None, self.backend, window_hook(window),
-                          self.compile, self.cuda_graph)
+            part = decode(self.lm, memory, len(texts), window.frames, self.pattern, sampling, generator=generator,
+                          prompt=codes[..., done - overlap:] if overlap else None, on_step=window_hook(window),
+                          runtime=self.runtime)
             codes = part if codes is None else torch.cat([codes, part[..., overlap:]], dim=-1)
             first = False
         return codes

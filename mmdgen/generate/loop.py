@@ -1,24 +1,25 @@
 """The decode loop: one pattern step at a time over a static KV cache.
 
-``decode(lm, memory, batch, frames, pattern, sampling, ...)`` fills the pattern sequence ``[B, K, S]``
-step by step: the step's input is the previous step's K tokens (the special token before the first),
-the LM's logits for the K codebooks are guided, filtered and sampled in one op
-(``mmdgen.kernels.sampling``), and cells where the pattern holds no code get the special token. With
-classifier-free guidance the conditional and the null rows run as one batch of 2B. Cells given by an
-audio prompt are forced, and the leading steps that the prompt fixes entirely run as prefill passes of up to
-``MAX_QUERIES`` steps (the decode attention's query block).
+``decode(lm, memory, batch, frames, pattern, sampling, *, generator, prompt, on_step, runtime)`` fills the
+pattern sequence ``[B, K, S]`` step by step: the step's input is the previous step's K tokens (the special token
+before the first), the LM's logits for the K codebooks (``MusicLM.step``) are guided, filtered and sampled in one
+op (``mmdgen.kernels.sampling``), and cells where the pattern holds no code get the special token. With
+classifier-free guidance the conditional and the null rows run as one batch of 2B. Cells given by an audio prompt
+are forced, and the leading steps that the prompt fixes entirely are written into the caches first
+(``MusicLM.prefill``: passes of up to ``MAX_QUERIES`` steps, the decode attention's query block).
 
 A prefix LM (MusicGen-melody: ``LMConfig.conditioning == "prefix"``) takes ``lm.prefix``'s states instead of the
-text's keys and values: they are prefilled into the caches first (passes of up to ``MAX_QUERIES`` positions,
-each state plus its position), and step s then sits at position P + s (``DecodeState.offset``). Every row has the
-same P (the text is padded to the longest prompt, the melody repeated or cut to ``melody_frames``), and every
-prefix position is attended, padding included, as transformers does.
+text's keys and values: they are prefilled into the caches first (``MusicLM.prefill_prefix``), and step s then
+sits at position P + s (``DecodeState.offset``). Every row has the same P (the text is padded to the longest
+prompt, the melody repeated or cut to ``melody_frames``), and every prefix position is attended, padding
+included, as transformers does.
 
-Everything the loop needs is allocated before the first step: the caches (``lm.new_caches``), the text's
-keys and values (computed once), the sequence, the prompt's forced cells, the stacked embedding tables and
-the position table; each step's input (the previous step's K codes embedded and summed, plus the position)
-is one fused op (``mmdgen.kernels.step_input``). ``on_step`` is called after each
-step with the step index and the sequence so far (streaming decodes the frames that became final).
+Everything the loop needs is allocated before the first step (``DecodeState.allocate``): the caches
+(``lm.new_caches``), the sequence, the prompt's forced cells, the stacked embedding tables and the position table;
+the text's keys and values are computed once by the caller (``lm.cross_memory``). Each step's input (the previous
+step's K codes embedded and summed, plus the position) is one fused op (``mmdgen.kernels.step_input``).
+``DecodeRuntime`` runs each step eagerly, through ``torch.compile`` or as a CUDA graph. ``on_step`` is called
+after each step with the step index and the sequence so far (streaming decodes the frames that became final).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from typing import Callable
 
 import torch
 
+from mmdgen.choices import Backend
 from mmdgen.generate.config import Sampling
-from mmdgen.kernels.attention import MAX_QUERIES
+from mmdgen.kernels.backend import resolve_backend
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
 from mmdgen.kernels.step_input import pattern_step_input
 from mmdgen.model.lm import KVCache, MusicLM, sinusoidal_positions
 from mmdgen.model.patterns import Pattern
+from mmdgen.validation import check_fields, option
 
 
 def forced_cells(pattern: Pattern, prompt: torch.Tensor | None, batch: int, frames: int, special: int,
@@ -63,7 +66,7 @@ def prefill_steps(pattern: Pattern, forced: torch.Tensor, frames: int) -> int:
 @dataclass
 class DecodeState:
     """Everything a decode step reads or writes, allocated before the first step (no per-step allocation of
-    state; a compiled or graphed step sees the same buffers every time)."""
+    state; a compiled or graphed step sees the same buffers every time). ``allocate`` builds it."""
 
     sequence: torch.Tensor  # [B, K, S]: the pattern sequence, filled step by step
     forced: torch.Tensor  # [B, K, S] bool: cells an audio prompt fixes
@@ -74,6 +77,32 @@ class DecodeState:
     positions: torch.Tensor  # [S, dim]: the position table (of positions offset..offset+S-1)
     rows: int  # 2B with guidance, else B
     offset: int = 0  # cache positions a prefix LM's conditioning takes before step 0
+    first_step: int = 0  # the first step to sample: the ones before it the prompt fixed and prefilled
+    step_index: torch.Tensor | None = None  # 0-d int64 on the device: the step a compiled or graphed step reads
+    graph: GraphedStep | None = None  # the step captured over these buffers (DecodeRuntime(cuda_graph=True))
+
+    @classmethod
+    def allocate(cls, lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampling: Sampling,
+                 prompt: torch.Tensor | None = None, backend: str = "auto") -> DecodeState:
+        """The state of a decode of ``frames`` frames (``decode``'s arguments), with a prefix LM's conditioning
+        and the steps ``prompt`` fixes entirely already written into the caches (``lm.new_caches``)."""
+        special, device = lm.cfg.special_token, lm.heads[0].weight.device
+        rows = 2 * batch if sampling.guidance_scale is not None else batch
+        steps = pattern.num_steps(frames)
+        sequence, forced = forced_cells(pattern, prompt, batch, frames, special, device)
+        embeddings = lm.embedding_weights()
+        prefix = memory if lm.cfg.conditioning == "prefix" else None
+        offset = 0 if prefix is None else prefix.shape[1]
+        positions = sinusoidal_positions(torch.arange(offset, offset + steps, device=device), lm.cfg.dim)
+        state = cls(sequence, forced, pattern.valid_mask(frames).to(device),
+                    lm.new_caches(rows, offset + max(steps, 1)), None if prefix is not None else memory,
+                    embeddings, positions.to(embeddings.dtype), rows, offset,
+                    prefill_steps(pattern, forced, frames), torch.zeros((), dtype=torch.long, device=device))
+        if prefix is not None:
+            lm.prefill_prefix(prefix, state.caches, backend)
+        known = _repeat(_inputs(sequence, state.first_step, special), rows)
+        lm.prefill(known, offset, state.caches, state.memory, backend)  # only the caches are wanted, not logits
+        return state
 
 
 def decode_step(lm: MusicLM, state: DecodeState, step: int | torch.Tensor, noise: torch.Tensor | None,
@@ -83,10 +112,9 @@ def decode_step(lm: MusicLM, state: DecodeState, step: int | torch.Tensor, noise
     int64 tensor (compiled and graphed steps: nothing is read on the host and every step is the same graph)."""
     special = lm.cfg.special_token
     embedded = pattern_step_input(state.sequence, step, state.embeddings, state.positions, special, backend=backend)
-    start = step + state.offset if state.offset else step
-    hidden = lm.hidden(None, None, None, caches=state.caches, start=start, memory=state.memory, backend=backend,
-                       embedded=_repeat(embedded, state.rows))
-    chosen = sample_next(lm.logits(hidden)[:, :, 0], guidance_scale=sampling.guidance_scale,
+    position = step + state.offset if state.offset else step
+    logits = lm.step(_repeat(embedded, state.rows), position, state.caches, state.memory, backend)
+    chosen = sample_next(logits[:, :, 0], guidance_scale=sampling.guidance_scale,
                          temperature=0.0 if noise is None else sampling.temperature,
                          top_k=min(sampling.top_k, lm.cfg.codebook_size),  # 250 means all of a small codebook
                          top_p=sampling.top_p, noise=noise, backend=backend)
@@ -103,74 +131,66 @@ def _column(t: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     return t.index_select(-1, step.view(1)).squeeze(-1) if isinstance(step, torch.Tensor) else t[..., step]
 
 
+@dataclass(frozen=True)
+class DecodeRuntime:
+    """How the decode step runs: the fused ops' ``backend``, eagerly, through ``torch.compile`` (``compile``: one
+    graph for every step of a shape, its first call compiles it) or captured once in a CUDA graph and replayed at
+    every step (``cuda_graph``, CUDA). ``step`` runs one step of a ``DecodeState``."""
+
+    backend: Backend = option("auto", "the fused ops' implementation")
+    compile: bool = option(False, "run the decode step through torch.compile")
+    cuda_graph: bool = option(False, "(CUDA) capture the decode step in a CUDA graph once and replay it")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.compile and self.cuda_graph:
+            raise ValueError("DecodeRuntime: compile and cuda_graph are two ways to run the decode step, choose one "
+                             "(got compile=True, cuda_graph=True)")
+
+    def check(self, device: torch.device) -> None:
+        """ValueError unless the step can run this way for an LM on ``device``."""
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {device}")
+        resolve_backend(self.backend, device)
+
+    def step(self, lm: MusicLM, state: DecodeState, step: int, noise: torch.Tensor | None,
+             sampling: Sampling) -> None:
+        """``decode_step`` of ``step`` (``noise``: its Gumbel noise, None when greedy), run this runtime's way."""
+        if not (self.compile or self.cuda_graph):
+            decode_step(lm, state, step, noise, sampling, self.backend)
+            return
+        state.step_index.fill_(step)
+        if self.cuda_graph:
+            if state.graph is None:
+                state.graph = GraphedStep(lm, state, state.step_index, noise, sampling, self.backend)
+            state.graph.replay(noise)
+            return
+        # the first step checks the compiled graph's guards (and compiles it if needed); the others pass the very
+        # same objects and shapes, so re-checking every parameter's guards each step is pure overhead
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=step > state.first_step):
+            compiled_decode_step()(lm, state, state.step_index, noise, sampling, self.backend)
+
+
 @torch.no_grad()
-def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampling: Sampling,
-           generator: torch.Generator | None = None, prompt: torch.Tensor | None = None, backend: str = "auto",
-           on_step: Callable[[int, torch.Tensor], None] | None = None, compile: bool = False,
-           cuda_graph: bool = False) -> torch.Tensor:
+def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampling: Sampling, *,
+           generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
+           on_step: Callable[[int, torch.Tensor], None] | None = None,
+           runtime: DecodeRuntime = DecodeRuntime()) -> torch.Tensor:
     """Codes [B, K, frames]. ``memory``: ``lm.cross_memory`` of the text states (for a prefix LM ``lm.prefix``'s
     states [rows, P, dim]), 2B rows (conditional first, then null) with guidance, B without; ``prompt``: codes
-    [B, K, T_prompt] to continue. ``compile``: run the
-    step through ``torch.compile`` (one graph for every step; the first call of a shape compiles it).
-    ``cuda_graph`` (CUDA): capture the whole step once in a CUDA graph and replay it at every step."""
-    special = lm.cfg.special_token
+    [B, K, T_prompt] to continue; ``generator``: the sampling noise's random stream; ``runtime``: how each step
+    runs (eager, compiled or CUDA-graphed, and the backend)."""
     device = lm.heads[0].weight.device
-    rows = 2 * batch if sampling.guidance_scale is not None else batch
-    steps = pattern.num_steps(frames)
-    sequence, forced = forced_cells(pattern, prompt, batch, frames, special, device)
-    embeddings = lm.embedding_weights()
-    prefix = memory if lm.cfg.conditioning == "prefix" else None
-    offset = 0 if prefix is None else prefix.shape[1]
-    positions = sinusoidal_positions(torch.arange(offset, offset + steps, device=device), lm.cfg.dim)
-    state = DecodeState(sequence, forced, pattern.valid_mask(frames).to(device),
-                        lm.new_caches(rows, offset + max(steps, 1)), None if prefix is not None else memory,
-                        embeddings, positions.to(embeddings.dtype), rows, offset)
-    if prefix is not None:
-        _prefill_prefix(lm, state, prefix, backend)
+    runtime.check(device)
+    state = DecodeState.allocate(lm, memory, batch, frames, pattern, sampling, prompt, runtime.backend)
     greedy = sampling.temperature == 0 or sampling.top_k == 1
-    start = prefill_steps(pattern, forced, frames)
-    known = _repeat(_inputs(sequence, start, special), rows)
-    for first in range(0, start, MAX_QUERIES):  # the prompt's fully known steps, in passes of up to MAX_QUERIES
-        lm.hidden(known[..., first: first + MAX_QUERIES], None, None, caches=state.caches, start=offset + first,
-                  memory=state.memory, backend=backend)  # only the caches are wanted, not the logits
-    run_step, step_index = decode_step, None
-    if compile or cuda_graph:
-        step_index = torch.zeros((), dtype=torch.long, device=device)
-    if compile:
-        run_step = compiled_decode_step()
-    graph = None
-    for step in range(start, steps):
+    for step in range(state.first_step, state.sequence.shape[-1]):
         noise = None if greedy else gumbel_noise((batch, lm.cfg.num_codebooks, lm.cfg.codebook_size), generator,
                                                  device)
-        if cuda_graph:
-            step_index.fill_(step)
-            if graph is None:
-                graph = GraphedStep(lm, state, step_index, noise, sampling, backend)
-            graph.replay(noise)
-        elif step_index is None:
-            run_step(lm, state, step, noise, sampling, backend)
-        else:
-            step_index.fill_(step)
-            # the first step checks the compiled graph's guards (and compiles it if needed); the others pass the
-            # very same objects and shapes, so re-checking every parameter's guards each step is pure overhead
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=step > start):
-                run_step(lm, state, step_index, noise, sampling, backend)
+        runtime.step(lm, state, step, noise, sampling)
         if on_step is not None:
-            on_step(step, sequence)
-    return pattern.revert(sequence)
-
-
-def _prefill_prefix(lm: MusicLM, state: DecodeState, prefix: torch.Tensor, backend: str) -> None:
-    """Write a prefix LM's conditioning states [rows, P, dim] (plus positions 0..P-1) into the caches."""
-    if prefix.dim() != 3 or prefix.shape[0] != state.rows or prefix.shape[2] != lm.cfg.dim:
-        raise ValueError(f"expected prefix states [{state.rows}, P, {lm.cfg.dim}] (lm.prefix), got "
-                         f"{tuple(prefix.shape)}")
-    dtype = state.embeddings.dtype
-    for first in range(0, prefix.shape[1], MAX_QUERIES):
-        part = prefix[:, first: first + MAX_QUERIES].to(dtype)
-        positions = sinusoidal_positions(torch.arange(first, first + part.shape[1], device=part.device), lm.cfg.dim)
-        lm.hidden(None, None, None, caches=state.caches, start=first, backend=backend,
-                  embedded=part + positions.to(dtype))
+            on_step(step, state.sequence)
+    return pattern.revert(state.sequence)
 
 
 class GraphedStep:
@@ -215,7 +235,7 @@ def compiled_decode_step():
 def _inputs(sequence: torch.Tensor, end: int, special: int) -> torch.Tensor:
     """The inputs of steps 0..end-1: the sequence shifted one step right behind the special token."""
     head = torch.full_like(sequence[..., :1], special)
-    return torch.cat([head, sequence[..., : end - 1]], dim=-1)
+    return torch.cat([head, sequence[..., :-1]], dim=-1)[..., :end]
 
 
 def _repeat(inputs: torch.Tensor, rows: int) -> torch.Tensor:

@@ -11,11 +11,14 @@ Input: a pattern sequence ``[B, K, S]`` (``mmdgen.model.patterns``) whose empty 
 special token ``codebook_size``; each step's K tokens are embedded and summed. Output: hidden states
 ``[B, S, dim]`` (what the fused cross-entropy takes) or logits ``[B, K, S, codebook_size]``.
 
-Attention modules take an optional static KV cache (``KVCache``) so that the decode loop can run one step at a
-time over preallocated buffers; the text's keys and values are projected once per generation
-(``cross_memory``). Weight names map one to one onto transformers' ``MusicgenForCausalLM``
-(``mmdgen.model.convert``), and the maths matches it: no biases in attention or the feed-forward block,
-LayerNorm with bias, exact GELU, positions ``[cos | sin]`` as in tensor2tensor.
+``hidden`` runs the whole sequence at once (training). Decoding runs over static KV caches the model allocates
+(``new_caches``): ``step`` takes a few steps' codes or embedded input at a cache position and returns their
+logits, ``prefill`` writes known steps (an audio prompt) and ``prefill_prefix`` a prefix LM's conditioning into
+the caches; the text's keys and values are projected once per generation (``cross_memory``).
+
+Weight names map one to one onto transformers' ``MusicgenForCausalLM`` (``mmdgen.model.convert``), and the maths
+matches it: no biases in attention or the feed-forward block, LayerNorm with bias, exact GELU, positions
+``[cos | sin]`` as in tensor2tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmdgen.choices import Conditioning, PatternName
-from mmdgen.kernels.attention import decode_attention
+from mmdgen.kernels.attention import MAX_QUERIES, decode_attention
 from mmdgen.model.melody import null_chroma
 from mmdgen.validation import check_fields, option
 
@@ -291,44 +294,89 @@ class MusicLM(nn.Module):
         positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
         return x + sinusoidal_positions(positions, self.cfg.dim).to(x.dtype)
 
-    def hidden(self, tokens: torch.Tensor | None, states: torch.Tensor | None, mask: torch.Tensor | None,
-               caches: list[KVCache] | None = None, start: int | torch.Tensor = 0, memory=None, backend: str = "auto",
-               embedded: torch.Tensor | None = None, melody: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens [B, K, S] (steps start..start+S-1) -> final-norm hidden states [B, S, dim]. With ``caches``
-        the steps are written to them and attend through the decode kernels (``backend``); ``memory`` is
-        ``cross_memory``'s result, computed once per generation (else from ``states`` and ``mask``);
-        ``embedded`` replaces ``embed(tokens, start)`` (the decode loop's fused step input). ``start`` may be a
-        0-d integer tensor (with ``caches`` and ``embedded``): then nothing is read on the host.
+    def hidden(self, tokens: torch.Tensor, states: torch.Tensor | None, mask: torch.Tensor | None, memory=None,
+               melody: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [B, K, S] -> final-norm hidden states [B, S, dim], the whole sequence at once (training, full
+        passes; decoding steps through the caches with ``step``). ``memory``: ``cross_memory``'s result (a prefix
+        LM: ``prefix``'s), else made from ``states`` and ``mask`` (and ``melody``).
 
-        A prefix LM: without ``caches`` the conditioning (``memory``: ``prefix``'s result, else built from
-        ``states``, ``mask`` and ``melody``) goes in front of the steps; with ``caches`` it is already in them
-        (the decode loop writes it first) and ``start`` counts positions from its first state."""
+        A prefix LM's conditioning goes in front of the steps, which sit at positions P + s."""
         if self.cfg.conditioning == "prefix":
-            if caches is None:
-                return self._hidden_after(memory if memory is not None else self.prefix(states, mask, melody),
-                                          tokens, start)
-            memories, memory_mask = [None] * len(self.layers), None
-        elif memory is None and caches is None:  # each layer projects the text inside its forward (sharded training)
+            return self._hidden_after(memory if memory is not None else self.prefix(states, mask, melody), tokens)
+        if memory is None:  # each layer projects the text inside its forward (sharded training)
             projected, memory_mask = self.project_text(states, mask)
             memories = [projected] * len(self.layers)
         else:
-            memories, memory_mask = memory if memory is not None else self.cross_memory(states, mask)
-        x = self.embed(tokens, start) if embedded is None else embedded
-        x = F.dropout(x, self.cfg.dropout, self.training)
-        positions = torch.arange(x.shape[1], device=x.device) + start
+            memories, memory_mask = memory
+        x = F.dropout(self.embed(tokens), self.cfg.dropout, self.training)
         for index, layer in enumerate(self.layers):
-            if self.activation_checkpointing and caches is None and torch.is_grad_enabled():
+            if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, memories[index], memory_mask, use_reentrant=False)
             else:
-                x = layer(x, memories[index], memory_mask, None if caches is None else caches[index], positions,
-                          start, backend)
+                x = layer(x, memories[index], memory_mask)
         return self.norm(x)
 
-    def _hidden_after(self, prefix: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor, position: int | torch.Tensor, caches: list[KVCache], memory=None,
+             backend: str = "auto") -> torch.Tensor:
+        """Logits [rows, K, S, V] of S decode steps (1 to ``MAX_QUERIES``) at cache positions position..position +
+        S - 1; their keys and values are written into ``caches`` (``new_caches``) and they attend to every cached
+        position up to their own through the decode kernels (``backend``).
+
+        ``inputs``: the steps' codes [rows, K, S], or their embedded input [rows, S, dim] with positions added
+        (the decode loop's fused step input). ``position``: an int, or (with embedded inputs) a 0-d int64 tensor,
+        so that nothing is read on the host (compiled and graphed steps). ``memory``: ``cross_memory``'s result;
+        None for a prefix LM, whose conditioning ``prefill_prefix`` wrote first (step s sits at P + s)."""
+        return self.logits(self.norm(self._through_caches(inputs, position, caches, memory, backend)))
+
+    def prefill(self, codes: torch.Tensor, position: int, caches: list[KVCache], memory=None,
+                backend: str = "auto") -> None:
+        """Write the keys and values of known steps (codes [rows, K, S], any S: passes of up to ``MAX_QUERIES``)
+        at positions position..position + S - 1 into ``caches``, as ``step`` would, without their logits."""
+        for first in range(0, codes.shape[-1], MAX_QUERIES):
+            self._through_caches(codes[..., first: first + MAX_QUERIES], position + first, caches, memory, backend)
+
+    def prefill_prefix(self, prefix: torch.Tensor, caches: list[KVCache], backend: str = "auto") -> None:
+        """Write a prefix LM's conditioning ``prefix`` [rows, P, dim] (``prefix``'s result) plus positions 0..P-1
+        into ``caches`` (passes of up to ``MAX_QUERIES`` positions); code step s then sits at position P + s."""
+        if self.cfg.conditioning != "prefix":
+            raise ValueError(f"a {self.cfg.conditioning}-conditioned LM takes no prefix; its steps read "
+                             "cross_memory()")
+        rows = caches[0].keys.shape[0]
+        if prefix.dim() != 3 or prefix.shape[0] != rows or prefix.shape[2] != self.cfg.dim:
+            raise ValueError(f"expected prefix states [{rows}, P, {self.cfg.dim}] (lm.prefix), got "
+                             f"{tuple(prefix.shape)}")
+        dtype = self.embeddings[0].weight.dtype
+        for first in range(0, prefix.shape[1], MAX_QUERIES):
+            part = prefix[:, first: first + MAX_QUERIES].to(dtype)
+            positions = sinusoidal_positions(torch.arange(first, first + part.shape[1], device=part.device),
+                                             self.cfg.dim)
+            self._through_caches(part + positions.to(dtype), first, caches, None, backend)
+
+    def _through_caches(self, inputs: torch.Tensor, position: int | torch.Tensor, caches: list[KVCache], memory,
+                        backend: str) -> torch.Tensor:
+        """The layers over ``caches`` (``step``'s arguments): the last layer's output [rows, S, dim], before the
+        final norm."""
+        if self.cfg.conditioning == "prefix":
+            if memory is not None:
+                raise ValueError("a prefix LM's steps take no memory: its conditioning is in the caches "
+                                 "(prefill_prefix)")
+            memories, memory_mask = [None] * len(self.layers), None
+        elif memory is None:
+            raise ValueError("a cross-conditioned LM's steps need memory=lm.cross_memory(states, mask)")
+        else:
+            memories, memory_mask = memory
+        x = inputs if inputs.is_floating_point() else self.embed(inputs, position)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        positions = torch.arange(x.shape[1], device=x.device) + position
+        for index, layer in enumerate(self.layers):
+            x = layer(x, memories[index], memory_mask, caches[index], positions, position, backend)
+        return x
+
+    def _hidden_after(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The steps' hidden states [B, S, dim] behind the conditioning positions ``prefix`` [B, P, dim]."""
         length = prefix.shape[1]
         positions = sinusoidal_positions(torch.arange(length, device=prefix.device), self.cfg.dim)
-        x = torch.cat([prefix + positions.to(prefix.dtype), self.embed(tokens, length + start)], dim=1)
+        x = torch.cat([prefix + positions.to(prefix.dtype), self.embed(tokens, length)], dim=1)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for layer in self.layers:
             x = layer(x, None, None)
