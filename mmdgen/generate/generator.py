@@ -92,6 +92,11 @@ class Generator:
         return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize, parts.chroma)
 
     @property
+    def backend(self) -> str:
+        """The kernel backend every op of a generation uses (the runtime's)."""
+        return self.runtime.backend
+
+    @property
     def channels(self) -> int:
         return self.lm.cfg.audio_channels
 
