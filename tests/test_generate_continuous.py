@@ -1,13 +1,19 @@
 """Continuous batching: every clip of a job of mixed durations and texts equals the same prompt generated alone
 (same seed and duration): greedy and sampled, with and without guidance, more rows than clips, clips beyond the
-LM's context; rows are refilled as they finish."""
+LM's context; rows are refilled as they finish. The prompts-file job on it: an exact manifest, a killed job
+resumes with the uninterrupted clips, ranks sharing a job make the one-process job."""
 
 import dataclasses
+import json
 
 import pytest
+import soundfile
 import torch
 
+import mmdgen.generate.batch as batch_module
+
 from mmdgen.generate import Generator, Sampling
+from mmdgen.generate.batch import Request, generate_batch
 from mmdgen.generate.continuous import ClipRequest, decode_continuously
 from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.lm import MusicLM, lm_config
@@ -99,3 +105,69 @@ def test_bad_requests_are_refused(generator):
         list(decode_continuously(generator, _clips([0.1]), Sampling(), rows=0))
     with pytest.raises(ValueError, match=r"clip 1: duration must be a finite number > 0 and <= 3600, got -1"):
         list(decode_continuously(generator, _clips([0.1, -1.0]), Sampling()))
+
+
+# -- the prompts-file job ---------------------------------------------------------------------------------------
+
+def _requests():
+    durations = [0.2, 0.06, 0.12, 0.3, 0.1, 0.04, 0.16]
+    return [Request(f"c{i}", TEXTS[i % len(TEXTS)], duration, seed=10 + i) for i, duration in enumerate(durations)]
+
+
+def _job(generator, out_dir, **kwargs):
+    return generate_batch(generator, _requests(), out_dir, SAMPLINGS["sampled-guided"], batch_size=3,
+                          progress=False, **kwargs)
+
+
+def _read(path):
+    return soundfile.read(path, dtype="float32")[0]
+
+
+def test_the_job_writes_each_clip_as_its_prompt_alone_and_an_exact_manifest(generator, tmp_path):
+    report = _job(generator, tmp_path)
+    assert report["generated"] == 7 and report["skipped"] == 0
+    manifest = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert manifest == [{"id": r.id, "path": f"{r.id}.wav", "text": r.text, "duration": r.duration, "seed": r.seed}
+                        for r in _requests()]  # each clip's own seed, in the prompts file's order
+    for request in _requests():
+        alone = generator.generate([request.text], request.duration, SAMPLINGS["sampled-guided"], seed=request.seed)
+        written = _read(tmp_path / f"{request.id}.wav")
+        assert written.shape == (round(request.duration * generator.sample_rate),)
+        assert torch.allclose(torch.from_numpy(written), alone[0, 0], atol=1 / 2 ** 14), request.id  # 16-bit wav
+    assert _job(generator, tmp_path)["generated"] == 0
+
+
+@pytest.mark.parametrize("killed_after", [0, 3])
+def test_a_killed_job_resumes_with_the_uninterrupted_clips_and_manifest(generator, tmp_path, monkeypatch,
+                                                                          killed_after):
+    _job(generator, tmp_path / "straight")
+    real_write, written = batch_module.write_audio, []
+
+    def write_then_die(path, audio, rate):
+        real_write(path, audio, rate)
+        written.append(path)
+        if len(written) == killed_after + 1:
+            raise KeyboardInterrupt  # the kill: after the clip's file, before the manifest lists it
+
+    monkeypatch.setattr(batch_module, "write_audio", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _job(generator, tmp_path / "resumed")
+    monkeypatch.setattr(batch_module, "write_audio", real_write)
+    listed = (tmp_path / "resumed" / "manifest.jsonl")
+    assert len(listed.read_text().splitlines()) == killed_after if listed.exists() else killed_after == 0
+    report = _job(generator, tmp_path / "resumed")
+    assert report["generated"] == 7 - killed_after - 1 and report["skipped"] == killed_after + 1
+    assert (tmp_path / "resumed" / "manifest.jsonl").read_text() == (tmp_path / "straight" / "manifest.jsonl").read_text()
+    for request in _requests():
+        assert (_read(tmp_path / "straight" / f"{request.id}.wav") ==
+                _read(tmp_path / "resumed" / f"{request.id}.wav")).all(), request.id
+
+
+def test_ranks_share_the_clips_and_make_the_one_process_job(generator, tmp_path):
+    _job(generator, tmp_path / "one")
+    reports = [_job(generator, tmp_path / "shared", rank=rank, world=2) for rank in (1, 0)]
+    assert [r["generated"] for r in reports] == [3, 4]  # clips 1, 3, 5 and 0, 2, 4, 6
+    assert (tmp_path / "shared" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    for request in _requests():
+        assert (_read(tmp_path / "one" / f"{request.id}.wav") ==
+                _read(tmp_path / "shared" / f"{request.id}.wav")).all(), request.id
