@@ -5,6 +5,8 @@ resumes with the uninterrupted clips, ranks sharing a job make the one-process j
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import soundfile
@@ -157,7 +159,8 @@ def test_a_killed_job_resumes_with_the_uninterrupted_clips_and_manifest(generato
     assert len(listed.read_text().splitlines()) == killed_after if listed.exists() else killed_after == 0
     report = _job(generator, tmp_path / "resumed")
     assert report["generated"] == 7 - killed_after - 1 and report["skipped"] == killed_after + 1
-    assert (tmp_path / "resumed" / "manifest.jsonl").read_text() == (tmp_path / "straight" / "manifest.jsonl").read_text()
+    straight, resumed = ((tmp_path / run / "manifest.jsonl").read_text() for run in ("straight", "resumed"))
+    assert resumed == straight
     for request in _requests():
         assert (_read(tmp_path / "straight" / f"{request.id}.wav") ==
                 _read(tmp_path / "resumed" / f"{request.id}.wav")).all(), request.id
@@ -171,3 +174,29 @@ def test_ranks_share_the_clips_and_make_the_one_process_job(generator, tmp_path)
     for request in _requests():
         assert (_read(tmp_path / "one" / f"{request.id}.wav") ==
                 _read(tmp_path / "shared" / f"{request.id}.wav")).all(), request.id
+
+
+def test_torchrun_processes_share_a_prompts_file_and_make_the_one_process_job(generator, tmp_path):
+    from mmdgen import cli
+    from mmdgen.pretrained.directory import codec_identity, save_codec, save_music_lm
+
+    model = tmp_path / "model"
+    save_codec(generator.codec, model / "codec")
+    save_music_lm(model, generator.lm, generator.text,
+                  {"kind": "learned", "config": dataclasses.asdict(generator.text.config)},
+                  codec_identity(model / "codec"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in _requests()))
+    args = ["generate", "--prompts", str(prompts), "--model", str(model), "--top-k", "20", "--batch-size", "3",
+            "--backend", "torch", "--out-dir"]
+    assert cli.main(args + [str(tmp_path / "one")]) == 0
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "mmdgen.cli", *args, str(tmp_path / "shared")],
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "(rank 0 of 2): 4 clips generated" in launched.stdout
+    assert "(rank 1 of 2): 3 clips generated" in launched.stdout
+    assert (tmp_path / "shared" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    for request in _requests():  # torchrun runs one thread per process: other float reductions than this one's
+        one, shared = (_read(tmp_path / run / f"{request.id}.wav") for run in ("one", "shared"))
+        assert abs(one - shared).max() <= 4 / 2 ** 15, (request.id, abs(one - shared).max())  # a few 16-bit steps
