@@ -107,6 +107,10 @@ def test_bad_requests_are_refused(generator):
         list(decode_continuously(generator, _clips([0.1]), Sampling(), rows=0))
     with pytest.raises(ValueError, match=r"clip 1: duration must be a finite number > 0 and <= 3600, got -1"):
         list(decode_continuously(generator, _clips([0.1, -1.0]), Sampling()))
+    prefix = Generator(MusicLM(lm_config("tiny", text_dim=32, conditioning="prefix")), generator.text, generator.codec)
+    with pytest.raises(ValueError, match="continuous batching needs a cross-attention LM; this one is "
+                                         "prefix-conditioned"):
+        list(decode_continuously(prefix, _clips([0.1]), Sampling()))
 
 
 # -- the prompts-file job ---------------------------------------------------------------------------------------

@@ -159,11 +159,11 @@ class _Scheduler:
 
     def _step(self) -> None:
         """One pattern step of every row, each at its own step (idle rows run at step 0 and are ignored)."""
-        steps = torch.tensor([slot.step if slot is not None else 0 for slot in self.slots],
-                             device=self.sequence.device)
+        host_steps = [slot.step if slot is not None else 0 for slot in self.slots]
+        steps = torch.tensor(host_steps, device=self.sequence.device)
         x = self._step_input(steps)
         cache_steps = steps.repeat(self.cache_rows // self.rows)
-        length = int(steps.max()) + 1
+        length = max(host_steps) + 1  # the cache positions any row attends (known on the host: no sync)
         visible = torch.arange(self.caches[0].keys.shape[2], device=steps.device)[None] <= cache_steps[:, None]
         for layer, cache, text_keys, text_values in zip(self.lm.layers, self.caches, self.text_keys,
                                                         self.text_values):
