@@ -204,3 +204,11 @@ def test_torchrun_processes_share_a_prompts_file_and_make_the_one_process_job(ge
     for request in _requests():  # torchrun runs one thread per process: other float reductions than this one's
         one, shared = (_read(tmp_path / run / f"{request.id}.wav") for run in ("one", "shared"))
         assert abs(one - shared).max() <= 4 / 2 ** 15, (request.id, abs(one - shared).max())  # a few 16-bit steps
+
+
+def test_the_triton_kernels_give_the_same_clips(generator):  # the per-row key mask through the Triton attention
+    triton = Generator(generator.lm, generator.text, generator.codec, backend="triton")
+    sampling = SAMPLINGS["sampled-guided"]
+    clips = _clips([0.02, 0.06, 0.04])  # 4, 6, 5 steps: row 0 is refilled at step 4
+    for index, codes in decode_continuously(triton, clips, sampling, rows=2):
+        assert torch.equal(codes, _alone(triton, clips[index], sampling)), index
