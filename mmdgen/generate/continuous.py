@@ -20,7 +20,8 @@ batched products, which can flip a choice between near-equal logits).
 
 Not batched here (each generated alone through ``Generator.generate_codes``, same noise rule): clips longer than
 the LM's context (``context_frames``: they need windows). Prefix-conditioned LMs (MusicGen-melody) are refused:
-their conditioning positions sit in the self-attention cache, with a length of each row's own.
+their conditioning positions sit in the self-attention cache, with a length of each row's own. The step runs
+eagerly (``Generator.compile`` and ``cuda_graph`` apply to ``decode``'s fixed-batch loop, not here).
 """
 
 from __future__ import annotations
