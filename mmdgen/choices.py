@@ -21,3 +21,4 @@ AudioFormat = Literal["flac", "wav"]  # the corpus clips' files
 Split = Literal["train", "valid", "test"]  # a corpus manifest's splits
 ExportFormat = Literal["transformers", "audiocraft", "mmdgen"]  # `mmdgen export` (mmdgen.pretrained.export)
 Quantization = Literal["none", "int8", "int8-dynamic"]  # int8 decoding (mmdgen.model.quantize; "none": float)
+Scheduling = Literal["auto", "continuous", "bucketed"]  # how a prompts file is batched (mmdgen.generate.batch)

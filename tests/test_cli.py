@@ -155,8 +155,9 @@ def test_every_existing_option_name_still_parses_to_its_typed_value(monkeypatch,
         for name, value in expected.items():
             assert getattr(options, name) == value, (argv, name)
     assert cli.main(["generate", "--model", str(tmp_path), "--prompts", str(manifest), "--out-dir",
-                     str(tmp_path / "g"), "--batch-size", "3"]) == 0
-    assert seen.pop().batch_size == 3
+                     str(tmp_path / "g"), "--batch-size", "3", "--scheduling", "bucketed"]) == 0
+    options = seen.pop()
+    assert options.batch_size == 3 and options.scheduling == "bucketed"
     assert cli.main(["generate", "t", "--model", str(tmp_path), "--guidance", "0"]) == 0
     sampling = seen.pop().sampling
     assert sampling.guidance_scale is None and sampling.top_k == 250  # 0: off; the default from Sampling

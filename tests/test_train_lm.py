@@ -262,10 +262,13 @@ def test_generate_command_for_one_text_and_for_a_prompts_file(corpus, tmp_path, 
     assert "3 clips generated, 0 already there" in capsys.readouterr().out
     manifest = [json.loads(line) for line in (outs / "manifest.jsonl").read_text().splitlines()]
     assert [m["id"] for m in manifest] == ["reel", "00002", "00003"]
-    assert manifest[0]["seed"] == manifest[1]["seed"]  # one batch, one generator
+    assert [m["seed"] for m in manifest] == [1, 2, 3]  # continuous batching: each clip its own noise
     assert soundfile.info(str(outs / "00003.wav")).frames == 1920
     assert cli.main(args) == 0
     assert "0 clips generated, 3 already there" in capsys.readouterr().out
+    assert cli.main([*args[:5], "--out-dir", str(tmp_path / "bucketed"), *args[7:], "--scheduling", "bucketed"]) == 0
+    bucketed = [json.loads(line) for line in (tmp_path / "bucketed" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["seed"] for m in bucketed] == [1, 1, 3]  # one batch of two 0.1 s clips, one generator
     prompts.write_text('{"text": "fine"}\n{"caption": "no text key"}\n')
     assert cli.main(args) == 2
     assert "prompts.jsonl:2: expected a JSON object with a \"text\"" in capsys.readouterr().err

@@ -9,12 +9,13 @@ its group's help to ``GROUPS`` for a new group). To add an option: add a field t
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdgen.choices import Backend, ExportFormat, Quantization, Split
+from mmdgen.choices import Backend, ExportFormat, Quantization, Scheduling, Split
 from mmdgen.data.build import BuildConfig
 from mmdgen.demo.config import DemoConfig
 from mmdgen.eval.config import CoupledLatentsConfig
@@ -233,6 +234,10 @@ class GenerateOptions:
     out_dir: str | None = option(None, "output folder for --prompts (reruns skip finished clips)",
                                  path="new_folder")
     batch_size: int = option(8, "clips generated at once from --prompts", at_least=1)
+    scheduling: Scheduling = option("auto", "how --prompts clips share the batch: continuous (a row that finishes "
+                                            "its clip is refilled at once; each clip reproduces alone with its "
+                                            "seed), bucketed (batches of equal duration sharing one seed), auto "
+                                            "(continuous; bucketed for prefix-conditioned LMs: MusicGen-melody)")
     duration: float = option(10.0, "seconds per clip (a prompt's own duration comes first)", above=0,
                              at_most=MAX_SECONDS)
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
@@ -275,14 +280,20 @@ def generate(options: GenerateOptions) -> None:
 
     _check_device(options.device, options.backend)
     requests = read_prompts(options.prompts, options.duration, options.seed) if options.prompts else None
-    generator = Generator.from_pretrained(options.model, options.codec, device=options.device,
+    rank, world, device = _process_share(options)
+    generator = Generator.from_pretrained(options.model, options.codec, device=device,
                                           backend=options.backend, compile=options.compile,
                                           cuda_graph=options.cuda_graph, text_encoder=options.text_encoder,
                                           quantize=None if options.quantize == "none" else options.quantize)
     if requests is not None:
+        scheduling = options.scheduling
+        if scheduling == "auto":
+            scheduling = "continuous" if generator.lm.cfg.conditioning == "cross" else "bucketed"
         report = generate_batch(generator, requests, options.out_dir, options.sampling,
-                                batch_size=options.batch_size)
-        print(f"{options.out_dir}: {report['generated']} clips generated, {report['skipped']} already there; "
+                                batch_size=options.batch_size, progress=rank == 0, scheduling=scheduling, rank=rank,
+                                world=world)
+        share = f" (rank {rank} of {world})" if world > 1 else ""
+        print(f"{options.out_dir}{share}: {report['generated']} clips generated, {report['skipped']} already there; "
               f"real-time factor {report['real_time_factor']:.2f}x; manifest "
               f"{Path(options.out_dir) / 'manifest.jsonl'}")
         return
@@ -300,6 +311,28 @@ def generate(options: GenerateOptions) -> None:
                                prompt_audio=prompt, melody=melody, melody_sample_rate=melody_rate)
     write_audio(options.out, audio[0], generator.sample_rate)
     print(f"{options.out}: {options.duration:g} s at {generator.sample_rate} Hz")
+
+
+def _process_share(options: GenerateOptions) -> tuple[int, int, str]:
+    """(rank, world, device): under torchrun (RANK and WORLD_SIZE set) a --prompts job is shared among the
+    processes, each on its own GPU (cuda:LOCAL_RANK) when the device is cuda."""
+    environ = os.environ
+    if options.prompts is None or "WORLD_SIZE" not in environ:
+        return 0, 1, options.device
+    try:
+        rank, world, local = int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
+                         f"RANK={environ.get('RANK')!r} WORLD_SIZE={environ['WORLD_SIZE']!r} "
+                         f"LOCAL_RANK={environ.get('LOCAL_RANK')!r}") from error
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    import torch
+
+    device = options.device
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{local}"
+    return rank, world, device
 
 
 def _codec_model():
