@@ -23,23 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import RESULTS, device_name, write_json  # noqa: E402
 
 from mmdgen.generate import Generator, Sampling  # noqa: E402
-from mmdgen.model.codec import Codec, codec_config  # noqa: E402
-from mmdgen.model.lm import MusicLM, lm_config  # noqa: E402
 from mmdgen.model.quantize import quantize_lm  # noqa: E402
-from mmdgen.model.text import LearnedTextEncoder, train_caption_tokenizer  # noqa: E402
+from tests.tiny_parts import tiny_parts  # noqa: E402
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
-
-
-def tiny_parts(folder: Path, device: torch.device):
-    torch.manual_seed(0)
-    tokenizer = train_caption_tokenizer(TEXTS * 4, folder / "captions.model", vocab_size=60)
-    text = LearnedTextEncoder.from_tokenizer_file(tokenizer.path, dim=32, layers=1, heads=2)
-    codec = Codec(codec_config("tiny"))
-    codec.train()
-    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
-    lm = MusicLM(lm_config("tiny", text_dim=32))
-    return lm.to(device), text, codec.eval().to(device)
 
 
 def _compare(codes, reference) -> dict:
@@ -51,7 +38,8 @@ def _compare(codes, reference) -> dict:
 def main() -> None:
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory() as folder:
-        lm, text, codec = tiny_parts(Path(folder), device)
+        lm, text, codec = tiny_parts(Path(folder), TEXTS)
+    lm, codec = lm.to(device), codec.to(device)
     int8 = quantize_lm(copy.deepcopy(lm), "int8")  # the int8 Triton kernel inside the decode step
     prompt = torch.randn(1, 1, 3200, generator=torch.Generator().manual_seed(1)).to(device) * 0.1  # 5 frames
     cases = {"sampled, guidance 3, top-k 20, top-p 0.9, audio prompt": (Sampling(guidance_scale=3.0, top_k=20,

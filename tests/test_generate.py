@@ -8,9 +8,9 @@ import torch
 import transformers
 
 from mmdgen.generate import Generator, Sampling
-from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.lm import MusicLM, lm_config
-from mmdgen.model.text import LearnedTextEncoder, train_caption_tokenizer, word_level_t5_tokenizer
+from mmdgen.model.text import word_level_t5_tokenizer
+from tests.tiny_parts import tiny_parts
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
 
@@ -71,15 +71,7 @@ def test_greedy_codes_equal_transformers_musicgen(peer, guidance):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("gen")
-    tokenizer = train_caption_tokenizer(TEXTS * 4, folder / "captions.model", vocab_size=60)
-    text = LearnedTextEncoder.from_tokenizer_file(tokenizer.path, dim=32, layers=1, heads=2)
-    codec = Codec(codec_config("tiny"))
-    codec.train()
-    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
-    lm = MusicLM(lm_config("tiny", text_dim=32))
-    return lm, text, codec.eval()
+    return tiny_parts(tmp_path_factory.mktemp("gen"), TEXTS)
 
 
 def test_streamed_chunks_add_up_to_the_generated_audio(tiny):

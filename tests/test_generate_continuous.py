@@ -17,9 +17,8 @@ import mmdgen.generate.batch as batch_module
 from mmdgen.generate import Generator, Sampling
 from mmdgen.generate.batch import Request, generate_batch
 from mmdgen.generate.continuous import ClipRequest, decode_continuously
-from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.lm import MusicLM, lm_config
-from mmdgen.model.text import LearnedTextEncoder, train_caption_tokenizer
+from tests.tiny_parts import tiny_parts
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums and a loud bass line", "piano",
          "slow strings", "a bright march for brass band", "drums"]
@@ -27,18 +26,11 @@ TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums and a loud bas
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("continuous")
-    tokenizer = train_caption_tokenizer(TEXTS * 4, folder / "captions.model", vocab_size=60)
-    text = LearnedTextEncoder.from_tokenizer_file(tokenizer.path, dim=32, layers=1, heads=2)
-    codec = Codec(codec_config("tiny"))
-    codec.train()
-    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
-    lm = MusicLM(lm_config("tiny", text_dim=32))
+    lm, text, codec = tiny_parts(tmp_path_factory.mktemp("continuous"), TEXTS)
     with torch.no_grad():
         for head in lm.heads:  # sharper logits, as a trained model has: choices far from ties
             head.weight.mul_(8.0)
-    return Generator(lm, text, codec.eval())
+    return Generator(lm, text, codec)
 
 
 def _clips(durations):  # frames at 50 per second: 0.1 s = 5 frames

@@ -9,11 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from mmdgen.generate import Generator, Sampling
 from mmdgen.kernels.int8_linear import MODES
-from mmdgen.model.codec import Codec, codec_config
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.quantize import Int8Linear, quantize_lm
-from mmdgen.model.text import LearnedTextEncoder, train_caption_tokenizer
 from tests.test_mmd import TRITON_DEVICE, needs_triton
+from tests.tiny_parts import tiny_parts
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums"]
 # relative Frobenius error of the tiny LM's logits, int8 against fp32: about 0.004 measured over seeds (each weight
@@ -157,14 +156,8 @@ def test_the_state_dict_restores_a_quantized_lm_exactly(mode, tmp_path):
 
 @pytest.fixture(scope="module")
 def conditioning(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("quantize")
-    tokenizer = train_caption_tokenizer(TEXTS * 4, folder / "captions.model", vocab_size=60)
-    text = LearnedTextEncoder.from_tokenizer_file(tokenizer.path, dim=32, layers=1, heads=2)
-    codec = Codec(codec_config("tiny"))
-    codec.train()
-    codec(torch.randn(2, 1, 6400))  # k-means initialisation of the codebooks
-    return text, codec.eval()
+    _, text, codec = tiny_parts(tmp_path_factory.mktemp("quantize"), TEXTS)
+    return text, codec
 
 
 @pytest.mark.parametrize("mode", MODES)
