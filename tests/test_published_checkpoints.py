@@ -16,7 +16,7 @@ from mmdgen.generate import Generator, Sampling
 from mmdgen.model.convert import codec_from_transformers, lm_from_transformers
 from mmdgen.model.text import T5TextEncoder, word_level_t5_tokenizer
 from mmdgen.pretrained import load_codec_model, load_music_model
-from tests.transformers_musicgen import their_codes_and_audio
+from tests.transformers_musicgen import PUBLISHED_ENCODEC, PUBLISHED_T5, TINY_ENCODEC, TINY_T5, their_codes_and_audio
 
 TEXTS = ["an upbeat pop song with a catchy melody", "slow piano ballad"]
 FRAMES = 8
@@ -28,15 +28,10 @@ def _musicgen(channels: int = 1, widths: str = "published", seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = word_level_t5_tokenizer(TEXTS)
     if widths == "published":
-        text = dict(d_model=768, d_kv=64, d_ff=3072, num_layers=2, num_heads=12)
-        audio = dict(target_bandwidths=[2.2], sampling_rate=32000, hidden_size=128, num_filters=64,
-                     upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=2, codebook_size=2048, use_causal_conv=False,
-                     use_conv_shortcut=False)
+        text, audio = PUBLISHED_T5, PUBLISHED_ENCODEC
         decoder = dict(vocab_size=2048, hidden_size=1024, num_attention_heads=16, ffn_dim=4096)
     else:
-        text = dict(d_model=24, d_kv=12, d_ff=32, num_layers=1, num_heads=2)
-        audio = dict(target_bandwidths=[0.5], sampling_rate=200, hidden_size=8, num_filters=4,
-                     upsampling_ratios=[4, 2], num_lstm_layers=1, codebook_size=32)
+        text, audio = TINY_T5, TINY_ENCODEC
         decoder = dict(vocab_size=32, hidden_size=32, num_attention_heads=4, ffn_dim=48)
     special = decoder["vocab_size"]
     config = transformers.MusicgenConfig(
