@@ -308,6 +308,24 @@ def b_runs(args, tokens_b: Path, lm_a: Path, tokenizer: Path) -> dict[str, dict]
     return runs
 
 
+def check_arguments(args) -> None:
+    """ValueError naming the first option out of range (before any stage starts its hours of work)."""
+    from mmdgen.model.lm import PRESETS
+    from mmdgen.validation import check_number
+
+    check_number(args.hours, "--hours", above=0, at_most=10000)
+    check_number(args.valid_fraction, "--valid-fraction", above=0, below=1)
+    for name in ("codec_steps", "steps_a", "steps_b", "batch_size", "crop_frames", "threads"):
+        check_number(getattr(args, name), "--" + name.replace("_", "-"), integer=True, at_least=1)
+    for name in ("long_scratch_steps", "warmup_steps", "valid_every", "seed"):
+        check_number(getattr(args, name), "--" + name.replace("_", "-"), integer=True, at_least=0)
+    check_number(args.lr, "--lr", above=0, at_most=1)
+    for lr in args.finetune_lrs:
+        check_number(lr, "--finetune-lrs", above=0, at_most=1)
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
@@ -332,6 +350,10 @@ def main(argv=None) -> None:
     parser.add_argument("--results-only", action="store_true", help="only write the results from existing runs")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the JSON and figures/ go")
     args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)
     timings = args.out / "timings.json"
     tokens_b, tokenizer, lm_a = args.out / "tokens-B", args.out / "text_tokenizer.model", args.out / "lm-A" / "model"

@@ -429,3 +429,25 @@ def test_random_values_are_refused_in_one_line_or_accepted_only_when_meaningful(
         assert len(lines) == 1 and lines[0].startswith(f"mmdgen {command}: error: ") and flag in lines[0], lines
         assert "Traceback" not in err.getvalue()
 
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "abc", "RANK": "0"}, "RANK, WORLD_SIZE and LOCAL_RANK must be integers, got RANK='0' "
+                                         "WORLD_SIZE='abc'"),
+    ({"WORLD_SIZE": "2"}, "must be integers, got RANK=None WORLD_SIZE='2'"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, r"RANK=5 must lie in [0, WORLD_SIZE=2)"),
+    ({"WORLD_SIZE": "0", "RANK": "0"}, r"RANK=0 must lie in [0, WORLD_SIZE=0)"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK must be >= 0, got -1"),
+])
+def test_a_prompts_job_under_a_broken_torchrun_environment_is_refused(monkeypatch, environment, message):
+    from types import SimpleNamespace
+
+    from mmdgen.cli.commands import _process_share
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as error:
+        _process_share(SimpleNamespace(prompts="prompts.jsonl", device="cpu"))
+    assert message in str(error.value)

@@ -145,3 +145,18 @@ def test_runs_without_validations_or_with_other_codebook_counts_are_refused(tmp_
     two = [{"step": 10, "nll_k0": 1.0, "nll_k1": 2.0}]
     with pytest.raises(ValueError, match="the same number of codebooks"):
         experiment.final_table({"three": three, "two": two})
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps-a", "0"], "--steps-a must be an integer >= 1, got 0"),
+    (["--hours", "nan"], "--hours must be a finite number > 0 and <= 10000, got nan"),
+    (["--finetune-lrs", "1e-3", "-1"], "--finetune-lrs must be a finite number > 0 and <= 1, got -1.0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0 and <= 1, got inf"),
+    (["--valid-fraction", "1"], "--valid-fraction must be a finite number > 0 and < 1, got 1.0"),
+    (["--preset", "huge"], "--preset must be one of tiny, mini, small, got 'huge'"),
+])
+def test_options_out_of_range_are_refused_before_any_stage(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--out", str(tmp_path / "run"), *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -327,6 +327,8 @@ def _process_share(options: GenerateOptions) -> tuple[int, int, str]:
                          f"LOCAL_RANK={environ.get('LOCAL_RANK')!r}") from error
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    if local < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {local}")
     import torch
 
     device = options.device
