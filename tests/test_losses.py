@@ -76,8 +76,9 @@ def _torchaudio_mel_loss(fake, real, sample_rate, n_ffts, floor=1e-5):
     for n in n_ffts:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n, win_length=n, hop_length=n // 4,
-                                                       n_mels=64, normalized=True, center=False, power=1.0)
+            mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n, win_length=n,
+                                                       hop_length=n // 4, n_mels=64, normalized=True, center=False,
+                                                       power=1.0)
         log_fake = torch.log(mel(fake.float()).clamp_min(floor))
         log_real = torch.log(mel(real.float()).clamp_min(floor))
         terms.append(torch.nn.functional.l1_loss(log_fake, log_real) + torch.nn.functional.mse_loss(log_fake, log_real))
