@@ -40,6 +40,13 @@ from mmdgen.train.lm import LMTrainConfig, LMTrainer
 PHASES = "phases.json"
 
 
+class Stage:
+    """One stage being timed; the stage sets ``reused`` when an earlier run had done its work."""
+
+    def __init__(self):
+        self.reused = False
+
+
 class PhaseClock:
     """Each stage's wall time in this run, in the order the stages ran. A stage an earlier run finished is
     marked reused, with the time it took when it ran (kept in ``phases.json``), never with the near-zero time
@@ -54,10 +61,11 @@ class PhaseClock:
         self.rows: list[dict] = []
 
     @contextmanager
-    def stage(self, name: str, reused: bool):
+    def stage(self, name: str):
         started = time.perf_counter()
-        yield
-        if reused:
+        stage = Stage()
+        yield stage
+        if stage.reused:
             self.rows.append({"stage": name, "seconds": self.when_ran.get(name), "reused": True})
         else:
             self.when_ran[name] = time.perf_counter() - started
@@ -68,8 +76,9 @@ class PhaseClock:
 def build_corpus_slice(cfg: DemoConfig, clock: PhaseClock, log=print) -> Path:
     manifest = cfg.path("corpus")
     log(f"[1/6] corpus: {cfg.hours:g} h of captioned clips -> {manifest.parent}")
-    with clock.stage("corpus", reused=manifest.exists()):
-        build_corpus(manifest.parent, BuildConfig(hours=cfg.hours, seed=cfg.seed), workers=2)
+    with clock.stage("corpus") as stage:
+        built = build_corpus(manifest.parent, BuildConfig(hours=cfg.hours, seed=cfg.seed), workers=2)
+        stage.reused = built["rendered_this_run"] == 0
     return manifest
 
 
@@ -83,7 +92,8 @@ def train_codecs(cfg: DemoConfig, manifest: Path, clock: PhaseClock, log=print) 
                                        crop_seconds=1.0, mmd_weight=weight, mmd_delay=True, adversarial=False,
                                        seed=cfg.seed, device=cfg.device, valid_every=max(cfg.codec_steps // 4, 1),
                                        ckpt_every=max(cfg.codec_steps // 4, 1), **schedule)
-        with clock.stage(f"codec {name}", reused=_finished(run)):
+        with clock.stage(f"codec {name}") as stage:
+            stage.reused = _finished(run)
             models[name] = _train_once(CodecTrainer, trainer_cfg, run)
     return models
 
@@ -94,9 +104,9 @@ def tokenize(cfg: DemoConfig, codecs: dict[str, Path], manifest: Path, clock: Ph
     for name, codec_dir in codecs.items():
         folder = folders[name] = cfg.path("tokens", name)
         log(f"[3/6] tokens of codec {name} -> {folder}")
-        finished = (folder / "tokens.json").exists()
-        with clock.stage(f"tokens {name}", reused=finished):
-            if not finished:
+        with clock.stage(f"tokens {name}") as stage:
+            stage.reused = (folder / "tokens.json").exists()
+            if not stage.reused:
                 tokenize_corpus(codec_dir, manifest, folder, device=cfg.device)
     return folders
 
@@ -110,7 +120,8 @@ def train_lms(cfg: DemoConfig, tokens: dict[str, Path], clock: PhaseClock, log=p
                                     steps=cfg.lm_steps, batch_size=16, crop_frames=cfg.lm_crop_frames, lr=2e-3,
                                     seed=cfg.seed, device=cfg.device, valid_every=max(cfg.lm_steps // 4, 1),
                                     ckpt_every=max(cfg.lm_steps // 4, 1))
-        with clock.stage(f"LM {name}", reused=_finished(run)):
+        with clock.stage(f"LM {name}") as stage:
+            stage.reused = _finished(run)
             models[name] = _train_once(LMTrainer, trainer_cfg, run)
     return models
 
@@ -139,9 +150,9 @@ def generate_clips(cfg: DemoConfig, lms: dict[str, Path], manifest: Path, clock:
         folder = folders[label] = cfg.path("generated", label)
         weights = "" if quantize is None else f" ({quantize} weights)"
         log(f"[5/6] {len(prompts)} clips of {cfg.duration:g} s from LM {name}{weights} -> {folder}")
-        finished = all((folder / f"{request.id}.wav").exists() for request in requests)
-        with clock.stage(f"generation {label}", reused=finished):
-            if not finished:
+        with clock.stage(f"generation {label}") as stage:
+            stage.reused = all((folder / f"{request.id}.wav").exists() for request in requests)
+            if not stage.reused:
                 generate_batch(Generator.from_pretrained(model, device=cfg.device, quantize=quantize), requests,
                                folder, Sampling(), batch_size=len(requests))
     return folders
@@ -158,7 +169,7 @@ def run(cfg: DemoConfig, log=print) -> Path:
     lms = train_lms(cfg, tokenize(cfg, codecs, manifest, clock, log), clock, log)
     generate_clips(cfg, lms, manifest, clock, log)
     log("[6/6] evaluation and report")
-    with clock.stage("evaluation", reused=False):
+    with clock.stage("evaluation"):
         evaluation = evaluate_demo(cfg, log)
     evaluation["phases"] = clock.rows
     save_evaluation(out, evaluation)
