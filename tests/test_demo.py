@@ -31,8 +31,17 @@ def test_the_demo_runs_every_stage_and_reports_them(demo_run):
         assert len(result["clips"]) == 2 and math.isfinite(result["generation"]["fad"])
         for clip in result["clips"]:
             assert (demo_run / clip["wav"]).stat().st_size > 1000
+    int8 = evaluation["int8"]
+    assert int8["lm"] == "mmd3" and int8["generation"]["generated_clips"] == 2
+    assert math.isfinite(int8["generation"]["fad"]) and (demo_run / "generated-mmd3-int8" / "clip01.wav").exists()
+    stages = ["corpus", "codec mmd0", "codec mmd3", "tokens mmd0", "tokens mmd3", "LM mmd0", "LM mmd3",
+              "generation mmd0", "generation mmd3", "generation mmd3-int8", "evaluation"]
+    assert [row["stage"] for row in evaluation["phases"]] == stages
+    assert all(row["seconds"] > 0 and not row["reused"] for row in evaluation["phases"])
     report = (demo_run / "report.md").read_text()
     assert "| mmd0 | 0 |" in report and "| mmd3 | 3 |" in report
+    assert "| mmd3, int8 weights | - |" in report
+    assert "## Time" in report and "| codec mmd3 |" in report and "reused:" not in report.split("## Time")[1]
     linked = [part.split(")")[0] for part in report.split("](")[1:]]
     assert linked and all((demo_run / path).exists() for path in linked)  # every figure and clip it links
     assert all((demo_run / path).read_bytes()[:4] == b"\x89PNG" for path in linked if path.endswith(".png"))
@@ -42,8 +51,17 @@ def test_a_second_run_reuses_every_finished_stage(demo_run):
     watched = [demo_run / "codec-mmd0" / "model" / "codec.safetensors", demo_run / "lm-mmd3" / "model" /
                "lm.safetensors", demo_run / "generated-mmd0" / "clip00.wav", demo_run / "tokens-mmd0" / "tokens.json"]
     before = [path.stat().st_mtime_ns for path in watched]
-    run(DemoConfig(out=str(demo_run), **MICRO), log=lambda *_: None)
+    first = {row["stage"]: row["seconds"] for row in json.loads((demo_run / "evaluation.json").read_text())["phases"]}
+    logged = []
+    run(DemoConfig(out=str(demo_run), **MICRO), log=logged.append)
     assert [path.stat().st_mtime_ns for path in watched] == before
+    phases = json.loads((demo_run / "evaluation.json").read_text())["phases"]
+    # a reused stage shows the time it took when it ran, not the instant of skipping it
+    assert [(row["stage"], row["seconds"]) for row in phases if row["reused"]] == [
+        (stage, seconds) for stage, seconds in first.items() if stage != "evaluation"]
+    assert [row["stage"] for row in phases if not row["reused"]] == ["evaluation"]
+    table = next(message for message in logged if "time per stage" in message)
+    assert "| codec mmd0 | " in table and "reused: an earlier run" in table and "10 reused" in table
 
 
 def test_eval_report_rewrites_the_report_of_a_run(demo_run, capsys, tmp_path):

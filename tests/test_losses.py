@@ -64,3 +64,71 @@ def test_discriminator_shapes_and_losses():
     assert float(feature_matching_loss(features, fake)) > 0
     with pytest.raises(ValueError, match="at least 256 samples"):
         disc(audio[..., :100])
+
+
+def _torchaudio_mel_loss(fake, real, sample_rate, n_ffts, floor=1e-5):
+    """The mel loss as first written, on torchaudio's MelSpectrogram (the formula the fast path must keep)."""
+    import warnings
+
+    import torchaudio
+
+    terms = []
+    for n in n_ffts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n, win_length=n,
+                                                       hop_length=n // 4, n_mels=64, normalized=True, center=False,
+                                                       power=1.0)
+        log_fake = torch.log(mel(fake.float()).clamp_min(floor))
+        log_real = torch.log(mel(real.float()).clamp_min(floor))
+        terms.append(torch.nn.functional.l1_loss(log_fake, log_real) + torch.nn.functional.mse_loss(log_fake, log_real))
+    return torch.stack(terms).mean()
+
+
+def _dft_log_mel(audio, n, filters, floor=1e-5):
+    """An independent float64 reference: frames by indexing, the DFT as a matrix product, magnitudes, mels."""
+    audio = audio.double()
+    starts = torch.arange(0, audio.shape[-1] - n + 1, n // 4)
+    frames = audio[..., starts[:, None] + torch.arange(n)]
+    window = 0.5 - 0.5 * torch.cos(2 * torch.pi * torch.arange(n, dtype=torch.float64) / n)
+    angles = 2 * torch.pi * torch.outer(torch.arange(n, dtype=torch.float64), torch.arange(n // 2 + 1,
+                                                                                          dtype=torch.float64)) / n
+    weighted = frames * window / window.square().sum().sqrt()
+    magnitude = torch.sqrt((weighted @ torch.cos(angles)) ** 2 + (weighted @ torch.sin(angles)) ** 2)
+    return torch.log((magnitude @ filters.double()).clamp_min(floor))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (2, 1, 3001), (3, 2, 2221), (8, 1, 4096)])
+def test_mel_loss_keeps_the_torchaudio_formula_and_a_float64_dft_reference(shape):
+    """Values and gradients of the fast mel loss against the first (torchaudio) formula, in fp32, over lengths that
+    leave a partial hop, one or two channels, one to eight items; its log-mels against a float64 DFT."""
+    torch.manual_seed(sum(shape))
+    sample_rate = 16000 if shape[-1] < 3000 else 32000
+    n_ffts = (64, 128, 256, 512, 1024)
+    loss = MultiScaleMelLoss(sample_rate)
+    real = 0.3 * torch.randn(shape)
+    fake = (real + 0.1 * torch.randn(shape)).requires_grad_()
+    ours = loss(fake, real)
+    (ours_grad,) = torch.autograd.grad(ours, fake)
+    fake_ref = fake.detach().clone().requires_grad_()
+    theirs = _torchaudio_mel_loss(fake_ref, real, sample_rate, n_ffts)
+    (theirs_grad,) = torch.autograd.grad(theirs, fake_ref)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert torch.allclose(ours_grad, theirs_grad, rtol=1e-3, atol=1e-4 * float(theirs_grad.abs().max()))
+    for n in (64, 1024):
+        expected = _dft_log_mel(real, n, getattr(loss, f"filters_{n}"))
+        assert torch.allclose(loss.log_mel(real, n).double(), expected, atol=1e-4)
+
+
+def test_stft_magnitude_gradient_matches_finite_differences():
+    """The hand-written backward of the STFT magnitudes, in float64, for odd and even frame sizes (an even size has a
+    Nyquist bin), with a frame of zeros (no gradient through a zero magnitude)."""
+    from mmdgen.losses.reconstruction import _STFTMagnitude
+
+    torch.manual_seed(0)
+    for n in (7, 8):
+        frames = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_STFTMagnitude.apply, (frames,))
+        zeros = torch.zeros(1, n, dtype=torch.float64, requires_grad=True)
+        _STFTMagnitude.apply(zeros).sum().backward()
+        assert torch.equal(zeros.grad, torch.zeros_like(zeros))

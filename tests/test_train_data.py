@@ -117,3 +117,21 @@ def test_sampler_shards_and_resumes():
     assert list(later) != parts[1]
     with pytest.raises(ValueError, match="outside a world"):
         ShardedSampler(10, 3, 3)
+
+
+@pytest.mark.parametrize("suffix, rate, seconds", [(".flac", 16000, 1.3), (".wav", 16000, 0.9), (".wav", 22050, 1.3),
+                                                   (".ogg", 16000, 1.3), (".flac", 16000, 0.4)])
+def test_a_crop_read_alone_is_the_crop_of_the_file_read_whole(tmp_path, suffix, rate, seconds):
+    """Random crops at the target rate decode only their frames (WAV, FLAC); the same samples, offsets and lengths
+    as cutting the whole file (resampled, Ogg, shorter than the crop: read whole), stereo averaged alike."""
+    rng = np.random.default_rng(7)
+    audio = (0.2 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32)
+    soundfile.write(tmp_path / f"clip{suffix}", audio, rate)
+    data = AudioDataset(folder_entries(tmp_path), sample_rate=16000, crop_seconds=0.5, seed=5, check=False)
+    whole = read_audio(tmp_path / f"clip{suffix}", 16000)
+    crop = int(0.5 * 16000)
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        spare = whole.shape[-1] - crop
+        start = int(np.random.default_rng([5, epoch, 0]).integers(spare + 1)) if spare > 0 else 0
+        assert torch.equal(data[0]["audio"], whole[:, start: start + crop])

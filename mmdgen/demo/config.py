@@ -34,9 +34,14 @@ class DemoConfig:
         """Run name -> MMD weight: the codec without and with the independence loss."""
         return {"mmd0": 0.0, f"mmd{self.mmd_weight:g}": self.mmd_weight}
 
+    @property
+    def int8_lm(self) -> str:
+        """The LM that generates its clips again with int8 weights: the one on the MMD codec's codes."""
+        return f"mmd{self.mmd_weight:g}"
+
     def path(self, stage: str, name: str = "") -> Path:
         """Where a stage keeps its output: corpus (the manifest), codec, tokens, lm (their exported models or
-        folders, per codec name), generated (per codec name)."""
+        folders, per codec name), generated (per codec name, ``<name>-int8`` for the int8 LM's clips)."""
         out = Path(self.out)
         return {"corpus": out / "corpus" / "manifest.jsonl", "codec": out / f"codec-{name}" / "model",
                 "codec_run": out / f"codec-{name}", "tokens": out / f"tokens-{name}",

@@ -8,7 +8,9 @@ Measured on the run's held-out clips (the corpus's test and validation splits):
   STFT distance);
 - per LM (one per codec): its generated clips against the held-out clips (FAD on musicnn features) and
   against their captions (instrument tag AUC, key, tempo), with the same adherence measures on the real
-  clips as the ceiling each reaches on this material.
+  clips as the ceiling each reaches on this material;
+- the MMD codec's LM once more with int8 weights: its clips for the same captions and seeds, measured alike;
+- each stage's wall time (``mmdgen.demo.run`` adds it to ``evaluation.json`` after the evaluation).
 """
 
 from __future__ import annotations
@@ -63,17 +65,32 @@ def evaluate_demo(cfg: DemoConfig, log=print) -> dict:
     for name in cfg.codecs:
         log(f"  LM {name}: generated clips against the held-out clips and their captions")
         evaluation["lms"][name] = _lm_evaluation(cfg, name, manifest, held_out, figures)
-    write_text_atomic(out / EVALUATION, json.dumps(evaluation, indent=1))
+    log(f"  LM {cfg.int8_lm} with int8 weights: its clips measured alike")
+    generated, fields, rate = _generated_clips(cfg, f"{cfg.int8_lm}-int8", manifest)
+    evaluation["int8"] = {"lm": cfg.int8_lm, "generation": generation_report(
+        generated, fields, read_clips(manifest, held_out, rate), rate)}
+    save_evaluation(out, evaluation)
     return evaluation
+
+
+def save_evaluation(out: str | Path, evaluation: dict) -> None:
+    write_text_atomic(Path(out) / EVALUATION, json.dumps(evaluation, indent=1))
+
+
+def _generated_clips(cfg: DemoConfig, label: str, manifest: Path) -> tuple[list, list[dict], int]:
+    """The clips of ``generated-<label>`` (as its manifest lists them), their captions' fields, the sample rate."""
+    listed = read_jsonl(cfg.path("generated", label) / "manifest.jsonl")
+    by_caption = {p["caption"]: p for p in test_captions(manifest, cfg.clips, cfg.seed)}
+    fields = [by_caption[clip["text"]] for clip in listed]
+    rate = fields[0]["sample_rate"]
+    folder = cfg.path("generated", label)
+    return [read_audio(folder / f"{clip['id']}.wav", rate) for clip in listed], fields, rate
 
 
 def _lm_evaluation(cfg: DemoConfig, name: str, manifest: Path, held_out: list[dict], figures: Path) -> dict:
     folder = cfg.path("generated", name)
     listed = read_jsonl(folder / "manifest.jsonl")
-    by_caption = {p["caption"]: p for p in test_captions(manifest, cfg.clips, cfg.seed)}
-    fields = [by_caption[clip["text"]] for clip in listed]
-    rate = fields[0]["sample_rate"]
-    generated = [read_audio(folder / f"{clip['id']}.wav", rate) for clip in listed]
+    generated, fields, rate = _generated_clips(cfg, name, manifest)
     report = generation_report(generated, fields, read_clips(manifest, held_out, rate), rate, reference_fields=held_out)
     clips = []
     for index, (clip, audio) in enumerate(zip(listed, generated)):
@@ -99,6 +116,30 @@ def _number(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _generation_row(label: str, nll: float | None, gen: dict) -> str:
+    return (f"| {label} | {_number(nll)} | {gen['fad']:.2f} | {_number(gen['instrument_macro_auc'])} | "
+            f"{gen['instrument_caption_tag_probability']:.3f} | {gen['key_exact']:.2f} | {gen['key_weighted']:.2f} | "
+            f"{gen['tempo_within_8_percent']:.2f} |")
+
+
+def phase_table(rows: list[dict]) -> list[str]:
+    """The stages' wall times (``mmdgen.demo.run.PhaseClock``'s rows) as a Markdown table: the demo prints it and
+    the report holds it."""
+    lines = ["| stage | wall time | |", "|---|---:|---|"]
+    for row in rows:
+        seconds = "?" if row["seconds"] is None else _duration(row["seconds"])
+        note = "reused: an earlier run took this time" if row["reused"] else ""
+        lines.append(f"| {row['stage']} | {seconds} | {note} |")
+    ran = sum(row["seconds"] for row in rows if not row["reused"])
+    reused = sum(row["reused"] for row in rows)
+    lines.append(f"| **this run** | **{_duration(ran)}** | {f'{reused} reused' if reused else ''} |")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
 def write_report(out: str | Path, evaluation: dict) -> Path:
     """``report.md`` in ``out`` from ``evaluate_demo``'s result (figures and WAVs linked relatively)."""
     out = Path(out)
@@ -121,10 +162,10 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
               "| LM on codec | validation NLL (nats/code) | FAD (musicnn) | instrument AUC (macro) | caption's tag "
               "probability | key exact | key MIREX | tempo within 8% |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in evaluation["lms"].items():
-        gen = result["generation"]
-        lines.append(f"| {name} | {_number(result['final_validation'].get('nll'))} | {gen['fad']:.2f} | "
-                     f"{_number(gen['instrument_macro_auc'])} | {gen['instrument_caption_tag_probability']:.3f} | "
-                     f"{gen['key_exact']:.2f} | {gen['key_weighted']:.2f} | {gen['tempo_within_8_percent']:.2f} |")
+        lines.append(_generation_row(name, result["final_validation"].get("nll"), result["generation"]))
+    if "int8" in evaluation:  # evaluations written before the int8 row have none
+        int8 = evaluation["int8"]
+        lines.append(_generation_row(f"{int8['lm']}, int8 weights", None, int8["generation"]))
     reference = next(iter(evaluation["lms"].values()))["generation"].get("reference")
     if reference:
         lines.append(f"| *held-out real clips (ceiling)* | | 0 | {_number(reference['instrument_macro_auc'])} | "
@@ -133,7 +174,8 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
     lines += ["", "Instrument AUC: the caption's MTT tag ranking clips of that instrument above the others "
               "(macro over tags with both classes present; '-' when no tag has). Key from chroma with the "
               "Krumhansl-Kessler profiles; tempo from onset autocorrelation: the ceiling row is their reliability "
-              "on real clips of this corpus.", ""]
+              "on real clips of this corpus. The int8 row: the same LM, captions and seeds, its decoder's and heads' "
+              "weights in int8 (`Generator(..., quantize=\"int8\")`).", ""]
     for name, result in evaluation["lms"].items():
         lines += [f"### LM on codec {name}", "", f"![LM {name}: training](figures/{result['curves']})", ""]
         for clip in result["clips"]:
@@ -141,6 +183,9 @@ def write_report(out: str | Path, evaluation: dict) -> Path:
             if "spectrogram" in clip:
                 lines.append(f"  ![{clip['id']}](figures/{clip['spectrogram']})")
         lines.append("")
+    if "phases" in evaluation:
+        lines += ["## Time", "", "Wall time of each stage of the run that wrote this report (a stage an earlier run "
+                  "finished is reused, shown with the time it took then).", "", *phase_table(evaluation["phases"]), ""]
     path = out / REPORT
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
@@ -152,5 +197,12 @@ def report(run_dir: str | Path, recompute: bool = False, log=print) -> Path:
     cfg = DemoConfig.load(run_dir)
     cfg.out = str(run_dir)
     stored = run_dir / EVALUATION
-    evaluation = json.loads(stored.read_text()) if stored.exists() and not recompute else evaluate_demo(cfg, log)
+    earlier = json.loads(stored.read_text()) if stored.exists() else {}
+    if recompute or not earlier:
+        evaluation = evaluate_demo(cfg, log)
+        if "phases" in earlier:  # the run's times stay with its measures
+            evaluation["phases"] = earlier["phases"]
+            save_evaluation(run_dir, evaluation)
+    else:
+        evaluation = earlier
     return write_report(run_dir, evaluation)
