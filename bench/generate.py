@@ -14,7 +14,7 @@ decode loop (KV caches, guidance batched as 2B rows, top-k sampling); the codec'
   right shape as ``.audio_values`` (its default dynamic KV cache, its default attention implementation).
 Both decode frames + K - 1 steps with the delay pattern (503 for 10 s); ours with flattening K * frames
 (2000). Every run checks that it returned [B, K, frames] codes. ``ours-*-compiled``: the same loop with
-``DecodeRuntime(compile=True)`` on CPU (the decode step through ``torch.compile``, one graph for every step) and
+``DecodeRuntime(compile=True)`` on CPU (the decode step through ``torch.compile``, one graph per length bucket) and
 ``DecodeRuntime(cuda_graph=True)`` on CUDA (the step captured in a CUDA graph) as the ``Generator``'s runtime;
 its first run at the timed length compiles
 or captures (its time is reported apart: "first run, compiling"), and the timed runs follow.
@@ -30,12 +30,15 @@ cache cost with position (assumed linear in it). A case runs ``--repeats`` times
 ``--max-seconds``, fewer if only fewer fit, and is skipped ("skipped (est. N s)") if not even one does.
 The table shows the estimate against the measured time where a case ran.
 
-The weight-read bound: the copy bandwidth is the median time of ``dst.copy_(src)`` on a ``--copy-gib`` GiB
+The memory-read bound: the copy bandwidth is the median time of ``dst.copy_(src)`` on a ``--copy-gib`` GiB
 fp32 tensor, counting the bytes read plus the bytes written; a decode step must read every weight it uses
 once: the self-attention q/k/v/out, the cross-attention q/out (its k/v projections are applied once to the
 text), the FFN, the norms and the K heads, in fp32 (not the embeddings, of which a step reads K rows, nor
-the text projection). bound steps/s = bandwidth / those bytes; KV-cache reads are not counted, so the bound
-is loosest at batch 8 and for flattening. Prints a table and writes ``bench/results/generate-<device>.json``
+the text projection); and the keys and values it attends, fp32, of every layer and row (2B with guidance):
+the self-attention cache up to the filled length (step s reads s + 1 positions: (steps + 1) / 2 on average
+over the clip) and the text's cross-attention memory (the batch's padded token count). bound steps/s =
+bandwidth / (weights + that average KV read), per model, batch and pattern (the cache grows with the steps:
+flattening reads four times the positions). Prints a table and writes ``bench/results/generate-<device>.json``
 and the table as ``.txt``.
 
     python bench/generate.py                                    # tiny, 40M, small; batch 1 and 8; 10 s
@@ -330,7 +333,7 @@ def measure_generate(spec: dict) -> dict:
 
 
 def _compiled_warm_up(side: Side, spec: dict, frames: int, steps: int) -> dict:
-    """The compiled loop's first run at the timed length compiles its step (one graph per batch and length);
+    """The compiled loop's first run at the timed length compiles its step (one graph per batch, length and bucket);
     its estimate is the eager loop's (an upper bound), and it is not run when even that does not fit."""
     info = {"steps": steps, "frames": frames, "estimate_seconds": spec["eager_estimate_seconds"]}
     if spec["eager_estimate_seconds"] > spec["max_seconds"]:
@@ -394,6 +397,71 @@ def parameter_counts(size: str) -> dict:
     int8_bytes = 4 * (per_step - weights) + weights + 4 * sum(m.out_features for m in linears)
     return {"total": total, "embeddings": embeddings, "text_projection": text, "cross_attention_kv": cross_kv,
             "read_per_step": per_step, "read_bytes_per_step": 4 * per_step, "int8_read_bytes_per_step": int8_bytes}
+
+
+def kv_read_bytes(size: str, rows: int, steps: int, text_positions: int) -> dict:
+    """Bytes of keys and values (fp32) one step reads on average over a decode of ``steps`` steps of ``rows``
+    rows, over every layer: the self-attention cache up to the filled length ((steps + 1) / 2 positions on
+    average) and the text's cross-attention memory (``text_positions``)."""
+    dims = MODELS[size]
+    per_position = 2 * rows * dims["hidden_size"] * 4 * dims["num_hidden_layers"]  # keys + values, all layers
+    self_attention = per_position * (steps + 1) / 2
+    cross_attention = per_position * text_positions
+    return {"self_attention_kv_bytes_per_step": self_attention, "cross_attention_kv_bytes_per_step": cross_attention,
+            "kv_bytes_per_step": self_attention + cross_attention}
+
+
+def text_positions(batch: int) -> int:
+    """The padded token count of the batch's captions (the cross-attention memory's length), as both sides
+    tokenize them."""
+    from mmdgen.model.text import word_level_t5_tokenizer
+
+    texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    return word_level_t5_tokenizer(CAPTIONS)(texts, padding=True, return_tensors="pt")["input_ids"].shape[1]
+
+
+def bounds(rate: float, args, guidance: float | None, rows: list[dict]) -> tuple[list[str], dict]:
+    """The memory-read bound per model, batch and pattern (module docstring), and each row's steps/s against it:
+    (the table's lines, the JSON's ``bound``)."""
+    lines = ["", f"memory-read bound: copy bandwidth {rate / 1e9:.1f} GB/s (median of 5 dst.copy_(src) on a "
+                 f"{args.copy_gib:g} GiB fp32 tensor, bytes read + written / time); a step reads each weight it uses "
+                 "once (fp32; layers without the cross-attention k/v, final norm, K heads; not the embeddings or the "
+                 "text projection) and the keys and values it attends (fp32, every layer and row: the self-attention "
+                 "cache up to the filled length, averaged over the clip, and the text's cross-attention memory)"]
+    out = {}
+    for size in args.models:
+        counts = parameter_counts(size)
+        weights_bound = rate / counts["read_bytes_per_step"]
+        out[size] = dict(counts, weights_only_bound_steps_per_s=weights_bound, cases={})
+        lines.append(f"{size}: {counts['total']:,} LM parameters ({counts['embeddings']:,} in embeddings); weights "
+                     f"{counts['read_bytes_per_step'] / 1e6:.1f} MB read per step (alone: {weights_bound:.1f} steps/s"
+                     f"); int8 weights {counts['int8_read_bytes_per_step'] / 1e6:.1f} MB")
+        for batch in args.batches:
+            for pattern in ("delay", "flatten"):
+                measured = [row for row in rows if row["model"] == size and row["batch"] == batch
+                            and (row["impl"].startswith(f"ours-{pattern}") or (pattern == "delay"
+                                                                                and row["impl"] in BASELINES))]
+                if not measured:
+                    continue
+                steps = measured[0]["steps"]
+                kv = kv_read_bytes(size, 2 * batch if guidance is not None else batch, steps, text_positions(batch))
+                bound = rate / (counts["read_bytes_per_step"] + kv["kv_bytes_per_step"])
+                # int8 rows read one byte per weight (plus one fp32 scale per output channel: under 0.5% here)
+                int8_bound = rate / (counts["int8_read_bytes_per_step"] + kv["kv_bytes_per_step"])
+                achieved = {row["impl"]: row["result"]["steps_per_s"] / (int8_bound if "int8" in row["impl"]
+                                                                         else bound)
+                            for row in measured if "steps_per_s" in row["result"]}
+                out[size]["cases"][f"B{batch} {pattern}"] = dict(
+                    kv, batch=batch, pattern=pattern, steps=steps, bound_steps_per_s=bound,
+                    int8_bound_steps_per_s=int8_bound, achieved_fraction=achieved)
+                lines.append(f"  B{batch} {pattern} ({steps} steps): KV read {kv['kv_bytes_per_step'] / 1e6:.1f} MB "
+                             f"per step (self {kv['self_attention_kv_bytes_per_step'] / 1e6:.1f}, cross "
+                             f"{kv['cross_attention_kv_bytes_per_step'] / 1e6:.2f}) -> bound {bound:.1f} steps/s, "
+                             f"int8 {int8_bound:.1f}")
+                if achieved:
+                    lines.append("    achieved / bound (int8 rows: / int8 bound): " + ", ".join(
+                        f"{impl} {value:.2f}" for impl, value in achieved.items()))
+    return lines, out
 
 
 # -- the table ----------------------------------------------------------------------------------------------
@@ -508,32 +576,7 @@ def main(argv=None) -> None:
                 rows.append({"model": size, "impl": impl, "batch": batch, "steps": steps, "result": result})
 
     if "oom" not in bandwidth:
-        rate = bandwidth["bytes_per_s"]
-        bound_lines = ["", f"weight-read bound: copy bandwidth {rate / 1e9:.1f} GB/s (median of 5 dst.copy_(src) "
-                           f"on a {args.copy_gib:g} GiB fp32 tensor, bytes read + written / time); a step reads each "
-                           "weight it uses once (fp32; layers without the cross-attention k/v, final norm, K heads; "
-                           "not the embeddings, the text projection or the KV cache)"]
-        payload["bound"] = {}
-        for size in args.models:
-            counts = parameter_counts(size)
-            bound = rate / counts["read_bytes_per_step"]
-            achieved = {f"{row['impl']} B{row['batch']}": row["result"]["steps_per_s"] / bound for row in rows
-                        if row["model"] == size and "steps_per_s" in row["result"]}
-            # int8 rows read one byte per weight (plus one fp32 scale per output channel: under 0.5% here)
-            int8_bound = rate / counts["int8_read_bytes_per_step"]
-            achieved_int8 = {key: value * bound / int8_bound for key, value in achieved.items() if "int8" in key}
-            payload["bound"][size] = dict(counts, bound_steps_per_s=bound, achieved_fraction=achieved,
-                                          int8_bound_steps_per_s=int8_bound, achieved_fraction_of_int8=achieved_int8)
-            bound_lines.append(f"{size}: {counts['total']:,} LM parameters ({counts['embeddings']:,} in embeddings); "
-                               f"{counts['read_bytes_per_step'] / 1e6:.1f} MB read per step -> bound "
-                               f"{bound:.1f} steps/s; int8: {counts['int8_read_bytes_per_step'] / 1e6:.1f} MB -> "
-                               f"{int8_bound:.1f} steps/s")
-            if achieved:
-                bound_lines.append("    achieved / bound: " + ", ".join(f"{key} {value:.2f}"
-                                                                        for key, value in achieved.items()))
-            if achieved_int8:
-                bound_lines.append("    int8 rows, achieved / int8 bound: " + ", ".join(
-                    f"{key} {value:.2f}" for key, value in achieved_int8.items()))
+        bound_lines, payload["bound"] = bounds(bandwidth["bytes_per_s"], args, guidance, rows)
         print("\n".join(bound_lines), flush=True)
         lines += bound_lines
     payload["rows"] = rows

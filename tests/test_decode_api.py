@@ -177,7 +177,8 @@ def test_the_lm_refuses_steps_without_their_conditioning():
 
 def test_the_compiled_step_is_one_graph_for_every_step_and_decode_of_a_shape():
     """``DecodeRuntime(compile=True)``: the whole step is one graph (fullgraph: no break, so no host read), compiled
-    once for a shape and reused by a second decode of that shape, with the eager loop's codes."""
+    once for a shape within one length bucket (7 steps: every span is the whole cache) and reused by a second decode
+    of that shape, with the eager loop's codes (several buckets: tests/test_decode_buckets.py)."""
     from torch._dynamo.utils import counters
 
     lm = _lm("cross", torch.float32, layers=1)

@@ -165,10 +165,10 @@ def test_triton_and_pytorch_decoding_paths_give_the_same_codes(tiny):
 
 
 def test_the_compiled_step_gives_the_eager_codes(tiny):
-    """``compile=True``: the decode step through torch.compile, one graph for every step (the step and the
-    attention length are tensors; the whole cache is attended with the future masked). Same codes as the eager
-    loop: sampled with guidance, top-k and top-p while continuing a prompt (prefill and forced cells), and
-    greedy without guidance."""
+    """``compile=True``: the decode step through torch.compile, one graph for every step of a length bucket (the
+    step and the attention length are tensors; the bucket's positions are attended with the future masked). Same
+    codes as the eager loop: sampled with guidance, top-k and top-p while continuing a prompt (prefill and forced
+    cells), and greedy without guidance."""
     lm, text, codec = tiny
     prompt = torch.randn(1, 1, 3200) * 0.1  # 5 frames
     cases = [(Sampling(guidance_scale=3.0, top_k=20, top_p=0.9), prompt),

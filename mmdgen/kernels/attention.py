@@ -26,7 +26,8 @@ a query that sees no position at all (e.g. a fully padded text row) gets 0.
   ``values[:, :, :length]`` with a boolean mask (causal offset within the Q new steps, ``key_mask``); rows
   that see nothing are zeroed. A tensor ``length`` is not read on the host: the whole buffer is attended with
   the positions past the length masked, so that one traced graph (``torch.compile``) serves every step; the
-  buffer past the length must then hold finite values (the LM's static cache starts as zeros).
+  buffer past the length must then hold finite values (the LM's static cache starts as zeros). Callers bound
+  that read by passing a view ``keys[:, :, :span]`` (the compiled decode step's length buckets).
 
 Why the combine is a kernel and not torch ops: it is one launch instead of about eight (at batch 1 a step's
 many small attention calls are launch bound), it reads only the splits that hold data, so the partial buffers

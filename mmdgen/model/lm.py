@@ -120,6 +120,16 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(embedding, (0, dim - 2 * half))
 
 
+def _check_span(span, position: int | torch.Tensor, steps: int, capacity: int) -> None:
+    """ValueError unless ``span`` (``MusicLM.step``) is an int in [1, capacity] covering an int position's steps."""
+    if isinstance(span, bool) or not isinstance(span, int) or not 1 <= span <= capacity:
+        raise ValueError(f"mmdgen/model/lm.py: span must be an int in [1, {capacity}] (the cache's positions), "
+                         f"got {span!r}")
+    if not isinstance(position, torch.Tensor) and span < position + steps:
+        raise ValueError(f"mmdgen/model/lm.py: span={span} does not cover the steps at positions "
+                         f"{position}..{position + steps - 1}; expected span >= {position + steps}")
+
+
 class KVCache(nn.Module):
     """Static self-attention cache of one layer: keys and values [B, heads, max_steps, head_dim]."""
 
@@ -184,9 +194,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
                 memory_mask: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                start: int | torch.Tensor = 0, backend: str = "auto") -> torch.Tensor:
+                start: int | torch.Tensor = 0, backend: str = "auto", span: int | None = None) -> torch.Tensor:
         """``memory`` / ``memory_mask``: the text's cross-attention keys, values and mask, or the projected text
-        states (this layer's keys and values made here: sharded training); None without cross-attention."""
+        states (this layer's keys and values made here: sharded training); None without cross-attention.
+        ``span``: decoding attends the cache positions [0, span) only (``MusicLM.step``); None: all of them."""
         if isinstance(memory, torch.Tensor):
             memory = self.cross_attn.memory(memory)
         h = self.self_attn_norm(x)
@@ -197,6 +208,8 @@ class DecoderLayer(nn.Module):
         else:  # decoding: the new steps see every cached step up to their own position
             length = start + x.shape[1]  # a tensor for a tensor start: no host read (compiled, graphed steps)
             keys, values = cache.update(positions, keys, values)
+            if span is not None:  # views: the positions past the span are never read
+                keys, values = keys[:, :, :span], values[:, :, :span]
             attended = self.self_attn.decode(h, keys, values, length, backend=backend)
         if self.cross_attn is not None:
             h = self.cross_attn_norm(x + attended)
@@ -317,7 +330,7 @@ class MusicLM(nn.Module):
         return self.norm(x)
 
     def step(self, inputs: torch.Tensor, position: int | torch.Tensor, caches: list[KVCache], memory=None,
-             backend: str = "auto") -> torch.Tensor:
+             backend: str = "auto", span: int | None = None) -> torch.Tensor:
         """Logits [rows, K, S, V] of S decode steps (1 to ``MAX_QUERIES``) at cache positions position..position +
         S - 1; their keys and values are written into ``caches`` (``new_caches``) and they attend to every cached
         position up to their own through the decode kernels (``backend``).
@@ -325,8 +338,17 @@ class MusicLM(nn.Module):
         ``inputs``: the steps' codes [rows, K, S], or their embedded input [rows, S, dim] with positions added
         (the decode loop's fused step input). ``position``: an int, or (with embedded inputs) a 0-d int64 tensor,
         so that nothing is read on the host (compiled and graphed steps). ``memory``: ``cross_memory``'s result;
-        None for a prefix LM, whose conditioning ``prefill_prefix`` wrote first (step s sits at P + s)."""
-        return self.logits(self.norm(self._through_caches(inputs, position, caches, memory, backend)))
+        None for a prefix LM, whose conditioning ``prefill_prefix`` wrote first (step s sits at P + s).
+
+        ``span``: attend the cache positions [0, span) only, a static bound on a tensor ``position`` (the compiled
+        decode step's length bucket: one graph per span; the attention reads span positions, not the whole
+        buffer). It must cover the steps' own positions; that is checked for an int ``position`` only (a tensor
+        one is not read on the host). None: the whole buffer (an int ``position`` attends exactly its filled
+        positions either way)."""
+        if span is not None:
+            steps = inputs.shape[1] if inputs.is_floating_point() else inputs.shape[-1]  # embedded or codes
+            _check_span(span, position, steps, caches[0].keys.shape[2])
+        return self.logits(self.norm(self._through_caches(inputs, position, caches, memory, backend, span)))
 
     def prefill(self, codes: torch.Tensor, position: int, caches: list[KVCache], memory=None,
                 backend: str = "auto") -> None:
@@ -353,7 +375,7 @@ class MusicLM(nn.Module):
             self._through_caches(part + positions.to(dtype), first, caches, None, backend)
 
     def _through_caches(self, inputs: torch.Tensor, position: int | torch.Tensor, caches: list[KVCache], memory,
-                        backend: str) -> torch.Tensor:
+                        backend: str, span: int | None = None) -> torch.Tensor:
         """The layers over ``caches`` (``step``'s arguments): the last layer's output [rows, S, dim], before the
         final norm."""
         if self.cfg.conditioning == "prefix":
@@ -369,7 +391,7 @@ class MusicLM(nn.Module):
         x = F.dropout(x, self.cfg.dropout, self.training)
         positions = torch.arange(x.shape[1], device=x.device) + position
         for index, layer in enumerate(self.layers):
-            x = layer(x, memories[index], memory_mask, caches[index], positions, position, backend)
+            x = layer(x, memories[index], memory_mask, caches[index], positions, position, backend, span)
         return x
 
     def _hidden_after(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
