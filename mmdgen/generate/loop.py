@@ -253,6 +253,11 @@ class GraphedStep:
 
 
 _COMPILED_STEP = None
+# The generated code checks every input's size and stride and every op's output at each call: a few
+# microseconds each, hundreds per step. The step's inputs are the same tensors at every step (its guards
+# are checked at the first), so these re-checks only cost time (about 2 ms a step at MusicGen-small size on
+# CPU, 10% of an int8 step).
+COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
 def compiled_decode_step():
@@ -261,7 +266,7 @@ def compiled_decode_step():
     ``MAX_COMPILED_GRAPHS`` graphs in a process torch.compile raises (fullgraph) rather than run eagerly."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(decode_step, fullgraph=True, dynamic=False,
+        _COMPILED_STEP = torch.compile(decode_step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS,
                                        recompile_limit=MAX_COMPILED_GRAPHS)
     return _COMPILED_STEP
 

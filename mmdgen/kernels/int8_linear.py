@@ -39,7 +39,7 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   of its value. fbgemm wants the weight prepacked: the packed copy is made at the first call and kept in a side
   table keyed by the codes' memory, and used again while the codes and scales are the same tensors, unchanged
   (their version counters); a new or modified tensor is packed again, and an entry goes when its codes are freed.
-  The op is wrapped as the custom op ``mmdgen::int8_dynamic_linear`` taking plain tensors, so that
+  The op is wrapped as the library op ``mmdgen::int8_dynamic_linear`` taking plain tensors, so that
   ``torch.compile`` captures it in a full graph (fbgemm's packed object cannot be a graph input).
 - PyTorch, float64 x (a reference) or tensors off the CPU (a fallback: ``torch._int_mm`` on CUDA needs more
   than 16 rows, and Triton is the CUDA path), both modes: a float product with the dequantised weight, which
@@ -135,15 +135,27 @@ def packed_dynamic_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.S
     return packed
 
 
-@torch.library.custom_op("mmdgen::int8_dynamic_linear", mutates_args=())
-def _dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+# A plain library definition with a CPU kernel, not ``torch.library.custom_op``: the latter's Python wrapper
+# (autograd and schema handling) costs 10-15 us a call, the plain op about nothing over fbgemm's own call
+# (bench/int8_dispatch.py), and a decode step of MusicGen-small makes 196 of these calls
+_LIBRARY = torch.library.Library("mmdgen", "FRAGMENT")
+_LIBRARY.define("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale) -> Tensor")
+
+
+def _dynamic_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fbgemm's dynamic int8 linear: x [M, K] fp32 -> [M, N] fp32, without the bias."""
     return torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale), DYNAMIC_REDUCE_RANGE)
 
 
-@_dynamic_linear.register_fake
+_LIBRARY.impl("int8_dynamic_linear", _dynamic_linear_cpu, "CPU")
+
+
+@torch.library.register_fake("mmdgen::int8_dynamic_linear", lib=_LIBRARY)
 def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+_dynamic_linear = torch.ops.mmdgen.int8_dynamic_linear
 
 
 # ----------------------------------------------------------------------------------------------

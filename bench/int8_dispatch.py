@@ -1,0 +1,90 @@
+"""What one int8-dynamic linear call costs besides its matrix product, on CPU: the per-call overheads that add up
+over the ~200 linear calls of a MusicGen-small decode step.
+
+Side by side in one run, on a layer small enough (``--features`` square, 2 rows, one thread) that the product
+itself is a few microseconds, median time of one call over ``--calls`` calls, for:
+
+- ``fbgemm``: ``quantized::linear_dynamic`` on the packed weight (the floor: fbgemm's own fixed cost);
+- ``fbgemm + table``: the same after ``packed_dynamic_weight``'s side-table lookup;
+- ``custom_op``: the op behind ``torch.library.custom_op`` (what mmdgen used before);
+- ``library op``: ``torch.ops.mmdgen.int8_dynamic_linear``, a plain library definition with a CPU kernel (what
+  the compiled decode step calls now).
+
+Prints a table and writes ``bench/results/int8_dispatch-<device>.json`` and the text as ``.txt``.
+
+    python bench/int8_dispatch.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from harness import RESULTS, device_name, write_json
+
+from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, packed_dynamic_weight, quantize_weight
+
+
+def _median_call_us(call, calls: int, rounds: int) -> float:
+    for _ in range(calls // 10):
+        call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def _custom_op():
+    """The same kernel behind ``torch.library.custom_op``, defined here for the comparison only."""
+    @torch.library.custom_op("mmdgen_bench::int8_dynamic_linear", mutates_args=())
+    def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale), DYNAMIC_REDUCE_RANGE)
+
+    return linear
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    qweight, scale = quantize_weight(torch.randn(args.features, args.features))
+    x = torch.randn(args.rows, args.features)
+    packed = packed_dynamic_weight(qweight, scale)
+    custom = _custom_op()
+    methods = {
+        "fbgemm": lambda: torch.ops.quantized.linear_dynamic(x, packed, DYNAMIC_REDUCE_RANGE),
+        "fbgemm + table": lambda: torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale),
+                                                                     DYNAMIC_REDUCE_RANGE),
+        "custom_op": lambda: custom(x, qweight, scale),
+        "library op": lambda: torch.ops.mmdgen.int8_dynamic_linear(x, qweight, scale),
+    }
+    device = device_name(torch.device("cpu"))
+    lines = [f"one int8-dynamic linear call, {args.rows} x {args.features} -> {args.features}, on {device}; "
+             f"median over {args.rounds} rounds of {args.calls} calls",
+             f"{'method':16} {'us/call':>8} {'over fbgemm':>12}"]
+    results = {}
+    with torch.no_grad():
+        for name, call in methods.items():
+            results[name] = _median_call_us(call, args.calls, args.rounds)
+    for name, us in results.items():
+        lines.append(f"{name:16} {us:8.1f} {us - results['fbgemm']:+12.1f}")
+    text = "\n".join(lines)
+    print(text)
+    stem = "int8_dispatch-" + ("cuda" if "cuda" in device.lower() else "cpu")
+    write_json(RESULTS / f"{stem}.json", {"device": device, "args": vars(args), "us_per_call": results})
+    (RESULTS / f"{stem}.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
