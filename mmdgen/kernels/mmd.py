@@ -147,10 +147,10 @@ def _add_product(out, a, b, alpha, onednn):
         out.addmm_(a, b, alpha=alpha)
 
 
-def _tile_squared_distances(a, a_norm, c_times_minus_two, c_norm, onednn):
-    """|a_i - c_j|^2 = |a_i|^2 + |c_j|^2 - 2 a_i . c_j: one product (with the column norms as its bias)
-    and one add."""
-    return _product_nt(a, c_times_minus_two, c_norm, onednn).add_(a_norm[:, None])
+def _tile_minus_half_squared_distances(a, a_half_norm, c, c_half_norm, onednn):
+    """-|a_i - c_j|^2 / 2 = a_i . c_j - |a_i|^2 / 2 - |c_j|^2 / 2: one product (minus the column
+    half-norms as its bias) and one subtraction; the factor -1/2 is exact and goes into each gamma."""
+    return _product_nt(a, c, -c_half_norm, onednn).sub_(a_half_norm[:, None])
 
 
 # CPU exp takes a slow path (about 100x) for arguments that underflow, so arguments are clamped here:
@@ -184,16 +184,15 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """Kernel sums (S'_xx, S'_yy, S_xy) as fp64 [3] and, if asked, dL/dx and dL/dy (fp32/fp64).
 
     ``coef_self`` / ``coef_cross`` are the factors of ``sum_j W_ij (z_j - a_i)`` in the gradient
-    (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) (the samples, a scaled copy, the gradients) plus three
-    ``tile x tile`` buffers.
+    (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) (the samples and gradients) plus three ``tile x tile``
+    buffers.
     """
     tile = TORCH_TILE
     n = x.shape[0]
     dtype = accumulation_dtype(x.dtype)
     onednn = onednn_matmul_usable(dtype, x.device)
     values = {"x": x.to(dtype), "y": y.to(dtype)}
-    norms = {name: v.square().sum(dim=1) for name, v in values.items()}
-    times_minus_two = {name: v * -2.0 for name, v in values.items()}  # exact: a power of two
+    half_norms = {name: v.square().sum(dim=1).mul_(0.5) for name, v in values.items()}
     blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
     scratch = torch.empty(2, tile * tile, dtype=dtype, device=x.device)
     floor, square_floor = _EXP_FLOOR[dtype], _SQUARE_FLOOR[dtype]
@@ -209,14 +208,14 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
         (r0, r1), (c0, c1) = blocks[i], blocks[j]
         rows, cols = r1 - r0, c1 - c0
         e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
-        d2 = _tile_squared_distances(values[a][r0:r1], norms[a][r0:r1], times_minus_two[b][c0:c1],
-                                     norms[b][c0:c1], onednn)
+        minus_half_d2 = _tile_minus_half_squared_distances(values[a][r0:r1], half_norms[a][r0:r1],
+                                                           values[b][c0:c1], half_norms[b][c0:c1], onednn)
         on_diagonal = a == b and i == j
         for k, (gamma, squares_previous) in enumerate(plan):
             if squares_previous:
                 e.clamp_(min=square_floor).square_()
             else:
-                torch.mul(d2, -gamma, out=e)
+                torch.mul(minus_half_d2, 2.0 * gamma, out=e)
                 e.clamp_(min=floor).exp_()
             if on_diagonal:
                 e.diagonal().zero_()  # the U-statistic leaves out i == j
