@@ -125,9 +125,9 @@ def _gammas(bandwidths: tuple[float, ...]) -> tuple[float, ...]:
 def onednn_matmul_usable(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the tile products go through oneDNN's fp32 GEMM rather than ``addmm`` (MKL on x86).
 
-    On AMD Zen 5, MKL's sgemm runs a 512 x 512 x 512 tile product at 40-110 GFLOP/s per core against
-    oneDNN's 250 (bench/results/mmd-cpu-amd-epyc.txt), and those products are most of the time. oneDNN
-    takes fp32 CPU tensors only; fp64 and CUDA stay on ``addmm``."""
+    On AMD Zen 5, MKL's sgemm runs a 512 x 512 x 512 tile product at 97 GFLOP/s on one core against
+    oneDNN's 241 (bench/results/mmd-cpu-profile-amd-epyc.txt), and those products are most of the time.
+    oneDNN takes fp32 CPU tensors only; fp64 and CUDA stay on ``addmm``."""
     return (ONEDNN_MATMUL and device.type == "cpu" and dtype == torch.float32
             and torch.backends.mkldnn.is_available())
 
