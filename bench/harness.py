@@ -44,16 +44,27 @@ def available_bytes(device: torch.device) -> int:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (a hypervisor may shorten the name to
+    "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 6 Intel) and the cache size it reports (L2 per core on
+    AMD, L3 on Intel), from /proc/cpuinfo."""
+    fields = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.machine())
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    details += [f"cache {fields['cache size']}"] if "cache size" in fields else []
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def time_and_peak(run: Callable[[], None], repeats: int, device: torch.device) -> dict:

@@ -10,6 +10,7 @@ an "OOM" row rather than a killed machine. CUDA: in process, ``torch.cuda.max_me
 
     python bench/mmd.py                      # N in 1k 4k 16k 64k, D in 32 128, K = 4
     python bench/mmd.py --sizes 1024 4096 --dims 32 --repeats 5
+    python bench/mmd.py --sizes 4096 16384 --dims 128 --modes forward+backward
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 128], help="D per codebook; F = K * D")
     parser.add_argument("--stages", type=int, default=4, help="K codebooks")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeats", type=int, default=1, help="repeats for N >= --large")
     parser.add_argument("--large", type=int, default=65536)
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
         repeats = args.large_repeats if n >= args.large else args.repeats
         for dim in args.dims:
             f = args.stages * dim
-            for mode in MODES:
+            for mode in args.modes:
                 results = {m: case(m, mode, n, f, repeats, device, dtype) for m in METHODS}
                 naive, ours = results["naive"], results["mmdgen"]
                 row = {"n": n, "f": f, "stages": args.stages, "dim": dim, "mode": mode, "repeats": repeats,

@@ -26,7 +26,10 @@ the forward pass also produces it (the exponentials are shared), so backward is 
   Inputs fp32, bf16 or fp16; dot products accumulate in fp32 (fp32 inputs use 3xTF32 for fp32
   accuracy); kernel values and sums in fp32.
 - PyTorch: the same maths over fixed ``TORCH_TILE x TORCH_TILE`` tiles with preallocated buffers and
-  in-place ops, the symmetric halves visited once. Computes in fp32 (fp64 for fp64 inputs).
+  in-place ops, the symmetric halves visited once. Computes in fp32 (fp64 for fp64 inputs). On CPU the
+  fp32 tile products go through oneDNN's GEMM (``onednn_matmul_usable``: MKL's is several times slower
+  on AMD), and a bandwidth whose gamma doubles the previous one's takes that kernel's square instead of
+  an exponential (``exponential_plan``).
 
 Memory: O(N F) for the inputs, norms and gradients, plus O(tile^2) scratch; never O(N^2).
 
@@ -48,6 +51,7 @@ from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, accumulation_dtype, choo
 
 DEFAULT_BANDWIDTHS = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0)
 TORCH_TILE = 512
+ONEDNN_MATMUL = hasattr(torch.ops.mkldnn, "_linear_pointwise")  # a private op: used only where present
 TRITON_BLOCK = 64
 TRITON_BLOCK_F = 64
 
@@ -118,16 +122,55 @@ def _gammas(bandwidths: tuple[float, ...]) -> tuple[float, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _squared_distances_into(out, a, a_norm, c, c_norm):
-    """out = |a_i - c_j|^2 = |a_i|^2 + |c_j|^2 - 2 a_i . c_j, in place in one matmul and one add."""
-    torch.addmm(c_norm[None, :], a, c.T, beta=1.0, alpha=-2.0, out=out)
-    out.add_(a_norm[:, None])
+def onednn_matmul_usable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the tile products go through oneDNN's fp32 GEMM rather than ``addmm`` (MKL on x86).
+
+    On AMD Zen 5, MKL's sgemm runs a 512 x 512 x 512 tile product at 97 GFLOP/s on one core against
+    oneDNN's 241 (bench/results/mmd-cpu-profile-amd-epyc.txt), and those products are most of the time.
+    oneDNN takes fp32 CPU tensors only; fp64 and CUDA stay on ``addmm``."""
+    return (ONEDNN_MATMUL and device.type == "cpu" and dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
+
+
+def _product_nt(a, b, bias, onednn):
+    """``a @ b.T + bias`` (``bias``: one value per column, or None) as a new tensor; ``b`` may be a view."""
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return a @ b.T if bias is None else torch.addmm(bias[None, :], a, b.T)
+
+
+def _add_product(out, a, b, alpha, onednn):
+    """``out += alpha * a @ b`` (``b``: ``[K, cols]``, a view is fine)."""
+    if onednn:
+        out.add_(_product_nt(a, b.T, None, onednn), alpha=alpha)
+    else:
+        out.addmm_(a, b, alpha=alpha)
+
+
+def _tile_minus_half_squared_distances(a, a_half_norm, c, c_half_norm, onednn):
+    """-|a_i - c_j|^2 / 2 = a_i . c_j - |a_i|^2 / 2 - |c_j|^2 / 2: one product (minus the column
+    half-norms as its bias) and one subtraction; the factor -1/2 is exact and goes into each gamma."""
+    return _product_nt(a, c, -c_half_norm, onednn).sub_(a_half_norm[:, None])
 
 
 # CPU exp takes a slow path (about 100x) for arguments that underflow, so arguments are clamped here:
 # kernel values below e^-80 (fp32; e^-700 in fp64) count as that floor. Every sum moves by at most
 # N^2 * len(bandwidths) * 1.8e-35, and the floored weights stay normal numbers (no denormal slow path).
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+# A value squared in place of an exponential is first raised to the square root of that floor, so its
+# square stays a normal number too (a multiply that yields a denormal is itself slow on Intel CPUs).
+_SQUARE_FLOOR = {dtype: math.exp(floor / 2.0) for dtype, floor in _EXP_FLOOR.items()}
+
+
+def exponential_plan(gammas: Sequence[float]) -> list[tuple[float, bool]]:
+    """The gammas in ascending order, each paired with whether its kernel is the previous one's square.
+
+    exp(-2 g d) = exp(-g d)^2: a multiply instead of an exponential, the costliest elementwise pass on
+    CPU (the default bandwidths 20, 10, 5 are such a chain). The square's relative error is twice the
+    previous value's plus one rounding, about what exp(-2 g d) has from rounding its argument; only exact
+    doublings are squared, so no other power's error grows."""
+    ordered = sorted(gammas)
+    return [(g, k > 0 and g == 2.0 * ordered[k - 1]) for k, g in enumerate(ordered)]
 
 
 def _tile_tasks(num_blocks: int) -> list[tuple[str, int, int]]:
@@ -141,16 +184,19 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
     """Kernel sums (S'_xx, S'_yy, S_xy) as fp64 [3] and, if asked, dL/dx and dL/dy (fp32/fp64).
 
     ``coef_self`` / ``coef_cross`` are the factors of ``sum_j W_ij (z_j - a_i)`` in the gradient
-    (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) plus three ``tile x tile`` buffers.
+    (``2 c_s`` and ``-2 c_xy``). Memory: O(N F) (the samples and gradients) plus three ``tile x tile``
+    buffers.
     """
     tile = TORCH_TILE
     n = x.shape[0]
     dtype = accumulation_dtype(x.dtype)
+    onednn = onednn_matmul_usable(dtype, x.device)
     values = {"x": x.to(dtype), "y": y.to(dtype)}
-    norms = {name: v.square().sum(dim=1) for name, v in values.items()}
+    half_norms = {name: v.square().sum(dim=1).mul_(0.5) for name, v in values.items()}
     blocks = [(start, min(start + tile, n)) for start in range(0, n, tile)]
-    scratch = torch.empty(3, tile * tile, dtype=dtype, device=x.device)
-    floor = _EXP_FLOOR[dtype]
+    scratch = torch.empty(2, tile * tile, dtype=dtype, device=x.device)
+    floor, square_floor = _EXP_FLOOR[dtype], _SQUARE_FLOOR[dtype]
+    plan = exponential_plan(gammas)
     sums = {pair: torch.zeros((), dtype=torch.float64, device=x.device) for pair in ("xx", "yy", "xy")}
     grads = {name: torch.zeros_like(v) for name, v in values.items()} if with_grad else None
     row_weights = {name: v.new_zeros(n) for name, v in values.items()} if with_grad else None
@@ -161,12 +207,16 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
         a, b = pair[0], pair[1]
         (r0, r1), (c0, c1) = blocks[i], blocks[j]
         rows, cols = r1 - r0, c1 - c0
-        d2, e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
-        _squared_distances_into(d2, values[a][r0:r1], norms[a][r0:r1], values[b][c0:c1], norms[b][c0:c1])
+        e, w = (buf[: rows * cols].view(rows, cols) for buf in scratch)
+        minus_half_d2 = _tile_minus_half_squared_distances(values[a][r0:r1], half_norms[a][r0:r1],
+                                                           values[b][c0:c1], half_norms[b][c0:c1], onednn)
         on_diagonal = a == b and i == j
-        for k, gamma in enumerate(gammas):
-            torch.mul(d2, -gamma, out=e)
-            e.clamp_(min=floor).exp_()
+        for k, (gamma, squares_previous) in enumerate(plan):
+            if squares_previous:
+                e.clamp_(min=square_floor).square_()
+            else:
+                torch.mul(minus_half_d2, 2.0 * gamma, out=e)
+                e.clamp_(min=floor).exp_()
             if on_diagonal:
                 e.diagonal().zero_()  # the U-statistic leaves out i == j
             sums[pair].add_(e.sum(), alpha=1.0 if (a != b or on_diagonal) else 2.0)
@@ -177,10 +227,10 @@ def _torch_pass(x, y, gammas, coef_self, coef_cross, with_grad, shard):
                     w.add_(e, alpha=2.0 * gamma)
         if with_grad:
             coef = coef_self if a == b else coef_cross  # applied after the matmul: folded into w it is denormal
-            grads[a][r0:r1].addmm_(w, values[b][c0:c1], alpha=coef)
+            _add_product(grads[a][r0:r1], w, values[b][c0:c1], coef, onednn)
             row_weights[a][r0:r1].add_(w.sum(dim=1), alpha=coef)
             if not on_diagonal:
-                grads[b][c0:c1].addmm_(w.T, values[a][r0:r1], alpha=coef)
+                _add_product(grads[b][c0:c1], w.T, values[a][r0:r1], coef, onednn)
                 row_weights[b][c0:c1].add_(w.sum(dim=0), alpha=coef)
 
     total = torch.stack([sums["xx"], sums["yy"], sums["xy"]])
