@@ -17,7 +17,10 @@ Both decode frames + K - 1 steps with the delay pattern (503 for 10 s); ours wit
 ``DecodeRuntime(compile=True)`` on CPU (the decode step through ``torch.compile``, one graph per length bucket) and
 ``DecodeRuntime(cuda_graph=True)`` on CUDA (the step captured in a CUDA graph) as the ``Generator``'s runtime;
 its first run at the timed length compiles
-or captures (its time is reported apart: "first run, compiling"), and the timed runs follow.
+or captures (its time is reported apart: "first run, compiling"), and the timed runs follow. Ours runs the
+``Generator``'s default linear layers: on CPU, fp32 weights packed by oneDNN (``mmdgen.model.packing``);
+``ours-delay-plain*``: the same with ``cpu_linear="plain"`` (``F.linear``, MKL, as transformers runs), to show
+the packing's gain side by side.
 
 Per case (its own subprocess on CPU): median over repeats of the whole generation's time, divided by the
 steps: seconds per step, steps/s, the real-time factor (audio seconds / wall seconds), the peak memory the
@@ -65,7 +68,8 @@ MODELS = {  # decoder sizes: tiny and small are lm_config("tiny") / lm_config("s
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
 }
 TEXT_DIM = 32  # the tiny T5's width (the text projection maps it to the decoder's)
-IMPLS = ("transformers", "transformers-int8", "ours-delay", "ours-delay-compiled", "ours-delay-int8",
+IMPLS = ("transformers", "transformers-int8", "ours-delay", "ours-delay-compiled", "ours-delay-plain",
+         "ours-delay-plain-compiled", "ours-delay-int8",
          "ours-delay-int8-compiled", "ours-delay-int8-dynamic", "ours-delay-int8-dynamic-compiled", "ours-flatten",
          "ours-flatten-compiled")
 BASELINES = ("transformers", "transformers-int8")
@@ -107,9 +111,10 @@ def build_transformers(size: str, seed: int = 0):
     return model, tokenizer
 
 
-def build_ours(model, tokenizer, pattern: str, device: torch.device):
+def build_ours(model, tokenizer, pattern: str, device: torch.device, cpu_linear: str = "auto"):
     """Ours from the same weights, the way a user gets it: the model saved as a transformers folder and read by
-    mmdgen's loader (no transformers object involved on our side)."""
+    mmdgen's loader (no transformers object involved on our side); ``cpu_linear``: the Generator's (packed
+    oneDNN weights on CPU by default)."""
     import tempfile
 
     from mmdgen.generate import Generator
@@ -125,7 +130,7 @@ def build_ours(model, tokenizer, pattern: str, device: torch.device):
         patterned = MusicLM(dataclasses.replace(lm.cfg, pattern=pattern))
         patterned.load_state_dict(lm.state_dict())
         lm = patterned.to(device)
-    return Generator(lm, parts.text, parts.codec)
+    return Generator(lm, parts.text, parts.codec, cpu_linear=cpu_linear)
 
 
 def _sampling(spec: dict):
@@ -172,8 +177,10 @@ class Side:
             self.pattern_name = "delay"
         else:
             self.pattern_name = spec["impl"].split("-")[1]
-            self.generator = build_ours(model, self.tokenizer, self.pattern_name, device)
             mode = next((m for m in ("int8-dynamic", "int8") if f"-{m}" in spec["impl"]), None)
+            plain = mode is not None or "-plain" in spec["impl"]  # int8 rows quantise the plain layers
+            self.generator = build_ours(model, self.tokenizer, self.pattern_name, device,
+                                        "plain" if plain else "auto")
             if mode is not None:
                 from mmdgen.model.quantize import quantize_lm
 

@@ -165,6 +165,22 @@ def test_every_existing_option_name_still_parses_to_its_typed_value(monkeypatch,
     assert seen.pop().build.sample_rate == 32000 and not (tmp_path / "c").exists()  # nothing ran
 
 
+def test_the_cpu_linear_option_parses_and_refuses_what_cannot_be_packed(capsys, monkeypatch, tmp_path):
+    seen = _record_options(monkeypatch)
+    for value in ("auto", "packed", "plain"):
+        assert cli.main(["generate", "a jig", "--model", str(tmp_path), "--cpu-linear", value]) == 0
+        assert seen.pop().cpu_linear == value
+    assert cli.main(["generate", "a jig", "--model", str(tmp_path)]) == 0 and seen.pop().cpu_linear == "auto"
+    assert cli.main(["generate", "a jig", "--model", str(tmp_path), "--device", "cuda"]) == 0  # auto: plain there
+    assert seen.pop().cpu_linear == "auto"
+    refused(capsys, ["generate", "a jig", "--model", tmp_path, "--cpu-linear", "onednn"], "--cpu-linear", "onednn")
+    refused(capsys, ["generate", "a jig", "--model", tmp_path, "--cpu-linear", "packed", "--device", "cuda"],
+            "--cpu-linear packed", "--device cuda")
+    refused(capsys, ["generate", "a jig", "--model", tmp_path, "--cpu-linear", "packed", "--quantize", "int8"],
+            "--cpu-linear packed", "--quantize int8")
+    assert not seen
+
+
 # -- issue 13 item 3: NaN is never "off" -------------------------------------------------------------------------
 
 def test_nan_or_negative_weights_and_guidance_are_refused(capsys, tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdgen.choices import Backend, ExportFormat, Quantization, Scheduling, Split
+from mmdgen.choices import Backend, CpuLinear, ExportFormat, Quantization, Scheduling, Split
 from mmdgen.data.build import BuildConfig
 from mmdgen.demo.config import DemoConfig
 from mmdgen.eval.config import CoupledLatentsConfig
@@ -255,10 +255,19 @@ class GenerateOptions:
     quantize: Quantization = option("none", "int8 weights for the decoder and heads: int8 (weight-only: the float "
                                             "model's results to int8 rounding), int8-dynamic (CPU: activations in "
                                             "8 bits too, fastest, least exact)")
+    cpu_linear: CpuLinear = option("auto", "a float model's linear layers on CPU: packed (weights held in oneDNN's "
+                                           "packed layout: the same results to fp32 rounding, several times faster "
+                                           "on some CPUs), plain (torch's F.linear, MKL), auto (packed where oneDNN "
+                                           "can, plain elsewhere: CUDA, int8, float16)")
 
     def __post_init__(self):
         check_fields(self)
         prompts, out_dir = label("prompts"), label("out_dir")
+        if self.cpu_linear == "packed" and (not self.device.startswith("cpu") or self.quantize != "none"):
+            found = f"{label('device')} {self.device}" if not self.device.startswith("cpu") else \
+                f"{label('quantize')} {self.quantize}"
+            raise ValueError(f"{label('cpu_linear')} packed packs a float model's weights on the CPU; it does not go "
+                             f"with {found} (auto packs only where it can)")
         if (self.text is None) == (self.prompts is None):
             raise ValueError(f"give either a text or {prompts} FILE.jsonl")
         if self.text is not None and not self.text.strip():
@@ -284,7 +293,8 @@ def generate(options: GenerateOptions) -> None:
     generator = Generator.from_pretrained(options.model, options.codec, device=device,
                                           backend=options.backend, compile=options.compile,
                                           cuda_graph=options.cuda_graph, text_encoder=options.text_encoder,
-                                          quantize=None if options.quantize == "none" else options.quantize)
+                                          quantize=None if options.quantize == "none" else options.quantize,
+                                          cpu_linear=options.cpu_linear)
     if requests is not None:
         scheduling = options.scheduling
         if scheduling == "auto":

@@ -14,20 +14,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 
+from mmdgen.choices import CpuLinear
 from mmdgen.generate.config import Sampling
 from mmdgen.generate.loop import DecodeRuntime, decode
 from mmdgen.model.codec import Codec
 from mmdgen.model.lm import MusicLM
 from mmdgen.model.melody import ChromaConfig, ChromaExtractor, null_chroma
+from mmdgen.model.packing import pack_lm, packing_unavailable_for, unpack_lm
 from mmdgen.model.patterns import make_pattern
 from mmdgen.model.quantize import quantize_lm
 from mmdgen.model.text import TextConditioner
 from mmdgen.pretrained.loader import load_music_model
 from mmdgen.validation import MAX_SECONDS, check_number
+
+CPU_LINEARS = get_args(CpuLinear)
 
 
 class Window(NamedTuple):
@@ -42,12 +46,22 @@ class Window(NamedTuple):
 
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
-                 cuda_graph: bool = False, quantize: str | None = None, chroma: ChromaExtractor | None = None):
+                 cuda_graph: bool = False, quantize: str | None = None, chroma: ChromaExtractor | None = None,
+                 cpu_linear: str = "auto"):
         """``backend``, ``compile``, ``cuda_graph``: how the decode step runs (``runtime``, a ``DecodeRuntime``:
         the fused ops' implementation; the step through torch.compile, faster after a compile per shape; on CUDA,
         the step captured in a CUDA graph and replayed every step). ``quantize`` ("int8", "int8-dynamic"): the
         decoder's and heads' weights in int8 (``quantize_lm``, in place), unless the LM already holds them;
-        ``chroma``: a melody LM's chroma extractor (default: transformers' settings at the codec's rate)."""
+        ``chroma``: a melody LM's chroma extractor (default: transformers' settings at the codec's rate).
+
+        ``cpu_linear`` (``choices.CpuLinear``): a float LM's per-step linear layers on CPU: ``"packed"``, their
+        weights held packed by oneDNN (``mmdgen.model.packing.pack_lm``: the same results to fp32 rounding, read
+        at several times the speed on some CPUs); ``"plain"``, ``nn.Linear`` (torch's ``F.linear``, MKL on x86);
+        ``"auto"``, packed where that is possible (a float32/bfloat16 LM on a CPU with oneDNN, not quantized),
+        plain elsewhere. Like ``quantize``, packing and unpacking replace the layers of the LM given in place
+        (its state dict stays the same)."""
+        if cpu_linear not in CPU_LINEARS:
+            raise ValueError(f"Generator: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {cpu_linear!r}")
         quantizer, channels = codec.cfg.quantizer, lm.cfg.audio_channels
         if (quantizer.num_codebooks * channels, quantizer.codebook_size) != (lm.cfg.num_codebooks,
                                                                              lm.cfg.codebook_size):
@@ -61,12 +75,24 @@ class Generator:
             if getattr(lm, "quantization", None) is not None:
                 raise ValueError(f"the LM's weights are already {lm.quantization}; {quantize} asked for")
             quantize_lm(lm, quantize)
+        self._choose_linears(lm, cpu_linear)
         self.lm, self.text, self.codec = lm.eval(), text.eval(), codec.eval()
         self.device = lm.heads[0].weight.device
         self.runtime = DecodeRuntime(backend, compile, cuda_graph)
         self.runtime.check(self.device)
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
         self.chroma = self._chroma_extractor(chroma)
+
+    @staticmethod
+    def _choose_linears(lm: MusicLM, cpu_linear: str) -> None:
+        reason = packing_unavailable_for(lm)
+        if cpu_linear == "packed" and reason is not None:
+            raise ValueError(f"cpu_linear='packed': the LM's linear layers cannot be packed: {reason}; expected a "
+                             "float32 or bfloat16 LM on a CPU with oneDNN (cpu_linear='auto' packs only there)")
+        if cpu_linear == "plain" or reason is not None:
+            unpack_lm(lm)
+        else:
+            pack_lm(lm)
 
     def _chroma_extractor(self, chroma: ChromaExtractor | None) -> ChromaExtractor | None:
         bins = self.lm.cfg.melody_dim
@@ -84,12 +110,14 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
                         backend: str = "auto", compile: bool = False, cuda_graph: bool = False,
-                        text_encoder: str | Path | None = None, quantize: str | None = None) -> "Generator":
+                        text_encoder: str | Path | None = None, quantize: str | None = None,
+                        cpu_linear: str = "auto") -> "Generator":
         """``model`` in any format ``load_music_model`` reads (detected by content); ``codec``: another codec to
         decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs; ``quantize``: int8
-        weights (see ``__init__``)."""
+        weights; ``cpu_linear``: packed or plain linear layers on CPU (see ``__init__``)."""
         parts = load_music_model(model, codec, text_encoder, device)
-        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize, parts.chroma)
+        return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize, parts.chroma,
+                   cpu_linear)
 
     @property
     def backend(self) -> str:
