@@ -97,6 +97,28 @@ def test_quantize_lm_replaces_the_decoder_and_head_linears_only(mode):
         quantize_lm(_tiny_lm(0), "int4")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_prefix_lm_without_cross_attention_is_quantized(mode):
+    """MusicGen-melody's layers have no cross-attention: its self-attention, feed-forward and heads are replaced,
+    and its logits stay close to the float LM's."""
+    torch.manual_seed(0)
+    lm = MusicLM(lm_config("tiny", text_dim=32, conditioning="prefix")).eval()
+    reference = copy.deepcopy(lm)
+    quantize_lm(lm, mode)
+    replaced = {name for name, m in lm.named_modules() if isinstance(m, Int8Linear)}
+    expected = {f"layers.{i}.self_attn.{projection}" for i in range(2)
+                for projection in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    expected |= {f"layers.{i}.fc{j}" for i in range(2) for j in (1, 2)} | {f"heads.{k}" for k in range(4)}
+    assert replaced == expected
+    tokens, states, mask = _inputs(1)
+    with torch.no_grad():
+        exact = reference.logits(reference.hidden(tokens, states, mask))
+        approximate = lm.logits(lm.hidden(tokens, states, mask))
+    # the dynamic mode also rounds each activation tensor to 7 bits: about 1.7% here, 4x the weight-only error
+    tolerance = LOGITS_RTOL if mode == "int8" else 5 * LOGITS_RTOL
+    assert 1e-4 < (torch.linalg.norm(approximate - exact) / torch.linalg.norm(exact)).item() < tolerance
+
+
 def test_logits_and_greedy_codes_stay_close_to_the_fp32_lm():
     """On the same inputs (teacher forcing, so one different code cannot derail the rest): logits within
     LOGITS_RTOL; every cell whose fp32 top-2 gap exceeds twice the largest logit error keeps its greedy code (it

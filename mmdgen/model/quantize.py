@@ -79,6 +79,8 @@ def quantize_lm(lm: MusicLM, mode: str = "int8") -> MusicLM:
         raise ValueError(f"quantize_lm: the LM is already quantized (mode {lm.quantization!r}); expected a float LM")
     for layer in lm.layers:
         for attention in (layer.self_attn, layer.cross_attn):
+            if attention is None:  # a prefix LM (MusicGen-melody) has no cross-attention
+                continue
             for name in ATTENTION_PROJECTIONS:
                 setattr(attention, name, Int8Linear.from_linear(getattr(attention, name), mode))
         layer.fc1 = Int8Linear.from_linear(layer.fc1, mode)
