@@ -77,7 +77,7 @@ class Generator:
             quantize_lm(lm, quantize)
         self._choose_linears(lm, cpu_linear)
         self.lm, self.text, self.codec = lm.eval(), text.eval(), codec.eval()
-        self.device = lm.heads[0].weight.device
+        self.device = lm.device
         self.runtime = DecodeRuntime(backend, compile, cuda_graph)
         self.runtime.check(self.device)
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)

@@ -97,7 +97,7 @@ class DecodeState:
                  prompt: torch.Tensor | None = None, backend: str = "auto") -> DecodeState:
         """The state of a decode of ``frames`` frames (``decode``'s arguments), with a prefix LM's conditioning
         and the steps ``prompt`` fixes entirely already written into the caches (``lm.new_caches``)."""
-        special, device = lm.cfg.special_token, lm.heads[0].weight.device
+        special, device = lm.cfg.special_token, lm.device
         rows = 2 * batch if sampling.guidance_scale is not None else batch
         steps = pattern.num_steps(frames)
         sequence, forced = forced_cells(pattern, prompt, batch, frames, special, device)
@@ -212,7 +212,7 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
     states [rows, P, dim]), 2B rows (conditional first, then null) with guidance, B without; ``prompt``: codes
     [B, K, T_prompt] to continue; ``generator``: the sampling noise's random stream; ``runtime``: how each step
     runs (eager, compiled or CUDA-graphed, and the backend)."""
-    device = lm.heads[0].weight.device
+    device = lm.device
     runtime.check(device)
     state = DecodeState.allocate(lm, memory, batch, frames, pattern, sampling, prompt, runtime.backend)
     greedy = sampling.temperature == 0 or sampling.top_k == 1

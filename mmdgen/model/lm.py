@@ -367,7 +367,7 @@ class MusicLM(nn.Module):
         if prefix.dim() != 3 or prefix.shape[0] != rows or prefix.shape[2] != self.cfg.dim:
             raise ValueError(f"expected prefix states [{rows}, P, {self.cfg.dim}] (lm.prefix), got "
                              f"{tuple(prefix.shape)}")
-        dtype = self.embeddings[0].weight.dtype
+        dtype = self.dtype
         for first in range(0, prefix.shape[1], MAX_QUERIES):
             part = prefix[:, first: first + MAX_QUERIES].to(dtype)
             positions = sinusoidal_positions(torch.arange(first, first + part.shape[1], device=part.device),
@@ -404,6 +404,18 @@ class MusicLM(nn.Module):
             x = layer(x, None, None)
         return self.norm(x[:, length:])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LM's weights are. Read from the code embeddings, which stay plain tensors: the decoder's and
+        heads' linear layers may be packed (``mmdgen.model.packing``) or int8 (``mmdgen.model.quantize``), whose
+        ``weight`` is rebuilt in full at each access."""
+        return self.embeddings[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LM's float dtype (its embeddings'; see ``device``)."""
+        return self.embeddings[0].weight.dtype
+
     def embedding_weights(self) -> torch.Tensor:
         """[K, V + 1, dim]: the K embedding tables stacked, as the fused step input takes them."""
         return torch.stack([embedding.weight for embedding in self.embeddings])
@@ -421,6 +433,5 @@ class MusicLM(nn.Module):
         return self.logits(self.hidden(tokens, states, mask, melody=melody))
 
     def new_caches(self, batch: int, max_steps: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        param = self.heads[0].weight
-        return [KVCache(batch, self.cfg.heads, max_steps, self.cfg.dim // self.cfg.heads, dtype or param.dtype,
-                        param.device) for _ in self.layers]
+        return [KVCache(batch, self.cfg.heads, max_steps, self.cfg.dim // self.cfg.heads, dtype or self.dtype,
+                        self.device) for _ in self.layers]

@@ -39,8 +39,7 @@ def packing_unavailable_for(lm: MusicLM) -> str | None:
     quantization = getattr(lm, "quantization", None)
     if quantization is not None:
         return f"its weights are {quantization}"
-    weight = lm.heads[0].weight
-    return packing_unavailable_reason(weight.device, weight.dtype)
+    return packing_unavailable_reason(lm.device, lm.dtype)
 
 
 @torch.no_grad()
