@@ -78,6 +78,17 @@ def test_bad_demo_settings_are_refused(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written before the check
 
 
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "a JSON list"), ('{"corpus": 3', "not JSON"), ('{"corpus": NaN}', "'corpus' must be a finite number"),
+    ('{"corpus": -1}', "'corpus' must be a finite number >= 0, got -1"),
+    ('{"corpus": "fast"}', "'corpus' must be a finite number >= 0, got 'fast'")])
+def test_a_damaged_stage_times_file_is_named_before_any_work(tmp_path, content, problem):
+    (tmp_path / "phases.json").write_text(content)
+    with pytest.raises(ValueError, match=f"phases.json: {problem}"):
+        run(DemoConfig(out=str(tmp_path), hours=0.01))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["phases.json"]  # nothing else written
+
+
 def test_eval_codec_measures_ours_and_a_transformers_encodec_alike(demo_run, tmp_path, capsys):
     """The demo's weight-3 codec, and the same weights saved as a transformers EncodecModel folder: the same
     codes, hence the same dependence; both reported with figures."""

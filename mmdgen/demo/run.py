@@ -36,6 +36,7 @@ from mmdgen.generate import Generator, Sampling
 from mmdgen.generate.batch import Request, generate_batch
 from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
 from mmdgen.train.lm import LMTrainConfig, LMTrainer
+from mmdgen.validation import check_number
 
 PHASES = "phases.json"
 
@@ -54,11 +55,22 @@ class PhaseClock:
 
     def __init__(self, out: Path):
         self.path = out / PHASES
-        try:
-            self.when_ran: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{self.path}: not JSON ({error}); expected the stages' times of a demo run") from error
+        self.when_ran: dict[str, float] = self._read() if self.path.exists() else {}
         self.rows: list[dict] = []
+
+    def _read(self) -> dict[str, float]:
+        """The stage -> seconds of ``phases.json``; ValueError naming the file and the entry when it is anything
+        else (not JSON, not an object, a time that is not a finite number of seconds >= 0)."""
+        expected = "expected the stages' times of a demo run ({\"stage\": seconds, ...})"
+        try:
+            when_ran = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{self.path}: not JSON ({error}); {expected}") from error
+        if not isinstance(when_ran, dict):
+            raise ValueError(f"{self.path}: a JSON {type(when_ran).__name__}; {expected}")
+        for stage, seconds in when_ran.items():
+            check_number(seconds, f"{self.path}: {stage!r}", at_least=0)
+        return when_ran
 
     @contextmanager
     def stage(self, name: str):
