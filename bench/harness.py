@@ -123,6 +123,19 @@ def run_case(script: str, measure: Callable[[dict], dict], spec: dict, device: t
         return {"oom": "CUDA out of memory"}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (sizes, repeats, threads), or a one-line usage error naming it."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def parse_args(parser, measure: Callable[[dict], dict], argv=None):
     """Add the options every bench script has (--device, --out, and the hidden --child), parse, and run
     the case when this process is a child. Returns the arguments, or None after running a child."""

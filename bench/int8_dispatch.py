@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from harness import RESULTS, device_name, write_json
+from harness import RESULTS, device_name, positive_int, write_json
 
 from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, packed_dynamic_weight, quantize_weight
 
@@ -50,11 +50,11 @@ def _custom_op():
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--features", type=positive_int, default=256)
+    parser.add_argument("--rows", type=positive_int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=20000)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

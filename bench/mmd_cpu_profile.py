@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from harness import RESULTS, cpu_model, write_json
+from harness import RESULTS, cpu_model, positive_int, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from mmdgen.kernels import mmd
@@ -86,10 +86,10 @@ def phase_split(n: int, f: int, with_grad: bool) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--f", type=int, default=512)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--n", type=positive_int, default=4096)
+    parser.add_argument("--f", type=positive_int, default=512)
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     tile = mmd.TORCH_TILE
