@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -70,6 +71,25 @@ def test_eval_report_rewrites_the_report_of_a_run(demo_run, capsys, tmp_path):
     assert (demo_run / "report.md").exists() and str(demo_run / "report.md") in capsys.readouterr().out
     assert cli.main(["eval", "report", str(tmp_path)]) == 2
     assert "demo_config.json: missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"lms": ', "evaluation.json: not JSON"), ("[1]", "evaluation.json: a JSON list, expected a demo's evaluation"),
+    ("{}", r"evaluation.json: not a demo's evaluation \(KeyError: 'config'\)"),
+    ('{"phases": [{"stage": "corpus", "seconds": -2, "reused": false}]}',
+     r"evaluation.json: phases: \{'stage': 'corpus', 'seconds': -2, 'reused': False\} is not a stage's time")])
+def test_a_damaged_evaluation_is_named_in_one_line(demo_run, capsys, tmp_path, content, problem):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("demo_config.json", "evaluation.json"):  # a copy: the fixture's run is shared
+        (run_dir / name).write_text((demo_run / name).read_text())
+    assert cli.main(["eval", "report", str(run_dir)]) == 0  # the run's own evaluation passes the checks
+    (run_dir / "report.md").unlink()
+    (run_dir / "evaluation.json").write_text(content)
+    assert cli.main(["eval", "report", str(run_dir)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.search(problem, error) and error.endswith("evaluates the run again") and len(error.splitlines()) == 1
+    assert not (run_dir / "report.md").exists()
 
 
 def test_bad_demo_settings_are_refused(tmp_path):

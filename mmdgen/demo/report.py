@@ -25,6 +25,7 @@ from mmdgen.eval.generation import generation_report
 from mmdgen.eval.plots import plot_mi_with_others, plot_spectrogram, plot_training_curves
 from mmdgen.files import read_jsonl, write_text_atomic
 from mmdgen.pretrained.directory import load_codec
+from mmdgen.validation import Spec, value_problem
 
 EVALUATION = "evaluation.json"
 REPORT = "report.md"
@@ -197,12 +198,47 @@ def report(run_dir: str | Path, recompute: bool = False, log=print) -> Path:
     cfg = DemoConfig.load(run_dir)
     cfg.out = str(run_dir)
     stored = run_dir / EVALUATION
-    earlier = json.loads(stored.read_text()) if stored.exists() else {}
-    if recompute or not earlier:
-        evaluation = evaluate_demo(cfg, log)
-        if "phases" in earlier:  # the run's times stay with its measures
-            evaluation["phases"] = earlier["phases"]
-            save_evaluation(run_dir, evaluation)
-    else:
-        evaluation = earlier
+    if stored.exists() and not recompute:
+        evaluation = _read_evaluation(stored)
+        try:
+            return write_report(run_dir, evaluation)
+        except (KeyError, TypeError, AttributeError, ValueError) as error:  # a field missing or of another kind
+            raise ValueError(f"{stored}: not a demo's evaluation ({type(error).__name__}: {error}); "
+                             f"{_RECOMPUTE}") from error
+    try:  # the run's times stay with its measures, when an earlier evaluation holds them
+        phases = _read_evaluation(stored).get("phases") if stored.exists() else None
+    except ValueError:
+        phases = None  # a damaged file is recomputed, not read
+    evaluation = evaluate_demo(cfg, log)
+    if phases is not None:
+        evaluation["phases"] = phases
+        save_evaluation(run_dir, evaluation)
     return write_report(run_dir, evaluation)
+
+
+_RECOMPUTE = "`mmdgen eval report RUN --recompute` evaluates the run again"
+
+
+def _is_phase_row(row) -> bool:
+    """Whether ``row`` is one of ``PhaseClock``'s rows: a stage's name, its seconds (None: unknown), reused."""
+    if not isinstance(row, dict) or not isinstance(row.get("stage"), str) or not isinstance(row.get("reused"), bool):
+        return False
+    seconds = row.get("seconds")
+    return seconds is None or value_problem(seconds, float, Spec("", at_least=0), "seconds") is None
+
+
+def _read_evaluation(path: Path) -> dict:
+    """``evaluation.json`` as ``evaluate_demo`` and ``mmdgen demo`` wrote it; ValueError naming the file when it is
+    not JSON, not an object, or its stage times are not rows of (stage, seconds >= 0 or null, reused)."""
+    try:
+        evaluation = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not JSON ({error}); {_RECOMPUTE}") from error
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"{path}: a JSON {type(evaluation).__name__}, expected a demo's evaluation; {_RECOMPUTE}")
+    phases = evaluation.get("phases", [])
+    for row in phases if isinstance(phases, list) else [phases]:
+        if not _is_phase_row(row):
+            raise ValueError(f"{path}: phases: {row!r} is not a stage's time ({{\"stage\": name, \"seconds\": "
+                             f"s >= 0 or null, \"reused\": true or false}}); {_RECOMPUTE}")
+    return evaluation
