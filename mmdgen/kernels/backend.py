@@ -91,6 +91,24 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, kerne
     return "torch"
 
 
+def traced_on_cpu(t: torch.Tensor) -> bool:
+    """True while ``torch.compile`` traces an op on a CPU tensor. The PyTorch paths of the decode step's small
+    ops (int8 matrix-vector products, one-query attention) are then written as elementwise products and sums,
+    which inductor turns into a few fused C++ loops, instead of one library call per op: at batch 1 a decode
+    step's hundreds of library calls cost more in fixed overhead than their arithmetic."""
+    return t.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """``x`` written to memory inside a ``torch.compile`` graph (inductor's stride prim; no copy). Inductor
+    otherwise inlines an elementwise producer (a layer norm, a GELU, a softmax) into a consumer that reads each
+    element many times (a matrix-vector product reads its vector once per output channel) and recomputes it at
+    every read."""
+    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; torch.compile imported it)
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the PyTorch paths compute in: fp64 for fp64 inputs (exact references, gradcheck), fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -33,6 +33,15 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   (``bench/int8_linear.py``): converting the codes to floats, by blocks so that the weight never exists in full
   or through ``torch.compile``, costs more, and ``torch.ops.aten._weight_int8pack_mm`` and torchao's int8
   weight-only layers are slower still. K up to ``TORCH_MAX_K`` (the int32 accumulator).
+- PyTorch, ``"int8"`` on CPU inside ``torch.compile`` (the compiled decode step), up to ``TRACED_GEMV_MAX_ROWS``
+  rows (batch 1, with or without guidance): each row times the codes converted to fp32, summed over K, scaled,
+  written as tensor ops that inductor turns into one vectorised C++ loop over the codes (the rows' sums share
+  it, so the codes are read once), fused with its neighbours: no library call. x is stored first
+  (``backend.stored``) so that its producer is not recomputed per output channel. Measured at MusicGen-small
+  size, 2 rows, 2 threads (AMD EPYC Zen 5), the step's 145 weights in one graph: 8.9 ms, about copy bandwidth,
+  against 12.0 ms for fbgemm's dynamic int8 (less accurate) and 18.7 ms for ``torch._int_mm``. With 4 rows or
+  more these loops are slower than the product above (each row's sum is a chain of dependent adds), so more
+  rows take it.
 - PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
   (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
@@ -60,12 +69,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend
+from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend, stored, traced_on_cpu
 
 MODES = ("int8", "int8-dynamic")
 WEIGHT_ONLY_LEVELS = 3  # int8 levels per activation row of the weight-only CPU path
 DYNAMIC_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 (non-VNNI) kernels
 TORCH_MAX_K = (2**31 - 1) // (127 * 127)  # products summed in int32 without overflow
+TRACED_GEMV_MAX_ROWS = 2  # rows of the weight-only CPU path inside torch.compile (more: slower than _int_mm)
 TRITON_BLOCK_N = 64  # output channels per program
 TRITON_BLOCK_K = 64  # input features per step of the K loop
 TRITON_MAX_FMA_ROWS = 2  # rows multiplied on FMA units; more go through tensor-core tiles
@@ -233,10 +243,20 @@ def _dequantised_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     return F.linear(x, qweight.to(x.dtype)).to(out_dtype) * scale.to(out_dtype)
 
 
+def _traced_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only inside a ``torch.compile`` graph, for up to ``TRACED_GEMV_MAX_ROWS`` rows: [M, K] -> [M, N]
+    fp32. One reduction over K per row, each row times the codes converted to fp32; inductor fuses the rows'
+    reductions into one vectorised pass over the codes, so they are read once, at about copy bandwidth."""
+    x, codes = stored(x.float()), qweight.float()
+    return torch.stack([(row * codes).sum(-1) for row in x.unbind(0)]) * scale.float()
+
+
 def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 mode: str) -> torch.Tensor:
     if x.dtype == torch.float64 or x.device.type != "cpu":
         out = _dequantised_linear(x, qweight, scale)
+    elif mode == "int8" and x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
+        out = _traced_gemv(x, qweight, scale)
     elif mode == "int8-dynamic":
         out = _dynamic_linear(x.float().contiguous(), qweight, scale)
     else:
