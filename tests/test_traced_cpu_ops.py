@@ -34,7 +34,7 @@ def _compiled(fn):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize("in_features,out_features,bias", [(37, 5, False), (130, 129, True), (16, 3, True)])
+@pytest.mark.parametrize("in_features,out_features,bias", [(37, 5, False), (130, 129, True)])
 def test_the_traced_int8_product_matches_float64(monkeypatch, rows, in_features, out_features, bias):
     gen = torch.Generator().manual_seed(in_features + rows)
     qweight, scale = quantize_weight(torch.randn(out_features, in_features, generator=gen))
@@ -80,7 +80,7 @@ def _attention_case(seed: int, queries: int, s_max: int, head_dim: int):
     return query, keys, values, key_mask
 
 
-@pytest.mark.parametrize("queries,s_max,head_dim", [(1, 1, 8), (1, 33, 10), (3, 17, 64), (1, 70, 5)])
+@pytest.mark.parametrize("queries,s_max,head_dim", [(1, 1, 8), (1, 70, 10), (3, 17, 64)])
 @pytest.mark.parametrize("case", ["self-int", "self-tensor", "cross-masked"])
 def test_the_traced_attention_matches_float64(monkeypatch, queries, s_max, head_dim, case):
     query, keys, values, key_mask = _attention_case(s_max + queries, queries, s_max, head_dim)

@@ -104,9 +104,9 @@ def stored(x: torch.Tensor) -> torch.Tensor:
     otherwise inlines an elementwise producer (a layer norm, a GELU, a softmax) into a consumer that reads each
     element many times (a matrix-vector product reads its vector once per output channel) and recomputes it at
     every read."""
-    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; torch.compile imported it)
+    from torch._inductor.inductor_prims import force_stride_order  # imported by torch.compile already
 
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    return force_stride_order(x, x.stride())
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

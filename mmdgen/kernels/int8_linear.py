@@ -37,10 +37,10 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   rows (batch 1, with or without guidance): each row times the codes converted to fp32, summed over K, scaled,
   written as tensor ops that inductor turns into one vectorised C++ loop over the codes (the rows' sums share
   it, so the codes are read once), fused with its neighbours: no library call. x is stored first
-  (``backend.stored``) so that its producer is not recomputed per output channel. Measured at MusicGen-small
-  size, 2 rows, 2 threads (AMD EPYC Zen 5), the step's 145 weights in one graph: 8.9 ms, about copy bandwidth,
-  against 12.0 ms for fbgemm's dynamic int8 (less accurate) and 18.7 ms for ``torch._int_mm``. With 4 rows or
-  more these loops are slower than the product above (each row's sum is a chain of dependent adds), so more
+  (``backend.stored``) so that its producer is not recomputed per output channel. The products of one
+  MusicGen-small step, 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5): 11.2 ms, against
+  13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``. With 4 rows
+  or more these loops are slower than the product above (each row's sum is a chain of dependent adds), so more
   rows take it.
 - PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
