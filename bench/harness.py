@@ -123,6 +123,17 @@ def run_case(script: str, measure: Callable[[dict], dict], spec: dict, device: t
         return {"oom": "CUDA out of memory"}
 
 
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed call (CPU work: no sync)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1 (sizes, repeats, threads), or a one-line usage error naming it."""
     import argparse

@@ -25,11 +25,9 @@ written). Prints a table and writes ``bench/results/int8_step_products-<device>.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from harness import RESULTS, device_name, positive_int, write_json
+from harness import RESULTS, device_name, median_seconds, positive_int, write_json
 
 from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, int8_linear, packed_dynamic_weight
 
@@ -42,20 +40,10 @@ def _layer_shapes(layers: int, dim: int, ffn: int, heads: int, codes: int, fused
     return per_layer * layers + ([(heads * codes, dim)] if fused else [(codes, dim)] * heads)
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _copy_bandwidth() -> float:
     src = torch.empty(2**28)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), 5)
+    seconds = median_seconds(lambda: dst.copy_(src), 5)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -103,7 +91,7 @@ def main(argv=None) -> None:
     results = {}
     with torch.no_grad():
         for name, run in methods.items():
-            results[name] = _median_seconds(run, args.repeats) * 1e3
+            results[name] = median_seconds(run, args.repeats) * 1e3
     lines = [f"the int8 products of one decode step ({args.layers} layers, width {args.dim}, FFN {args.ffn}, "
              f"{args.heads} x {args.codes} heads: {len(weights)} layers, {weight_bytes / 1e6:.1f} MB of codes), "
              f"{args.rows} rows, on {device}; median of {args.repeats}",

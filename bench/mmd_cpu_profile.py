@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import time
 
 import torch
-from harness import RESULTS, cpu_model, positive_int, write_json
+from harness import RESULTS, cpu_model, median_seconds, positive_int, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from mmdgen.kernels import mmd
 
 PHASES = {"products": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::addmm_", "aten::mm"),
           "exponentials": ("aten::exp_",)}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def product_rates(tile: int, f: int, repeats: int) -> dict:
