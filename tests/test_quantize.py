@@ -182,8 +182,7 @@ def conditioning(tmp_path_factory):
     return text, codec
 
 
-@pytest.mark.parametrize("texts", [1, 2])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,texts", [(mode, 2) for mode in MODES] + [("int8", 1)])
 def test_the_decode_loop_runs_a_quantized_lm_eager_and_compiled(conditioning, mode, texts):
     """Nothing in the decode loop changes for an int8 LM: eager and compiled steps give the same codes (sampled,
     with guidance and top-k), and they are real codes. One text with guidance is 2 rows: the compiled weight-only

@@ -39,9 +39,10 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   it, so the codes are read once), fused with its neighbours: no library call. x is stored first
   (``backend.stored``) so that its producer is not recomputed per output channel. The products of one
   MusicGen-small step, 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5): 11.2 ms, against
-  13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``. With 4 rows
-  or more these loops are slower than the product above (each row's sum is a chain of dependent adds), so more
-  rows take it.
+  13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``. Each row's sum
+  is one chain of dependent vector adds, so with more rows the loop does not speed up per row: at 4 rows the same
+  products took 16.3 ms against fbgemm's 11.3 ms, at 16 rows 75 ms against 17.3 ms; more rows take the paths
+  above and below.
 - PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
   (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
@@ -75,7 +76,7 @@ MODES = ("int8", "int8-dynamic")
 WEIGHT_ONLY_LEVELS = 3  # int8 levels per activation row of the weight-only CPU path
 DYNAMIC_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 (non-VNNI) kernels
 TORCH_MAX_K = (2**31 - 1) // (127 * 127)  # products summed in int32 without overflow
-TRACED_GEMV_MAX_ROWS = 2  # rows of the weight-only CPU path inside torch.compile (more: slower than _int_mm)
+TRACED_GEMV_MAX_ROWS = 2  # rows of the weight-only CPU path inside torch.compile (4 rows: slower than fbgemm)
 TRITON_BLOCK_N = 64  # output channels per program
 TRITON_BLOCK_K = 64  # input features per step of the K loop
 TRITON_MAX_FMA_ROWS = 2  # rows multiplied on FMA units; more go through tensor-core tiles
@@ -246,7 +247,8 @@ def _dequantised_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 def _traced_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Weight-only inside a ``torch.compile`` graph, for up to ``TRACED_GEMV_MAX_ROWS`` rows: [M, K] -> [M, N]
     fp32. One reduction over K per row, each row times the codes converted to fp32; inductor fuses the rows'
-    reductions into one vectorised pass over the codes, so they are read once, at about copy bandwidth."""
+    reductions into one vectorised pass over the codes, so they are read once. Each row's sum is one chain of
+    dependent vector adds, which bounds the loop (about half the copy bandwidth on a Zen 5 core pair)."""
     x, codes = stored(x.float()), qweight.float()
     return torch.stack([(row * codes).sum(-1) for row in x.unbind(0)]) * scale.float()
 
