@@ -257,7 +257,7 @@ def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 mode: str) -> torch.Tensor:
     if x.dtype == torch.float64 or x.device.type != "cpu":
         out = _dequantised_linear(x, qweight, scale)
-    elif mode == "int8" and x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
+    elif mode == "int8" and 0 < x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
         out = _traced_gemv(x, qweight, scale)
     elif mode == "int8-dynamic":
         out = _dynamic_linear(x.float().contiguous(), qweight, scale)
