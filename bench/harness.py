@@ -147,13 +147,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def output_path(text: str) -> Path:
+    """An argparse type for a results file: a path whose nearest existing folder is writable (checked before any
+    measurement, so that a long run does not end in a write error)."""
+    import argparse
+    import tempfile
+
+    path = Path(text)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.is_dir():
+            raise OSError("a folder")
+        with tempfile.TemporaryFile(dir=folder):  # what writing there needs, tried (and gone at once)
+            pass
+    except OSError:
+        raise argparse.ArgumentTypeError(f"expected a file path in a writable folder, got {text!r}") from None
+    return path
+
+
 def parse_args(parser, measure: Callable[[dict], dict], argv=None):
     """Add the options every bench script has (--device, --out, and the hidden --child), parse, and run
     the case when this process is a child. Returns the arguments, or None after running a child."""
     import argparse
 
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<name>-<device>.json)")
+    parser.add_argument("--out", type=output_path, default=None,
+                        help="JSON path (default bench/results/<name>-<device>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import RESULTS, device_name, median_seconds, positive_int, write_json
+from harness import RESULTS, available_bytes, device_name, median_seconds, output_path, positive_int, write_json
 
-from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, int8_linear, packed_dynamic_weight
+from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, TRACED_GEMV_MAX_ROWS, int8_linear, packed_dynamic_weight
 
 
 def _layer_shapes(layers: int, dim: int, ffn: int, heads: int, codes: int, fused: bool) -> list[tuple[int, int]]:
@@ -56,9 +56,20 @@ def main(argv=None) -> None:
     parser.add_argument("--codes", type=positive_int, default=2048, help="codes per codebook")
     parser.add_argument("--rows", type=positive_int, default=2, help="rows (2: batch 1 with guidance)")
     parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--out", type=output_path, default=RESULTS / "int8_step_products-cpu.json",
+                        help="JSON path (the table goes beside it as .txt)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    if args.rows > TRACED_GEMV_MAX_ROWS:
+        parser.error(f"--rows {args.rows}: the traced loops serve up to {TRACED_GEMV_MAX_ROWS} rows "
+                     "(int8_linear.TRACED_GEMV_MAX_ROWS); more take the other paths, measured by bench/int8_linear.py")
     shape_args = (args.layers, args.dim, args.ffn, args.heads, args.codes)
+    # both sets of codes, fbgemm's packed copy and the transposed copy, with a quarter to spare
+    needed = 5 * sum(out * inp for out, inp in _layer_shapes(*shape_args, False))
+    if needed > available_bytes(torch.device("cpu")):
+        parser.error(f"--layers {args.layers} --dim {args.dim} --ffn {args.ffn} --heads {args.heads} --codes "
+                     f"{args.codes}: the codes and their copies need about {needed / 2**30:.1f} GiB, more than this "
+                     f"machine has available ({available_bytes(torch.device('cpu')) / 2**30:.1f} GiB)")
+    torch.manual_seed(0)
     sets = {}
     for fused in (False, True):
         shapes = _layer_shapes(*shape_args, fused)
@@ -100,10 +111,9 @@ def main(argv=None) -> None:
     lines += [f"{name:32} {ms:7.2f} {bound_ms / ms:9.2f}" for name, ms in results.items()]
     text = "\n".join(lines)
     print(text)
-    stem = "int8_step_products-cpu"
-    write_json(RESULTS / f"{stem}.json", {"device": device, "args": vars(args), "weight_bytes": weight_bytes,
-                                           "copy_bytes_per_s": bandwidth, "bound_ms": bound_ms, "ms": results})
-    (RESULTS / f"{stem}.txt").write_text(text + "\n")
+    write_json(args.out, {"device": device, "args": {**vars(args), "out": str(args.out)}, "weight_bytes": weight_bytes,
+                          "copy_bytes_per_s": bandwidth, "bound_ms": bound_ms, "ms": results})
+    args.out.with_suffix(".txt").write_text(text + "\n")
 
 
 if __name__ == "__main__":
