@@ -109,17 +109,25 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     return [record for _, record in read_jsonl_numbered(path, required)]
 
 
-def check_finite(path: str | Path, tensors, what: str) -> None:
-    """ValueError naming ``path`` (the file that would be written) and the first tensor of ``tensors`` (a name ->
-    tensor mapping, or a module's state dict) that holds a NaN or an infinity: no such file is ever saved."""
-    state = tensors if isinstance(tensors, Mapping) else tensors.state_dict()
+def _non_finite(state: Mapping) -> tuple[str, int, int] | None:
+    """(name, non-finite values, values) of the first float tensor of ``state`` holding a NaN or an infinity."""
     for name, tensor in state.items():
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         bad = int(tensor.numel() - tensor.isfinite().sum())
         if bad:
-            raise ValueError(f"{path}: not written: tensor {name} of {what} holds {bad} non-finite values (NaN or "
-                             f"infinity) among {tensor.numel()}; expected finite values only")
+            return name, bad, tensor.numel()
+    return None
+
+
+def check_finite(path: str | Path, tensors, what: str) -> None:
+    """ValueError naming ``path`` (the file that would be written) and the first tensor of ``tensors`` (a name ->
+    tensor mapping, or a module's state dict) that holds a NaN or an infinity: no such file is ever saved."""
+    found = _non_finite(tensors if isinstance(tensors, Mapping) else tensors.state_dict())
+    if found is not None:
+        name, bad, total = found
+        raise ValueError(f"{path}: not written: tensor {name} of {what} holds {bad} non-finite values (NaN or "
+                         f"infinity) among {total}; expected finite values only")
 
 
 def save_weights(path: str | Path, tensors, what: str = "the weights") -> None:
@@ -151,7 +159,8 @@ def read_weights(path: str | Path, what: str) -> dict:
 
 def check_weights(path: str | Path, tensors: Mapping, expected: Mapping, what: str) -> None:
     """ValueError naming the file and the tensors unless ``tensors`` has exactly the names of ``expected``
-    (a state dict, or a name -> shape mapping) and each tensor its shape."""
+    (a state dict, or a name -> shape mapping), each tensor its shape and, against a state dict, its kind of
+    dtype (float where a float is expected, else the very dtype: int8 codes stay int8), and every float finite."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -161,6 +170,15 @@ def check_weights(path: str | Path, tensors: Mapping, expected: Mapping, what: s
         shape = tuple(getattr(expected[name], "shape", expected[name]))
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, {what} expects {shape}")
+        dtype = getattr(expected[name], "dtype", None)
+        if dtype is not None and (tensor.dtype != dtype if not dtype.is_floating_point
+                                  else not tensor.dtype.is_floating_point):
+            raise ValueError(f"{path}: tensor {name} is {tensor.dtype}, {what} expects {dtype}")
+    found = _non_finite(tensors)
+    if found is not None:
+        name, bad, total = found
+        raise ValueError(f"{path}: tensor {name} of {what} holds {bad} non-finite values (NaN or infinity) among "
+                         f"{total}; expected finite weights")
 
 
 def _names(names: list[str], shown: int = 5) -> str:
@@ -176,5 +194,8 @@ def load_weights(path: str | Path, target, what: str) -> dict:
     expected = target if isinstance(target, Mapping) else target.state_dict()
     check_weights(path, tensors, expected, what)
     if not isinstance(target, Mapping):
-        target.load_state_dict(tensors)
+        try:
+            target.load_state_dict(tensors)
+        except RuntimeError as error:  # a module's own check of what it loads (e.g. int8 scales > 0)
+            raise ValueError(f"{path}: the weights do not fit {what}: {' '.join(str(error).split())}") from None
     return tensors

@@ -99,3 +99,24 @@ def test_weights_with_a_non_finite_value_are_not_written(tmp_path, bad):
         save_weights(tmp_path / "fresh.safetensors", {"w": torch.tensor([1.0, bad, bad], dtype=torch.bfloat16)})
     assert not (tmp_path / "fresh.safetensors").exists()
     save_weights(tmp_path / "codes.safetensors", {"codes": torch.tensor([-1, 2**31 - 1])})  # integers: nothing to check
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_a_non_finite_value_or_a_wrong_kind_of_dtype_are_not_loaded(tmp_path, bad):
+    """A file written by other means (a damaged or foreign safetensors file): refused by name, the module as it was."""
+    from safetensors.torch import save_file
+
+    model = _Odd()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["linear.weight"][1, 1] = bad
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=r"nan.safetensors: tensor linear.weight of the test model holds 1 non-finite "
+                                         r"values \(NaN or infinity\) among 15; expected finite weights"):
+        load_weights(tmp_path / "nan.safetensors", model, "the test model")
+    state["linear.weight"] = torch.ones(5, 3, dtype=torch.int32)
+    save_file(state, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(ValueError, match=r"ints.safetensors: tensor linear.weight is torch.int32, the test model "
+                                         r"expects torch.float32"):
+        load_weights(tmp_path / "ints.safetensors", model, "the test model")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())

@@ -176,6 +176,19 @@ def test_the_state_dict_restores_a_quantized_lm_exactly(mode, tmp_path):
         assert torch.equal(restored(tokens, states, mask), quantized(tokens, states, mask))
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, 1e38, float("nan")])
+def test_a_file_with_a_scale_quantize_weight_cannot_make_is_not_loaded(tmp_path, bad):
+    """Zero, negative, past any finite weight / 127, NaN: refused by name (the NaN by the finite check first)."""
+    from mmdgen.files import load_weights
+
+    state = {k: v.contiguous().clone() for k, v in quantize_lm(_tiny_lm(2), "int8").state_dict().items()}
+    state["layers.1.fc2.scale"][7] = bad
+    save_file(state, str(tmp_path / "lm.safetensors"))
+    expected = "non-finite" if bad != bad else r"layers.1.fc2.scale holds 1 values outside \(0, 2.68e\+36\]"
+    with pytest.raises(ValueError, match=rf"lm.safetensors: .*{expected}"):
+        load_weights(tmp_path / "lm.safetensors", quantize_lm(_tiny_lm(3), "int8"), "the int8 LM")
+
+
 @pytest.fixture(scope="module")
 def conditioning(tmp_path_factory):
     _, text, codec = tiny_parts(tmp_path_factory.mktemp("quantize"), TEXTS)

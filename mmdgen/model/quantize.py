@@ -26,6 +26,7 @@ from mmdgen.kernels.int8_linear import MODES, int8_linear, quantize_weight
 from mmdgen.model.lm import MusicLM
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+MAX_SCALE = torch.finfo(torch.float32).max / 127  # the scale of a row whose largest weight is fp32's largest
 
 
 class Int8Linear(nn.Module):
@@ -63,6 +64,18 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.scale, self.bias, mode=self.mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        scale = state_dict.get(prefix + "scale")
+        if isinstance(scale, torch.Tensor) and scale.is_floating_point():
+            valid = (scale > 0) & (scale <= MAX_SCALE)
+            if not bool(valid.all()):
+                error_msgs.append(f"{prefix}scale holds {int((~valid).sum())} values outside (0, {MAX_SCALE:.3g}] "
+                                  "(zero, negative, NaN or past any finite fp32 weight / 127); expected the "
+                                  "per-channel scales quantize_weight makes")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
