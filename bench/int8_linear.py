@@ -7,8 +7,10 @@ K -> N (attention 1024 -> 1024, feed-forward 1024 -> 4096 and 4096 -> 1024, a he
 - ``fp32``, ``bf16``: ``F.linear`` on float weights (the bf16 row with bf16 activations);
 - int8 weight-only: ``torch.ops.aten._weight_int8pack_mm``; torchao's ``Int8WeightOnlyConfig``; a
   ``torch.compile``d dequantise-then-matmul; a blocked dequantise (rows of the weight converted to fp32 1 MiB at a
-  time, so the fp32 weight never exists in full); mmdgen's ``int8_linear`` (``mode="int8"``: an int8 x int8
-  ``torch._int_mm`` over activations split into 3 int8 levels, eager and compiled; and the same with 2 levels);
+  time, so the fp32 weight never exists in full); mmdgen's ``int8_linear`` (``mode="int8"``, eager and
+  compiled: the C loop up to ``CPU_GEMV_MAX_ROWS`` rows, past them an int8 x int8 ``torch._int_mm`` over
+  activations split into 3 int8 levels); those two alone at every row count (``ours-C``: ``int8_gemv_cpu``,
+  ``ours-L3``), and the levels product with 2 levels;
   the same 3 levels through oneDNN's int8 linear on weights prepacked once (``onednn::qlinear_pointwise``: not
   shipped, its packed weight is an opaque tensor that ``torch.compile`` (without freezing) and ``deepcopy``
   reject; measured to see what packing would buy);
@@ -63,6 +65,8 @@ METHODS = {
     "mmdgen-int8": ("ours", "int8", "weight-only"),
     "mmdgen-int8-compiled": ("ours-cmp", "int8", "weight-only"),
     "mmdgen-int8-2-levels": ("ours-L2", "int8", "weight-only"),
+    "mmdgen-int8-3-levels": ("ours-L3", "int8", "weight-only"),
+    "mmdgen-int8-c-loop": ("ours-C", "int8", "weight-only"),
     "onednn-prepacked-levels": ("1dnn-L3", "onednn", "weight-only"),
     "fbgemm-dynamic": ("fbgemm", "fbgemm", "dynamic"),
     "mmdgen-int8-dynamic": ("ours-dyn", "int8", "dynamic"),
@@ -146,6 +150,7 @@ def _variant(weight: torch.Tensor, index: int) -> torch.Tensor:
 
 def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[str], log: Callable[[str], None]):
     """Weight pools per family and one callable per method (taking a pool item), plus the unavailable methods."""
+    from mmdgen.kernels import int8_gemv_cpu
     from mmdgen.kernels import int8_linear as ours
 
     elements = weight.numel()
@@ -185,14 +190,18 @@ def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[
         "mmdgen-int8": lambda qs: ours.int8_linear(x, qs[0], qs[1], backend="torch"),
         "mmdgen-int8-compiled": lambda qs: compiled_ours(x, qs[0], qs[1], backend="torch"),
         "mmdgen-int8-2-levels": lambda qs: ours._torch_int8_linear(x, qs[0], qs[1], levels=2),
+        "mmdgen-int8-3-levels": lambda qs: ours._torch_int8_linear(x, qs[0], qs[1], levels=3),
+        "mmdgen-int8-c-loop": lambda qs: int8_gemv_cpu.int8_gemv(x, qs[0], qs[1]),
         "onednn-prepacked-levels": lambda packed: _onednn_levels(x, *packed),
         "fbgemm-dynamic": lambda packed: torch.ops.quantized.linear_dynamic(x, packed, True),
         "mmdgen-int8-dynamic": lambda qs: ours.int8_linear(x, qs[0], qs[1], backend="torch", mode="int8-dynamic"),
     }
+    if not int8_gemv_cpu.kernel_ready():
+        unavailable["mmdgen-int8-c-loop"] = int8_gemv_cpu.unavailable_reason()
     calls = {}
     for method in methods:
         family = METHODS[method][1]
-        if family in pools:
+        if family in pools and method not in unavailable:
             calls[method] = table[method]
         else:
             unavailable[method] = unavailable.get(family, "not built")

@@ -3,10 +3,13 @@ int8 codes) applied once to ``--rows`` rows, as the compiled step does at batch 
 
 Side by side in one run, median time of the whole set over ``--repeats``:
 
-- ``traced``: ``int8_linear(mode="int8")`` inside one ``torch.compile`` graph for the whole set (the compiled
-  step's weight-only path for up to 2 rows: inductor's loops, no library call), the layers as MusicLM has them
-  (q, k and v apart: inductor fuses their loops, as they share an input; here they take independent inputs, so
-  this is the unfused case);
+- ``C loop``: ``int8_gemv_cpu.int8_gemv`` (the weight-only path of ``int8_linear`` for up to 4 rows, eager or
+  compiled), one call per layer, and ``C loop, compiled``: the same calls inside one ``torch.compile`` graph
+  (as the compiled step makes them);
+- ``traced``: the compiled weight-only path where the C loop cannot run (``int8_linear._traced_gemv``, up to 2
+  rows: inductor's loops, no library call) inside one ``torch.compile`` graph for the whole set, the layers as
+  MusicLM has them (q, k and v apart: inductor fuses their loops, as they share an input; here they take
+  independent inputs, so this is the unfused case);
 - ``traced, q/k/v and heads fused``: the same with each layer's q/k/v as one [3 dim, dim] weight and the K heads
   as one: what fusing the weights themselves would give;
 - ``fbgemm``: ``quantized::linear_dynamic`` on prepacked weights, called directly (int8-dynamic's kernel, and
@@ -29,7 +32,8 @@ import argparse
 import torch
 from harness import RESULTS, available_bytes, device_name, median_seconds, output_path, positive_int, write_json
 
-from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, TRACED_GEMV_MAX_ROWS, int8_linear, packed_dynamic_weight
+from mmdgen.kernels import int8_gemv_cpu
+from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, TRACED_GEMV_MAX_ROWS, _traced_gemv, packed_dynamic_weight
 
 
 def _layer_shapes(layers: int, dim: int, ffn: int, heads: int, codes: int, fused: bool) -> list[tuple[int, int]]:
@@ -61,7 +65,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rows > TRACED_GEMV_MAX_ROWS:
         parser.error(f"--rows {args.rows}: the traced loops serve up to {TRACED_GEMV_MAX_ROWS} rows "
-                     "(int8_linear.TRACED_GEMV_MAX_ROWS); more take the other paths, measured by bench/int8_linear.py")
+                     "(int8_linear.TRACED_GEMV_MAX_ROWS); more rows are measured by bench/int8_linear.py")
     shape_args = (args.layers, args.dim, args.ffn, args.heads, args.codes)
     # both sets of codes, fbgemm's packed copy and the transposed copy, with a quarter to spare
     needed = 5 * sum(out * inp for out, inp in _layer_shapes(*shape_args, False))
@@ -80,15 +84,23 @@ def main(argv=None) -> None:
 
     def traced(fused: bool):
         weights, inputs = sets[fused]
-        graph = torch.compile(lambda: [int8_linear(inputs[q.shape[1]], q, s, mode="int8") for q, s in weights],
-                              fullgraph=True, dynamic=False)
-        return graph
+        return torch.compile(lambda: [_traced_gemv(inputs[q.shape[1]], q, s) for q, s in weights],
+                             fullgraph=True, dynamic=False)
 
     weights, inputs = sets[False]
     packed = [packed_dynamic_weight(q, s) for q, s in weights]
     transposed = [q.T.contiguous() for q, _ in weights]
     int_rows = {width: torch.randint(-127, 128, (args.rows, width), dtype=torch.int8) for width in inputs}
-    methods = {
+    methods = {}
+    if int8_gemv_cpu.kernel_ready():
+        def c_loop():
+            return [int8_gemv_cpu.int8_gemv(inputs[q.shape[1]], q, s) for q, s in weights]
+
+        methods["C loop"] = c_loop
+        methods["C loop, compiled"] = torch.compile(c_loop, fullgraph=True, dynamic=False)
+    else:
+        print(f"no C loop: {int8_gemv_cpu.unavailable_reason()}")
+    methods |= {
         "traced": traced(False),
         "traced, q/k/v and heads fused": traced(True),
         "fbgemm": lambda: [torch.ops.quantized.linear_dynamic(inputs[q.shape[1]], p, DYNAMIC_REDUCE_RANGE)

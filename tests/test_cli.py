@@ -467,3 +467,22 @@ def test_a_prompts_job_under_a_broken_torchrun_environment_is_refused(monkeypatc
     with pytest.raises(ValueError) as error:
         _process_share(SimpleNamespace(prompts="prompts.jsonl", device="cpu"))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("world,leaves", [("", False), ("1", False), ("x", False), ("2", True)])
+def test_the_program_exits_with_mains_status_and_skips_exit_destructors_under_torchrun(monkeypatch, capsys, world,
+                                                                                       leaves):
+    """Under torchrun (WORLD_SIZE > 1) the flushed process leaves through os._exit; otherwise through sys.exit."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(sys, "argv", ["mmdgen", "generate", "--duration", "0"])
+    left = []
+
+    def fake_exit(code):
+        left.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as stopped:
+        cli.entry()
+    assert stopped.value.code == 2 and left == ([2] if leaves else [])
+    assert "mmdgen generate: error:" in capsys.readouterr().err

@@ -2,18 +2,16 @@
 process on the same global batch; checkpoints through torch.distributed.checkpoint that resume exactly on two
 processes and onto one (the data position and the caption dropout carried over in items of the global batch)."""
 
-import gc
 import json
-import os
 import shutil
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from mmdgen.train.lm import LMTrainConfig, LMTrainer
+from tests.gloo_ranks import spawn_gloo_ranks
 from tests.test_train_lm import corpus  # noqa: F401 (the fixture: a tiny codec's tokens, 8 train clips)
 
 
@@ -26,17 +24,7 @@ def _cfg(corpus_dir, out, **overrides):
     return LMTrainConfig(**{**base, **overrides})
 
 
-def _worker(rank, world, init_file, corpus_dir, root):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        _train_sharded(corpus_dir, root, rank)
-    finally:
-        gc.collect()  # the sharded models' collectives gone before their process group (else a C++ abort at exit)
-        dist.destroy_process_group()
-
-
-def _train_sharded(corpus_dir, root, rank):
+def _train_sharded(rank, world, corpus_dir, root):
     straight = LMTrainer(_cfg(corpus_dir, root / "straight"), progress=False)
     weight = straight.lm.layers[0].fc1.weight  # each rank holds half of each layer's rows
     assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] * 2 == weight.shape[0]
@@ -60,7 +48,7 @@ def _model(run):
 
 
 def test_fsdp_on_two_gloo_processes_matches_one_process_and_resumes_exactly(corpus, tmp_path):  # noqa: F811
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), corpus, tmp_path), nprocs=2, join=True)
+    spawn_gloo_ranks(_train_sharded, 2, tmp_path / "init", corpus, tmp_path)
     checkpoint = tmp_path / "straight" / "checkpoint"
     assert (checkpoint / ".metadata").exists() and not list(checkpoint.glob("*.safetensors"))
     assert torch.load(checkpoint / "training_state.pt", weights_only=True)["world"] == 2

@@ -189,7 +189,9 @@ def test_bad_input_is_refused():
         quantize_weight(nan_weight)
     with pytest.raises(ValueError, match=f"K=200000 input features overflow the int32 accumulator.*K <= "
                                          f"{module.TORCH_MAX_K}"):
-        int8_linear(torch.ones(1, 200000), torch.ones(1, 200000, dtype=torch.int8), torch.ones(1), backend="torch")
+        # past the rows of the C loop (fp32 sums, no such limit), which would take one row
+        int8_linear(torch.ones(module.CPU_GEMV_MAX_ROWS + 1, 200000), torch.ones(1, 200000, dtype=torch.int8),
+                    torch.ones(1), backend="torch")
 
 
 @needs_triton

@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmdgen.kernels.backend import triton_unusable_reason
 from mmdgen.losses.independence import independence_loss
+from tests.gloo_ranks import spawn_gloo_ranks
 
 CLIPS_PER_RANK = (3, 5)  # uneven on purpose: the gather pads and trims
 CASES = [
@@ -34,11 +33,9 @@ def _loss_and_grad(latents, case, generator):
     return float(loss), leaf.grad
 
 
-def _worker(rank, world, init_file, out_dir, cases):
+def _worker(rank, world, out_dir, cases, references):
     torch.manual_seed(1234 + rank)
     latents = _latents()
-    references = [_loss_and_grad(latents, case, torch.Generator().manual_seed(7)) for case in cases]
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     start = sum(CLIPS_PER_RANK[:rank])
     local = latents[start: start + CLIPS_PER_RANK[rank]]
     report = []
@@ -50,7 +47,6 @@ def _worker(rank, world, init_file, out_dir, cases):
             "loss": loss, "ref_loss": ref_loss,
             "grad_err": float((grad - ref_local).abs().max()), "grad_scale": float(ref_local.abs().max()),
         })
-    dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
@@ -58,8 +54,10 @@ def _worker(rank, world, init_file, out_dir, cases):
 def test_two_gloo_ranks_match_the_concatenated_batch(tmp_path):
     cases = [c for c in CASES if c["backend"] != "triton" or triton_unusable_reason(torch.device("cpu")) is None]
     assert len(cases) >= 2
+    # the single-process loss and gradient on the concatenated batch, computed here, outside any process group
+    references = [_loss_and_grad(_latents(), case, torch.Generator().manual_seed(7)) for case in cases]
+    spawn_gloo_ranks(_worker, len(CLIPS_PER_RANK), tmp_path / "init", str(tmp_path), cases, references)
     world = len(CLIPS_PER_RANK)
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), cases), nprocs=world, join=True)
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case, result in zip(cases, report):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmdgen.generate import Generator, Sampling
+from mmdgen.kernels import int8_gemv_cpu
 from mmdgen.kernels.int8_linear import MODES
 from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.quantize import Int8Linear, quantize_lm
@@ -195,11 +196,14 @@ def conditioning(tmp_path_factory):
     return text, codec
 
 
-@pytest.mark.parametrize("mode,texts", [(mode, 2) for mode in MODES] + [("int8", 1)])
-def test_the_decode_loop_runs_a_quantized_lm_eager_and_compiled(conditioning, mode, texts):
+@pytest.mark.parametrize("mode,texts,c_loop", [(mode, 2, True) for mode in MODES] + [("int8", 1, False)])
+def test_the_decode_loop_runs_a_quantized_lm_eager_and_compiled(conditioning, monkeypatch, mode, texts, c_loop):
     """Nothing in the decode loop changes for an int8 LM: eager and compiled steps give the same codes (sampled,
-    with guidance and top-k), and they are real codes. One text with guidance is 2 rows: the compiled weight-only
-    product is then inductor's loop (``int8_linear.TRACED_GEMV_MAX_ROWS``), the eager one oneDNN's."""
+    with guidance and top-k), and they are real codes. Two texts with guidance are 4 rows: the weight-only product
+    is the C loop eagerly and compiled (``int8_linear.CPU_GEMV_MAX_ROWS``). Without it (no compiler, no AVX2) one
+    text's 2 rows take inductor's loops compiled (``TRACED_GEMV_MAX_ROWS``) and oneDNN's product eagerly."""
+    if not c_loop:
+        monkeypatch.setattr(int8_gemv_cpu, "kernel_ready", lambda: False)
     text, codec = conditioning
     lm = quantize_lm(_tiny_lm(5), mode)
     sampling = Sampling(guidance_scale=3.0, top_k=20)

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmdgen.model.quantizer import QuantizerConfig, ResidualVectorQuantizer, kmeans
+from tests.gloo_ranks import spawn_gloo_ranks
 
 
 def _rvq(**overrides):
@@ -115,19 +114,17 @@ def test_bad_inputs():
         QuantizerConfig(stage_latent="codes")
 
 
-def _ema_worker(rank, world, init_file, out_dir):
+def _ema_worker(rank, world, out_dir):
     torch.manual_seed(0)
     x = torch.randn(4, 6, 10)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rvq = _rvq(decay=0.5, dead_code_threshold=0.0).train()
     rvq(x[2 * rank: 2 * rank + 2])
-    dist.destroy_process_group()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump([s.embed.tolist() for s in rvq.stages], f)
 
 
 def test_ema_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_ema_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo_ranks(_ema_worker, 2, tmp_path / "init", str(tmp_path))
     torch.manual_seed(0)
     x = torch.randn(4, 6, 10)
     single = _rvq(decay=0.5, dead_code_threshold=0.0).train()

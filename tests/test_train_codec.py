@@ -3,18 +3,17 @@
 import copy
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from mmdgen.losses.reconstruction import si_snr
 from mmdgen.train.codec import CodecTrainConfig, CodecTrainer
 from mmdgen.train.loop import STATE_FILE, named_tensors
+from tests.gloo_ranks import spawn_gloo_ranks
 
 
 @pytest.fixture(scope="module")
@@ -202,21 +201,18 @@ def test_si_snr():
     assert 15 < float(si_snr(noisy, reference).mean()) < 25
 
 
-def _ddp_worker(rank, world, init_file, clips, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ddp_worker(rank, world, clips, out):
     trainer = CodecTrainer(_cfg(clips, out, steps=2, ckpt_every=5, mmd_batches=2), progress=False)
     trainer.train()
     state = {k: v.tolist() for k, v in trainer.codec.state_dict().items() if v.is_floating_point()}
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(state, f)
-    torch.distributed.destroy_process_group()
 
 
 def test_ddp_on_two_gloo_processes_keeps_ranks_identical(clips, tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(clips), str(out)), nprocs=2, join=True)
+    spawn_gloo_ranks(_ddp_worker, 2, tmp_path / "init", str(clips), str(out))
     a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
     for key in a:
         assert np.allclose(a[key], b[key], atol=1e-6), key

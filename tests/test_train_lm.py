@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mmdgen.data.tokenize import CODES, HEADER, TokenSet, tokenize_corpus
@@ -20,6 +18,7 @@ from mmdgen.model.lm import MusicLM, lm_config
 from mmdgen.model.patterns import make_pattern
 from mmdgen.pretrained.directory import load_music_lm, save_codec
 from mmdgen.train.lm import LMTrainConfig, LMTrainer, learning_rate, teacher_forcing
+from tests.gloo_ranks import spawn_gloo_ranks
 
 CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle", "a slow air on oboe", "a baroque chorale on organ"]
 
@@ -165,13 +164,10 @@ def test_bad_lm_configurations_fail_before_training(corpus, tmp_path):
         LMTrainer(_cfg(corpus, tmp_path / "e", pattern="parallel"), progress=False)
 
 
-def _ddp_worker(rank, world, init_file, corpus, out, dropout):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ddp_worker(rank, world, corpus, out, dropout):
     trainer = LMTrainer(_cfg(corpus, out, steps=2, ckpt_every=5, condition_dropout=dropout), progress=False)
     trainer.train()
     torch.save({k: v for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 1.0], ids=["captions", "all-dropped"])
@@ -179,7 +175,7 @@ def test_lm_ddp_on_two_gloo_processes_keeps_ranks_identical(corpus, tmp_path, dr
     """All captions dropped: the learned text encoder gets no gradient, which DDP must accept."""
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), corpus, str(out), dropout), nprocs=2, join=True)
+    spawn_gloo_ranks(_ddp_worker, 2, tmp_path / "init", corpus, str(out), dropout)
     a, b = (torch.load(out / f"rank{r}.pt") for r in range(2))
     single = LMTrainer(_cfg(corpus, tmp_path / "single", steps=1), progress=False).model.state_dict()
     assert any(not torch.equal(a[k], single[k]) for k in a)  # the ranks trained

@@ -9,6 +9,8 @@ on stderr, ``mmdgen <command>: error: <message>``, and exit status 2; so is any 
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
 
@@ -51,6 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as error:
         return _refuse(prog, error)
     return 0
+
+
+def entry() -> None:
+    """The ``mmdgen`` program (and ``python -m mmdgen.cli``): exits with ``main``'s status. A process started by
+    torchrun (``WORLD_SIZE`` > 1) leaves without the interpreter's exit destructors once its output is flushed:
+    there, after a good run whose process group was destroyed, gloo's threads could still abort the exit
+    ("terminate called without an active exception", about once in 50 two-rank runs with torch 2.14), which
+    torchrun reports as a failed rank."""
+    code = main()
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if world.isdigit() and int(world) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _refuse(prog: str, error: Exception) -> int:

@@ -93,9 +93,10 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, kerne
 
 def traced_on_cpu(t: torch.Tensor) -> bool:
     """True while ``torch.compile`` traces an op on a CPU tensor. The PyTorch paths of the decode step's small
-    ops (int8 matrix-vector products, one-query attention) are then written as elementwise products and sums,
-    which inductor turns into a few fused C++ loops, instead of one library call per op: at batch 1 a decode
-    step's hundreds of library calls cost more in fixed overhead than their arithmetic."""
+    ops (one-query attention; int8 matrix-vector products where mmdgen's C loop cannot run) are then written as
+    elementwise products and sums, which inductor turns into a few fused C++ loops, instead of one library call
+    per op: at batch 1 a decode step's hundreds of library calls cost more in fixed overhead than their
+    arithmetic."""
     return t.device.type == "cpu" and torch.compiler.is_compiling()
 
 

@@ -24,25 +24,30 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   split the program scales (and adds the bias) and writes the output, with several it writes fp32 partials
   ``[splits, M, N]`` that a second kernel sums, scales and writes. fp32, bf16 or fp16 x. (On sm90 the 64-row
   tiles feed wgmma, which reads its operand from shared memory: the converted tile passes through it, on chip.)
+- PyTorch, ``"int8"`` on CPU, up to ``CPU_GEMV_MAX_ROWS`` rows (batch 1 or 2, with or without guidance), eagerly
+  or inside ``torch.compile``: the C loop of ``int8_gemv_cpu`` (four fp32 accumulators per row over the codes
+  converted to fp32, AVX-512 or AVX2, built at first use; one library op, kept whole in a compiled graph). The
+  products of one MusicGen-small step at 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5):
+  about the time of merely reading the codes. Where it cannot run (``int8_gemv_cpu.unavailable_reason()``: no C
+  compiler, no AVX2, not x86) the paths below serve.
 - PyTorch, ``"int8"`` on CPU: an int8 x int8 matrix product (``torch._int_mm``, oneDNN) over activations
   written exactly enough in int8: each row of x is ``step * (x1 + x2 / 254 + x3 / 254^2)`` with
   ``step = row_max / 127`` and ``WEIGHT_ONLY_LEVELS = 3`` int8 levels ``x1, x2, x3`` (each level quantises the
   rounding residual of the levels before it), within ``row_max / 254^3 = 6.1e-8 * row_max`` of x, about the
   rounding error of an fp32 product. The ``3 M`` level rows go through one product (exact in int32), the
-  levels are summed in fp32 and scaled. Why: the fastest weight-only path measured on CPU for 1 to 32 rows
-  (``bench/int8_linear.py``): converting the codes to floats, by blocks so that the weight never exists in full
-  or through ``torch.compile``, costs more, and ``torch.ops.aten._weight_int8pack_mm`` and torchao's int8
-  weight-only layers are slower still. K up to ``TORCH_MAX_K`` (the int32 accumulator).
-- PyTorch, ``"int8"`` on CPU inside ``torch.compile`` (the compiled decode step), up to ``TRACED_GEMV_MAX_ROWS``
-  rows (batch 1, with or without guidance): each row times the codes converted to fp32, summed over K, scaled,
-  written as tensor ops that inductor turns into one vectorised C++ loop over the codes (the rows' sums share
-  it, so the codes are read once), fused with its neighbours: no library call. x is stored first
-  (``backend.stored``) so that its producer is not recomputed per output channel. The products of one
-  MusicGen-small step, 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5): 11.2 ms, against
+  levels are summed in fp32 and scaled. Why: of the library products the fastest weight-only path measured on
+  CPU for 1 to 32 rows (``bench/int8_linear.py``): converting the codes to floats, by blocks so that the weight
+  never exists in full or through ``torch.compile``, costs more, and ``torch.ops.aten._weight_int8pack_mm`` and
+  torchao's int8 weight-only layers are slower still. K up to ``TORCH_MAX_K`` (the int32 accumulator).
+- PyTorch, ``"int8"`` on CPU inside ``torch.compile`` without the C loop, up to ``TRACED_GEMV_MAX_ROWS`` rows:
+  each row times the codes converted to fp32, summed over K, scaled, written as tensor ops that inductor turns
+  into one vectorised C++ loop over the codes (the rows' sums share it, so the codes are read once), fused with
+  its neighbours: no library call. x is stored first (``backend.stored``) so that its producer is not
+  recomputed per output channel. The products of one MusicGen-small step, 2 rows, 2 threads: 11.2 ms, against
   13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``. Each row's sum
-  is one chain of dependent vector adds, so with more rows the loop does not speed up per row: at 4 rows the same
-  products took 16.3 ms against fbgemm's 11.3 ms, at 16 rows 75 ms against 17.3 ms; more rows take the paths
-  above and below.
+  is one chain of dependent vector adds (about half the speed of memory), so with more rows the loop does not
+  speed up per row: at 4 rows the same products took 16.3 ms against fbgemm's 11.3 ms, at 16 rows 75 ms against
+  17.3 ms; more rows take the path above.
 - PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
   (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
@@ -55,7 +60,8 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   than 16 rows, and Triton is the CUDA path), both modes: a float product with the dequantised weight, which
   materialises that weight in x's dtype.
 
-Memory: reads the codes once per M block (Triton) or once (PyTorch), ``N * K`` bytes, plus x and the output;
+Memory: reads the codes once per M block (Triton) or once (PyTorch; the C loop reads them again from L1 for each
+pair of rows), ``N * K`` bytes, plus x and the output;
 no dequantised weight is ever stored (except by the float64 and off-CPU fallback). Extra memory: Triton, the
 partials ``splits * M * N`` fp32 when K is split; PyTorch ``"int8"``, the ``3 M K`` int8 levels and a
 ``3 M N`` int32 product; ``"int8-dynamic"``, fbgemm's packed copy of the codes (``N K`` bytes) for as long as
@@ -70,13 +76,15 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from mmdgen.kernels import int8_gemv_cpu
 from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_backend, stored, traced_on_cpu
 
 MODES = ("int8", "int8-dynamic")
 WEIGHT_ONLY_LEVELS = 3  # int8 levels per activation row of the weight-only CPU path
 DYNAMIC_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 (non-VNNI) kernels
 TORCH_MAX_K = (2**31 - 1) // (127 * 127)  # products summed in int32 without overflow
-TRACED_GEMV_MAX_ROWS = 2  # rows of the weight-only CPU path inside torch.compile (4 rows: slower than fbgemm)
+CPU_GEMV_MAX_ROWS = 4  # rows of the weight-only CPU path that take the C loop (int8_gemv_cpu), eager or compiled
+TRACED_GEMV_MAX_ROWS = 2  # rows of the compiled weight-only CPU path without the C loop (4: slower than fbgemm)
 TRITON_BLOCK_N = 64  # output channels per program
 TRITON_BLOCK_K = 64  # input features per step of the K loop
 TRITON_MAX_FMA_ROWS = 2  # rows multiplied on FMA units; more go through tensor-core tiles
@@ -257,6 +265,9 @@ def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 mode: str) -> torch.Tensor:
     if x.dtype == torch.float64 or x.device.type != "cpu":
         out = _dequantised_linear(x, qweight, scale)
+    elif mode == "int8" and 0 < x.shape[0] <= CPU_GEMV_MAX_ROWS and int8_gemv_cpu.kernel_ready():
+        float_bias = None if bias is None else bias.float()
+        return int8_gemv_cpu.int8_gemv(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
     elif mode == "int8" and 0 < x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
         out = _traced_gemv(x, qweight, scale)
     elif mode == "int8-dynamic":

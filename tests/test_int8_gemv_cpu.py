@@ -1,0 +1,158 @@
+"""The C loop of the weight-only int8 product on x86 CPUs (``mmdgen.kernels.int8_gemv_cpu``): every variant this
+CPU runs against a float64 reference over awkward shapes (K below, at and past the 64, 16, 32 and 8 code steps and
+their tails; odd N; 1 to 5 rows, odd rows paired with themselves; one and two threads); ``int8_linear`` taking it
+for up to ``CPU_GEMV_MAX_ROWS`` rows eagerly and inside ``torch.compile``; and the build's failures (no compiler,
+a compiler that fails, an unwritable cache) leaving the other paths, a reason, and nothing half-written."""
+
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmdgen.kernels.int8_gemv_cpu as gemv_cpu
+import mmdgen.kernels.int8_linear as int8_linear
+from mmdgen.kernels.int8_linear import int8_linear as int8_product
+from mmdgen.kernels.int8_linear import quantize_weight
+
+SUPPORTED = {"avx512": torch.cpu._is_avx512_supported, "avx2": torch.cpu._is_avx2_supported}
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A process-wide build made again (in an empty cache under tmp_path), and forgotten afterwards."""
+    monkeypatch.setenv(gemv_cpu.CACHE_ENV, str(tmp_path / "cache"))
+    gemv_cpu._library.cache_clear()
+    gemv_cpu._load.cache_clear()
+    yield tmp_path / "cache"
+    gemv_cpu._library.cache_clear()
+    gemv_cpu._load.cache_clear()
+
+
+def _reference(x, qweight, scale, bias):
+    out = x.double() @ (qweight.double() * scale.double()[:, None]).T
+    return out if bias is None else out + bias.double()
+
+
+def _case(rows, in_features, out_features, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qweight, scale = quantize_weight(torch.randn(out_features, in_features, generator=gen))
+    return torch.randn(rows, in_features, generator=gen) * 3, qweight, scale, torch.randn(out_features, generator=gen)
+
+
+def test_every_variant_this_cpu_runs_matches_float64_over_awkward_shapes():
+    library, reason = gemv_cpu._library()
+    assert library is not None, reason
+    variants = [name for name, supported in SUPPORTED.items() if supported()]
+    assert variants, "an x86 CPU without AVX2"
+    threads = torch.get_num_threads()
+    try:
+        for variant in variants:
+            function = gemv_cpu.variant_function(library, variant)
+            for rows in (1, 2, 3, 5):
+                for in_features in (1, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 130, 1000):
+                    for out_features, use_threads in ((1, 1), (5, 2), (129, 2), (131, 1)):
+                        torch.set_num_threads(use_threads)
+                        x, qweight, scale, bias = _case(rows, in_features, out_features, rows * 7919 + in_features)
+                        for b in (bias, None):
+                            out = torch.full((rows, out_features), float("nan"))
+                            function(x.data_ptr(), rows, in_features, qweight.data_ptr(), out_features,
+                                     scale.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr())
+                            expected = _reference(x, qweight, scale, b)
+                            # the error of fp32 sums scales with the sum of the terms' magnitudes
+                            magnitude = x.double().abs() @ (qweight.double().abs() * scale.double()[:, None]).T
+                            err = ((out.double() - expected).abs() / (magnitude + 1)).max()
+                            assert err < 1e-6, (variant, rows, in_features, out_features, float(err))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_int8_linear_takes_the_loop_for_few_rows_eager_and_compiled(monkeypatch, rows):
+    """Where torch's CPU capability is AVX2 or AVX-512 (ATEN_CPU_CAPABILITY=default lowers it: the traced loops
+    and oneDNN then serve, with the same results)."""
+    ready = gemv_cpu.kernel_ready()
+    assert ready == (torch.backends.cpu.get_cpu_capability() in gemv_cpu.VARIANTS), gemv_cpu.unavailable_reason()
+    x, qweight, scale, bias = _case(rows, 130, 129, rows)
+    calls = []
+    original = gemv_cpu.int8_gemv
+    monkeypatch.setattr(gemv_cpu, "int8_gemv", lambda *args: calls.append(args[0].shape) or original(*args))
+    norm_weight = torch.rand(130) + 0.5
+
+    def layer(x):  # a layer norm and a GELU feed the product in the compiled graph
+        return int8_product(F.gelu(F.layer_norm(x, (130,), norm_weight)), qweight, scale, bias, mode="int8")
+
+    expected = _reference(F.gelu(F.layer_norm(x.double(), (130,), norm_weight.double())), qweight, scale, bias)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
+    for got in (eager, compiled):
+        assert got.dtype == torch.float32 and got.shape == (rows, 129)
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=2e-6 * float(expected.abs().max()))
+    assert len(calls) == (2 if ready and rows <= int8_linear.CPU_GEMV_MAX_ROWS else 0)  # the eager call, the trace
+
+
+def test_bfloat16_rows_come_back_in_bfloat16():
+    x, qweight, scale, bias = _case(2, 40, 24, 5)
+    got = int8_product(x.bfloat16(), qweight, scale, bias.bfloat16(), mode="int8")
+    expected = _reference(x.bfloat16().float(), qweight, scale, bias.bfloat16().float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+def _other_paths_serve(reason_part: str) -> None:
+    library, reason = gemv_cpu._library()
+    assert library is None and reason_part in reason
+    assert gemv_cpu.kernel_variant() is None and not gemv_cpu.kernel_ready() and gemv_cpu.unavailable_reason()
+    x, qweight, scale, bias = _case(2, 65, 9, 3)
+    torch.testing.assert_close(int8_product(x, qweight, scale, bias, mode="int8").double(),
+                               _reference(x, qweight, scale, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_that_fails_leaves_a_reason_a_warning_and_no_library(fresh_build, tmp_path, monkeypatch):
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo failing-cc 1.0; exit 0; fi\n"
+                       "echo 'int8_gemv.c:1: error: no such thing' >&2\nexit 3\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.warns(UserWarning, match="could not compile the int8 CPU loop \\(exit 3\\).*no such thing"):
+        _other_paths_serve("failing-cc could not compile")
+    assert list(fresh_build.iterdir()) == []  # nothing half-written, no temporary left
+
+
+def test_no_compiler_or_an_unwritable_cache_leave_the_other_paths(fresh_build, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    _other_paths_serve("no C compiler found (no-such-compiler-here; set CC)")
+    monkeypatch.delenv("CC")
+    gemv_cpu._library.cache_clear()
+    gemv_cpu._load.cache_clear()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(gemv_cpu.CACHE_ENV, str(blocked / "kernels"))
+    with pytest.warns(UserWarning, match="building the int8 CPU loop failed"):
+        _other_paths_serve(str(blocked))
+
+
+def test_the_library_is_built_once_and_found_again(fresh_build):
+    assert gemv_cpu._library()[0] is not None, gemv_cpu._library()[1]
+    (library,) = fresh_build.iterdir()
+    built = library.stat().st_mtime_ns
+    gemv_cpu._library.cache_clear()
+    assert gemv_cpu._library()[0] is not None and library.stat().st_mtime_ns == built
+    assert library.name.startswith("int8_gemv-") and library.suffix == ".so" and os.access(library, os.R_OK)
+
+
+def test_the_op_refuses_what_the_c_loop_would_read_out_of_bounds():
+    if not gemv_cpu.kernel_ready():  # only reachable where the loop runs (ATEN_CPU_CAPABILITY=default: it does not)
+        assert torch.backends.cpu.get_cpu_capability() not in gemv_cpu.VARIANTS
+        return
+    x, qweight, scale, bias = _case(2, 40, 24, 9)
+    for args, shown in (((x.double(), qweight, scale, bias), "x torch.float64 (2, 40)"),
+                        ((x[:, :39], qweight, scale, bias), "x torch.float32 (2, 39)"),
+                        ((x, qweight.short(), scale, bias), "qweight torch.int16"),
+                        ((x, qweight, scale[:23], bias), "scale torch.float32 (23,)"),
+                        ((x, qweight, scale, bias.half()), "bias torch.float16 (24,)"),
+                        ((x[0], qweight, scale, None), "x torch.float32 (40,)")):
+        with pytest.raises(ValueError, match=r"expected x \[M, K\] float32.*" + shown.replace("(", r"\(").replace(")", r"\)")):
+            gemv_cpu.int8_gemv(*args)
