@@ -11,7 +11,10 @@ dependent adds that streams the codes at about half the copy bandwidth (``int8_l
 row sums into four AVX-512 (or AVX2) accumulators, 64 (32) codes an iteration, so the loop runs at about the
 speed of memory; the rows go in pairs over each row of codes (read once from memory, again from L1 for a third
 row); OpenMP splits the output channels over the threads (torch's own OpenMP runtime: ``torch.set_num_threads``
-applies). K needs no alignment: 16 (8) codes at a time, then one at a time, finish a row.
+applies). K needs no alignment: 16 (8) codes at a time, then one at a time, finish a row. The codes are
+prefetched 8 KB ahead: without it the loop streamed them 30% slower than a plain read of the same bytes
+(MusicGen-small's 196 layers at 2 rows, 2 threads, AMD EPYC Zen 5, interleaved runs: read 7.3 ms, the loop 8.1
+ms, 10.2 ms without the prefetch). One thread alone is bound by the arithmetic (about twice a read's time).
 
 Memory bound: ``N K`` bytes of codes, ``4 M K`` of x, ``4 M N`` written; nothing else is allocated.
 
