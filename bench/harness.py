@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -132,6 +133,23 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median wall time of each ``fns[name]()`` over ``repeats`` rounds, after one untimed call each; every round
+    calls each function once, in a new random order, so that a machine whose speed drifts (load, clocks) slows
+    them alike and none always runs after the same one."""
+    for fn in fns.values():
+        fn()
+    order, times = list(fns), {name: [] for name in fns}
+    shuffle = random.Random(seed).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def positive_int(text: str) -> int:

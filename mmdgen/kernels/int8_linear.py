@@ -28,8 +28,9 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   or inside ``torch.compile``: the C loop of ``int8_gemv_cpu`` (four fp32 accumulators per row over the codes
   converted to fp32, AVX-512 or AVX2, built at first use; one library op, kept whole in a compiled graph). The
   products of one MusicGen-small step at 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5):
-  10.1 ms against 14.1 ms for inductor's loops and 14.6 ms for fbgemm, within about 10% of a plain AVX-512 read
-  of the same codes (``int8_gemv_cpu``'s docstring). Where it cannot run (``int8_gemv_cpu.unavailable_reason()``: no C
+  10.1 ms (10.9 in one compiled graph) against 13.3 ms for inductor's loops and 13.5 ms for fbgemm; with AVX2
+  code (``ATEN_CPU_CAPABILITY=avx2``) 12.2 ms against 153 ms for inductor's loops, which it leaves scalar there.
+  Where it cannot run (``int8_gemv_cpu.unavailable_reason()``: no C
   compiler, no AVX2, not x86) the paths below serve.
 - PyTorch, ``"int8"`` on CPU: an int8 x int8 matrix product (``torch._int_mm``, oneDNN) over activations
   written exactly enough in int8: each row of x is ``step * (x1 + x2 / 254 + x3 / 254^2)`` with
@@ -44,8 +45,9 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   each row times the codes converted to fp32, summed over K, scaled, written as tensor ops that inductor turns
   into one vectorised C++ loop over the codes (the rows' sums share it, so the codes are read once), fused with
   its neighbours: no library call. x is stored first (``backend.stored``) so that its producer is not
-  recomputed per output channel. The products of one MusicGen-small step, 2 rows, 2 threads: 11.2 ms, against
-  13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``. Each row's sum
+  recomputed per output channel. The products of one MusicGen-small step, 2 rows, 2 threads, AVX-512 code:
+  11.2 ms against 13.4-13.6 ms for fbgemm's dynamic int8 (less accurate) and 18.8-19.0 ms for ``torch._int_mm``
+  (each layer on its own input; chained as in the decoder, 13.3 ms against fbgemm's 13.5). Each row's sum
   is one chain of dependent vector adds (about half the speed of memory), so with more rows the loop does not
   speed up per row: at 4 rows the same products took 16.3 ms against fbgemm's 11.3 ms, at 16 rows 75 ms against
   17.3 ms; more rows take the path above.
