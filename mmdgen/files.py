@@ -109,25 +109,24 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     return [record for _, record in read_jsonl_numbered(path, required)]
 
 
-def _non_finite(state: Mapping) -> tuple[str, int, int] | None:
-    """(name, non-finite values, values) of the first float tensor of ``state`` holding a NaN or an infinity."""
+def _non_finite(state: Mapping, what: str) -> str | None:
+    """"tensor <name> of <what> holds <n> non-finite values ..." for the first float tensor of ``state`` holding
+    a NaN or an infinity, or None."""
     for name, tensor in state.items():
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         bad = int(tensor.numel() - tensor.isfinite().sum())
         if bad:
-            return name, bad, tensor.numel()
+            return f"tensor {name} of {what} holds {bad} non-finite values (NaN or infinity) among {tensor.numel()}"
     return None
 
 
 def check_finite(path: str | Path, tensors, what: str) -> None:
     """ValueError naming ``path`` (the file that would be written) and the first tensor of ``tensors`` (a name ->
     tensor mapping, or a module's state dict) that holds a NaN or an infinity: no such file is ever saved."""
-    found = _non_finite(tensors if isinstance(tensors, Mapping) else tensors.state_dict())
+    found = _non_finite(tensors if isinstance(tensors, Mapping) else tensors.state_dict(), what)
     if found is not None:
-        name, bad, total = found
-        raise ValueError(f"{path}: not written: tensor {name} of {what} holds {bad} non-finite values (NaN or "
-                         f"infinity) among {total}; expected finite values only")
+        raise ValueError(f"{path}: not written: {found}; expected finite values only")
 
 
 def save_weights(path: str | Path, tensors, what: str = "the weights") -> None:
@@ -174,11 +173,9 @@ def check_weights(path: str | Path, tensors: Mapping, expected: Mapping, what: s
         if dtype is not None and (tensor.dtype != dtype if not dtype.is_floating_point
                                   else not tensor.dtype.is_floating_point):
             raise ValueError(f"{path}: tensor {name} is {tensor.dtype}, {what} expects {dtype}")
-    found = _non_finite(tensors)
+    found = _non_finite(tensors, what)
     if found is not None:
-        name, bad, total = found
-        raise ValueError(f"{path}: tensor {name} of {what} holds {bad} non-finite values (NaN or infinity) among "
-                         f"{total}; expected finite weights")
+        raise ValueError(f"{path}: {found}; expected finite weights")
 
 
 def _names(names: list[str], shown: int = 5) -> str:

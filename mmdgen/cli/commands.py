@@ -196,7 +196,7 @@ def _train(trainer_class, cfg: LoopConfig) -> None:
             print(f"model: {Path(cfg.out) / 'model'}" + (f"; validation: {report}" if report else ""))
     finally:
         # under torchrun: the (sharded) model and its pending collectives go before their process group, which
-        # goes before the interpreter (left to exit, gloo's threads abort the process after a good run)
+        # goes before the interpreter (whose exit gloo can still abort: cli.entry then leaves without it)
         del trainer
         gc.collect()
         if dist.is_initialized():

@@ -30,8 +30,8 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   products of one MusicGen-small step at 2 rows, 2 threads (``bench/int8_step_products.py``, AMD EPYC Zen 5):
   10.1 ms (10.9 in one compiled graph) against 13.3 ms for inductor's loops and 13.5 ms for fbgemm; with AVX2
   code (``ATEN_CPU_CAPABILITY=avx2``) 12.2 ms against 153 ms for inductor's loops, which it leaves scalar there.
-  Where it cannot run (``int8_gemv_cpu.unavailable_reason()``: no C
-  compiler, no AVX2, not x86) the paths below serve.
+  Where it cannot run (``int8_gemv_cpu.unavailable_reason()``: no C compiler, no AVX2, not x86) the paths below
+  serve.
 - PyTorch, ``"int8"`` on CPU: an int8 x int8 matrix product (``torch._int_mm``, oneDNN) over activations
   written exactly enough in int8: each row of x is ``step * (x1 + x2 / 254 + x3 / 254^2)`` with
   ``step = row_max / 127`` and ``WEIGHT_ONLY_LEVELS = 3`` int8 levels ``x1, x2, x3`` (each level quantises the
