@@ -123,7 +123,8 @@ def test_a_compiler_that_fails_leaves_a_reason_a_warning_and_no_library(fresh_bu
 
 def test_no_compiler_or_an_unwritable_cache_leave_the_other_paths(fresh_build, tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-here")
-    _other_paths_serve("no C compiler found (no-such-compiler-here; set CC)")
+    with pytest.warns(UserWarning, match="CC='no-such-compiler-here' is not a program on PATH"):
+        _other_paths_serve("no C compiler found (no-such-compiler-here; set CC)")
     monkeypatch.delenv("CC")
     gemv_cpu._library.cache_clear()
     gemv_cpu._load.cache_clear()
@@ -156,3 +157,17 @@ def test_the_op_refuses_what_the_c_loop_would_read_out_of_bounds():
                         ((x[0], qweight, scale, None), "x torch.float32 (40,)")):
         with pytest.raises(ValueError, match=r"expected x \[M, K\] float32.*" + shown.replace("(", r"\(").replace(")", r"\)")):
             gemv_cpu.int8_gemv(*args)
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(fresh_build, tmp_path, monkeypatch):
+    assert gemv_cpu._library()[0] is not None, gemv_cpu._library()[1]
+    (built,) = fresh_build.iterdir()
+    other = tmp_path / "other-cache"  # a path this process never loaded (the loader would hand back that handle)
+    other.mkdir()
+    damaged = other / built.name
+    damaged.write_bytes(built.read_bytes()[:100])  # cut short
+    monkeypatch.setenv(gemv_cpu.CACHE_ENV, str(other))
+    gemv_cpu._library.cache_clear()
+    gemv_cpu._load.cache_clear()
+    assert gemv_cpu._library()[0] is not None
+    assert damaged.stat().st_size == built.stat().st_size and list(other.iterdir()) == [damaged]

@@ -175,6 +175,8 @@ def test_bad_input_is_refused():
         int8_linear(x, qweight, scale[:4])
     with pytest.raises(ValueError, match=r"bias must be a float tensor \[N\] = \[5\], got torch.int64 \(5,\)"):
         int8_linear(x, qweight, scale, bias.long())
+    with pytest.raises(ValueError, match=r"qweight \(5, 0\) has no input features; expected K >= 1"):
+        int8_linear(torch.randn(2, 0), torch.zeros(5, 0, dtype=torch.int8), scale)
     with pytest.raises(ValueError, match="unknown mode 'int4'; expected one of int8, int8-dynamic"):
         int8_linear(x, qweight, scale, mode="int4")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):

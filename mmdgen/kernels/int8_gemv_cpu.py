@@ -154,14 +154,15 @@ def _compiler_identity(compiler: str) -> str:
     return lines[0] if lines else compiler
 
 
-def _build(compiler: str) -> Path:
-    """The library, compiled now unless the cache holds it. Raises RuntimeError naming the compiler and its first
-    error line when compiling fails, OSError when the cache cannot be written."""
+def _build(compiler: str, again: bool = False) -> Path:
+    """The library, compiled now unless the cache holds it (``again``: compiled anyway, replacing it). Raises
+    RuntimeError naming the compiler and its first error line when compiling fails, OSError when the cache cannot
+    be written."""
     identity = "\n".join((SOURCE, _compiler_identity(compiler), " ".join(FLAGS)))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     cache = _cache_dir()
     library = cache / f"int8_gemv-{digest}.so"
-    if library.is_file():
+    if library.is_file() and not again:
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
@@ -183,11 +184,18 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None) or (None, why it cannot be built or loaded). Once per process."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the C loop is written for x86 CPUs, this is {platform.machine()}"
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    chosen = os.environ.get("CC") or "cc"
+    compiler = shutil.which(chosen)
     if compiler is None:
-        return None, f"no C compiler found ({os.environ.get('CC') or 'cc'}; set CC)"
+        reason = f"no C compiler found ({chosen}; set CC)"
+        if os.environ.get("CC"):  # a compiler asked for by name and not there is worth saying
+            warnings.warn(f"CC={chosen!r} is not a program on PATH; int8 products take the slower paths", stacklevel=4)
+        return None, reason
     try:
-        return ctypes.CDLL(str(_build(compiler))), None
+        try:
+            return ctypes.CDLL(str(_build(compiler))), None
+        except OSError:  # a damaged library in the cache (copied, cut short) is built again, once
+            return ctypes.CDLL(str(_build(compiler, again=True))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         reason = f"building the int8 CPU loop failed: {error}"
         warnings.warn(f"{reason}; int8 products take the slower paths (mmdgen.kernels.int8_linear)", stacklevel=4)

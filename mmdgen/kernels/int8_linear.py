@@ -201,6 +201,8 @@ def _check(x, qweight, scale, bias, mode) -> None:
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"int8_linear: qweight must be an int8 tensor [N, K], got {_describe(qweight)}")
     out_features, in_features = qweight.shape
+    if in_features == 0:
+        raise ValueError(f"int8_linear: qweight {tuple(qweight.shape)} has no input features; expected K >= 1")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise ValueError(f"int8_linear: x must be a float tensor [..., K], got {_describe(x)}")
     if x.shape[-1] != in_features:
