@@ -217,9 +217,9 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
+def published(module_folder):
     parts = _melody_model("published")
-    folder = _save(parts, tmp_path_factory.mktemp("musicgen-melody"))
+    folder = _save(parts, module_folder("musicgen-melody"))
     return Reference(parts, folder, _tones(["A4", "C4", "G4", "E4"], 0.5, 44100, channels=2), 44100)
 
 

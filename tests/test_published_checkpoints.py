@@ -61,15 +61,15 @@ def _save(model, tokenizer, folder, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def mono(tmp_path_factory):
+def mono(module_folder):
     model, tokenizer = _musicgen()
-    return model, tokenizer, _save(model, tokenizer, tmp_path_factory.mktemp("musicgen-small"))
+    return model, tokenizer, _save(model, tokenizer, module_folder("musicgen-small"))
 
 
 @pytest.fixture(scope="module")
-def stereo(tmp_path_factory):
+def stereo(module_folder):
     model, tokenizer = _musicgen(channels=2, seed=1)
-    return model, tokenizer, _save(model, tokenizer, tmp_path_factory.mktemp("musicgen-stereo-small"))
+    return model, tokenizer, _save(model, tokenizer, module_folder("musicgen-stereo-small"))
 
 
 def _their_codes_and_audio(model, tokenizer, guidance, frames=FRAMES):

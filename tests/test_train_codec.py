@@ -252,8 +252,14 @@ def test_compiled_training_steps_match_eager_ones(clips, tmp_path):
     same state (three states along an eager run, one before and two after the k-means initialisation): losses,
     every gradient and the quantizer's EMA buffers within float tolerance. Whole runs are not compared: the
     nearest-codeword choice is discrete, so summation orders that differ per CPU instruction set let runs drift
-    apart after a few steps without any difference in the maths."""
+    apart after a few steps without any difference in the maths. The compiled codec is five graphs, the encoder's and
+    the decoder's on either side of their LSTMs and the final crop (the LSTMs and the quantizer stay eager): a break
+    inside the loop over layers used to make Dynamo compile each layer apart, once per width (28 graphs)."""
+    from torch._dynamo.utils import counters
+
     trainer = CodecTrainer(_cfg(clips, tmp_path / "run", adversarial=False), progress=False)
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
     compiled = torch.compile(trainer.codec)
     batches = trainer._batches()
     for state in range(3):
@@ -284,6 +290,7 @@ def test_compiled_training_steps_match_eager_ones(clips, tmp_path):
                                                                                                            name)
         trainer.train_step([batch])  # the next state, eagerly
         trainer.step += 1
+    assert counters["stats"]["unique_graphs"] - graphs_before == 5
 
 
 def test_a_run_whose_final_validation_is_not_finite_exports_no_model(clips, tmp_path, monkeypatch):

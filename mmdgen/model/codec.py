@@ -131,6 +131,9 @@ class ResidualLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(dim, dim, layers)
 
+    # eager inside a compiled codec: Dynamo cannot trace nn.LSTM, and its experimental support unrolls the frames
+    # (compile time grows with the crop length)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.permute(2, 0, 1)  # [T, B, C]
         return (self.lstm(seq)[0] + seq).permute(1, 2, 0)
@@ -170,9 +173,7 @@ class SEANetEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            audio = layer(audio)
-        return audio
+        return _through_layers(self.layers, audio)
 
 
 class SEANetDecoder(nn.Module):
@@ -189,9 +190,20 @@ class SEANetDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            latents = layer(latents)
-        return latents
+        return _through_layers(self.layers, latents)
+
+
+def _through_layers(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """The layers in turn, the LSTM called outside the loops: a compiled codec then breaks its graph once there,
+    into one graph before the LSTM and one after (a break inside a loop over layers makes Dynamo compile each layer
+    apart, once per width, and fall back to eager past its recompile limit)."""
+    at = next(index for index, layer in enumerate(layers) if isinstance(layer, ResidualLSTM))
+    for layer in layers[:at]:
+        x = layer(x)
+    x = layers[at](x)
+    for layer in layers[at + 1:]:
+        x = layer(x)
+    return x
 
 
 @dataclass

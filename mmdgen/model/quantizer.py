@@ -171,6 +171,9 @@ class ResidualVectorQuantizer(nn.Module):
             return int(_broadcast(count)[0])
         return self.cfg.num_codebooks
 
+    # eager inside a compiled codec: data-dependent throughout (k-means on the first batch, random dead-code draws,
+    # code counts), compiled it broke into a dozen graphs
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """x: [B, D, T] encoder output."""
         if x.dim() != 3 or x.shape[1] != self.cfg.dim:
