@@ -22,4 +22,5 @@ Split = Literal["train", "valid", "test"]  # a corpus manifest's splits
 ExportFormat = Literal["transformers", "audiocraft", "mmdgen"]  # `mmdgen export` (mmdgen.pretrained.export)
 Quantization = Literal["none", "int8", "int8-dynamic"]  # int8 decoding (mmdgen.model.quantize; "none": float)
 CpuLinear = Literal["auto", "packed", "plain"]  # a float LM's linear layers on CPU (mmdgen.model.packing)
+KVCacheDtype = Literal["model", "bfloat16", "float16"]  # the decode step's KV cache (mmdgen.generate.loop.DecodeRuntime)
 Scheduling = Literal["auto", "continuous", "bucketed"]  # how a prompts file is batched (mmdgen.generate.batch)

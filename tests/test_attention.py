@@ -124,6 +124,27 @@ def test_half_inputs(backend, device, num_queries, dtype, tol):
 
 @pytest.mark.parametrize("as_tensor", LENGTH_KINDS)
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("num_queries,causal", [(1, True), (3, True), (5, False)])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=["bf16-cache", "fp16-cache"])
+def test_a_16_bit_cache_under_an_fp32_query(backend, device, as_tensor, num_queries, causal, cache_dtype):
+    """The cache's elements are widened exactly, so the only difference from the fp32 maths over the rounded
+    cache is fp32 summation order (and 3xTF32 for Q > 1 on Triton): tolerances at fp32 level, not half."""
+    query, keys, values = _inputs(3, 2, num_queries, 150, 24, seed=num_queries * 7 + int(causal))
+    keys, values = (keys * 3).to(cache_dtype), values.to(cache_dtype)
+    mask = torch.zeros(3, 150, dtype=torch.bool)  # row 0: holes and padding; row 1: one position; row 2: none
+    mask[0, :120] = True
+    mask[0, [5, 64, 99]] = False
+    mask[1, 100] = True
+    length = 131  # past two Triton chunks
+    out = _ours(backend, device, query, keys, values, length, as_tensor, key_mask=mask, causal=causal)
+    assert out.dtype == torch.float32
+    expected = reference_attention(query, keys.float(), values.float(), length, mask, causal=causal)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
+    assert (out[2] == 0).all()  # the fully masked row
+
+
+@pytest.mark.parametrize("as_tensor", LENGTH_KINDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("num_queries", [1, 3])
 def test_stale_cache_beyond_length_is_never_read(backend, device, as_tensor, num_queries):
     """Nothing past the length counts; the PyTorch path with a tensor length reads the whole buffer (one graph
@@ -276,10 +297,17 @@ def test_bad_input_is_refused():
         decode_attention(q, k, v, 5, key_mask=torch.ones(2, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_mask must be a bool tensor.*torch.int64"):
         decode_attention(q, k, v, 5, key_mask=torch.ones(2, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match="query and keys must share dtype and device.*torch.float64"):
+    with pytest.raises(ValueError, match="keys and values must share a dtype, got torch.float64 and torch.float32"):
         decode_attention(q, k.double(), v, 5)
-    with pytest.raises(ValueError, match="query and values must share dtype"):
+    with pytest.raises(ValueError, match="keys and values must share a dtype, got torch.float32 and torch.float16"):
         decode_attention(q, k, v.half(), 5)
+    with pytest.raises(ValueError, match=r"the query's dtype \(torch.float32\), or bfloat16/float16 under a float32 "
+                                         r"query, got torch.float64"):
+        decode_attention(q, k.double(), v.double(), 5)
+    with pytest.raises(ValueError, match=r"the query's dtype \(torch.bfloat16\).*got torch.float16"):
+        decode_attention(q.bfloat16(), k.half(), v.half(), 5)
+    with pytest.raises(ValueError, match=r"the query's dtype \(torch.float16\).*got torch.float32"):
+        decode_attention(q.half(), k, v, 5)
     with pytest.raises(ValueError, match="keys must be floating point, got torch.int64"):
         decode_attention(q, k.long(), v, 5)
     with pytest.raises(ValueError, match=r"one value \(0-d or \[1\]\), got shape \(2,\)"):

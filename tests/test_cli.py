@@ -165,6 +165,24 @@ def test_every_existing_option_name_still_parses_to_its_typed_value(monkeypatch,
     assert seen.pop().build.sample_rate == 32000 and not (tmp_path / "c").exists()  # nothing ran
 
 
+def test_the_kv_cache_option_reaches_the_generator_and_refuses_other_dtypes(capsys, monkeypatch, tmp_path):
+    from mmdgen.generate.generator import Generator
+
+    given = []
+
+    def record(model, *args, **kwargs):  # stands for loading the model: the options are what is checked
+        given.append(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(Generator, "from_pretrained", staticmethod(record))
+    for argv, expected in ((["--kv-cache", "bfloat16"], "bfloat16"), (["--kv-cache", "float16"], "float16"),
+                           ([], "model")):
+        assert cli.main(["generate", "a jig", "--model", str(tmp_path), *argv]) == 2
+        assert given.pop()["kv_cache"] == expected
+    capsys.readouterr()
+    refused(capsys, ["generate", "a jig", "--model", tmp_path, "--kv-cache", "int8"], "--kv-cache", "int8")
+
+
 def test_the_cpu_linear_option_parses_and_refuses_what_cannot_be_packed(capsys, monkeypatch, tmp_path):
     seen = _record_options(monkeypatch)
     for value in ("auto", "packed", "plain"):

@@ -66,6 +66,22 @@ def test_each_clip_equals_its_prompt_generated_alone(generator, name):
         assert not torch.equal(finished[[i for i, _ in finished].index(0)][1], _alone(generator, other, sampling))
 
 
+def test_a_16_bit_kv_cache_serves_continuous_batching_and_the_fixed_batch_loop_alike(generator, monkeypatch):
+    """``Generator(kv_cache="bfloat16")``: both loops allocate their caches in bf16 (the refilled rows' keys are
+    rounded as the fixed batch's are), so each clip still equals its prompt generated alone."""
+    half = Generator(generator.lm, generator.text, generator.codec, kv_cache="bfloat16")
+    allocated = []
+    new_caches = MusicLM.new_caches
+    monkeypatch.setattr(MusicLM, "new_caches", lambda self, *args: allocated.append(args) or new_caches(self, *args))
+    sampling = SAMPLINGS["sampled-guided"]
+    clips = _clips([0.2, 0.06, 0.1])
+    for index, codes in decode_continuously(half, clips, sampling, rows=2):
+        assert torch.equal(codes, _alone(half, clips[index], sampling)), index
+    assert len(allocated) == 4 and all(args[-1] == torch.bfloat16 for args in allocated)
+    with pytest.raises(ValueError, match="kv_cache must be one of model, bfloat16, float16, got 'fp8'"):
+        Generator(generator.lm, generator.text, generator.codec, kv_cache="fp8")
+
+
 def test_more_rows_than_clips(generator):
     sampling = SAMPLINGS["sampled-guided"]
     clips = _clips([0.12, 0.04])

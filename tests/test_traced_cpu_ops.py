@@ -88,10 +88,14 @@ def _attention_case(seed: int, queries: int, s_max: int, head_dim: int):
     return query, keys, values, key_mask
 
 
-@pytest.mark.parametrize("queries,s_max,head_dim", [(1, 1, 8), (1, 70, 10), (3, 17, 64)])
+@pytest.mark.parametrize("queries,s_max,head_dim,cache_dtype", [(1, 1, 8, torch.float32), (1, 70, 10, torch.float32),
+                                                              (3, 17, 64, torch.float32), (1, 70, 10, torch.bfloat16),
+                                                              (3, 17, 64, torch.float16)])
 @pytest.mark.parametrize("case", ["self-int", "self-tensor", "cross-masked"])
-def test_the_traced_attention_matches_float64(monkeypatch, queries, s_max, head_dim, case):
+def test_the_traced_attention_matches_float64(monkeypatch, queries, s_max, head_dim, cache_dtype, case):
+    """A 16-bit cache under the fp32 query is widened in the loops: the reference is the rounded cache in float64."""
     query, keys, values, key_mask = _attention_case(s_max + queries, queries, s_max, head_dim)
+    keys, values = keys.to(cache_dtype), values.to(cache_dtype)
     length = max(s_max - 2, queries)
     traced = _spy(monkeypatch, attention, "_traced_attention")
     if case == "self-int":

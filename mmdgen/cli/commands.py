@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdgen.choices import Backend, CpuLinear, ExportFormat, Quantization, Scheduling, Split
+from mmdgen.choices import Backend, CpuLinear, ExportFormat, KVCacheDtype, Quantization, Scheduling, Split
 from mmdgen.data.build import BuildConfig
 from mmdgen.demo.config import DemoConfig
 from mmdgen.eval.config import CoupledLatentsConfig
@@ -260,6 +260,9 @@ class GenerateOptions:
                                            "packed layout: the same results to fp32 rounding, several times faster "
                                            "on some CPUs), plain (torch's F.linear, MKL), auto (packed where oneDNN "
                                            "can, plain elsewhere: CUDA, int8, float16)")
+    kv_cache: KVCacheDtype = option("model", "the KV cache's dtype: model (the LM's), or bfloat16/float16 under a "
+                                        "float32 model (half the bytes each step reads: faster at larger batches; "
+                                        "the keys and values rounded to 16 bits)")
 
     def __post_init__(self):
         check_fields(self)
@@ -295,7 +298,7 @@ def generate(options: GenerateOptions) -> None:
                                           backend=options.backend, compile=options.compile,
                                           cuda_graph=options.cuda_graph, text_encoder=options.text_encoder,
                                           quantize=None if options.quantize == "none" else options.quantize,
-                                          cpu_linear=options.cpu_linear)
+                                          cpu_linear=options.cpu_linear, kv_cache=options.kv_cache)
     if requests is not None:
         scheduling = options.scheduling
         if scheduling == "auto":

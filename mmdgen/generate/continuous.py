@@ -89,7 +89,7 @@ class _Scheduler:
         self.pattern, self.special = generator.pattern, lm.cfg.special_token
         device, cfg = generator.device, lm.cfg
         max_steps = max(self.pattern.num_steps(frames[i]) for i in order)
-        self.caches = lm.new_caches(self.cache_rows, max_steps)
+        self.caches = lm.new_caches(self.cache_rows, max_steps, generator.runtime.cache_dtype(lm))
         self.embeddings = lm.embedding_weights()
         self.positions = sinusoidal_positions(torch.arange(max_steps, device=device), cfg.dim).to(
             self.embeddings.dtype)

@@ -47,10 +47,11 @@ class Window(NamedTuple):
 class Generator:
     def __init__(self, lm: MusicLM, text: TextConditioner, codec: Codec, backend: str = "auto", compile: bool = False,
                  cuda_graph: bool = False, quantize: str | None = None, chroma: ChromaExtractor | None = None,
-                 cpu_linear: str = "auto"):
-        """``backend``, ``compile``, ``cuda_graph``: how the decode step runs (``runtime``, a ``DecodeRuntime``:
-        the fused ops' implementation; the step through torch.compile, faster after a compile per shape; on CUDA,
-        the step captured in a CUDA graph and replayed every step). ``quantize`` ("int8", "int8-dynamic"): the
+                 cpu_linear: str = "auto", kv_cache: str = "model"):
+        """``backend``, ``compile``, ``cuda_graph``, ``kv_cache``: how the decode step runs (``runtime``, a
+        ``DecodeRuntime``: the fused ops' implementation; the step through torch.compile, faster after a compile per
+        shape; on CUDA, the step captured in a CUDA graph and replayed every step; the KV cache in the LM's dtype,
+        or in bfloat16/float16 under a float32 LM). ``quantize`` ("int8", "int8-dynamic"): the
         decoder's and heads' weights in int8 (``quantize_lm``, in place), unless the LM already holds them;
         ``chroma``: a melody LM's chroma extractor (default: transformers' settings at the codec's rate).
 
@@ -78,8 +79,9 @@ class Generator:
         self._choose_linears(lm, cpu_linear)
         self.lm, self.text, self.codec = lm.eval(), text.eval(), codec.eval()
         self.device = lm.device
-        self.runtime = DecodeRuntime(backend, compile, cuda_graph)
+        self.runtime = DecodeRuntime(backend, compile, cuda_graph, kv_cache)
         self.runtime.check(self.device)
+        self.runtime.cache_dtype(lm)  # refused here rather than at the first generation
         self.pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
         self.chroma = self._chroma_extractor(chroma)
 
@@ -111,13 +113,14 @@ class Generator:
     def from_pretrained(cls, model: str | Path, codec: str | Path | None = None, device: str = "cpu",
                         backend: str = "auto", compile: bool = False, cuda_graph: bool = False,
                         text_encoder: str | Path | None = None, quantize: str | None = None,
-                        cpu_linear: str = "auto") -> "Generator":
+                        cpu_linear: str = "auto", kv_cache: str = "model") -> "Generator":
         """``model`` in any format ``load_music_model`` reads (detected by content); ``codec``: another codec to
         decode with; ``text_encoder``: the T5 folder or cache id an audiocraft checkpoint needs; ``quantize``: int8
-        weights; ``cpu_linear``: packed or plain linear layers on CPU (see ``__init__``)."""
+        weights; ``cpu_linear``: packed or plain linear layers on CPU; ``kv_cache``: the KV cache's dtype (see
+        ``__init__``)."""
         parts = load_music_model(model, codec, text_encoder, device)
         return cls(parts.lm, parts.text, parts.codec, backend, compile, cuda_graph, quantize, parts.chroma,
-                   cpu_linear)
+                   cpu_linear, kv_cache)
 
     @property
     def backend(self) -> str:

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from mmdgen.choices import Backend
+from mmdgen.choices import Backend, KVCacheDtype
 from mmdgen.generate.config import Sampling
 from mmdgen.kernels.backend import resolve_backend
 from mmdgen.kernels.sampling import gumbel_noise, sample_next
@@ -94,9 +94,11 @@ class DecodeState:
 
     @classmethod
     def allocate(cls, lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampling: Sampling,
-                 prompt: torch.Tensor | None = None, backend: str = "auto") -> DecodeState:
+                 prompt: torch.Tensor | None = None, backend: str = "auto",
+                 cache_dtype: torch.dtype | None = None) -> DecodeState:
         """The state of a decode of ``frames`` frames (``decode``'s arguments), with a prefix LM's conditioning
-        and the steps ``prompt`` fixes entirely already written into the caches (``lm.new_caches``)."""
+        and the steps ``prompt`` fixes entirely already written into the caches (``lm.new_caches``, in
+        ``cache_dtype``: ``DecodeRuntime.cache_dtype``; None, the LM's)."""
         special, device = lm.cfg.special_token, lm.device
         rows = 2 * batch if sampling.guidance_scale is not None else batch
         steps = pattern.num_steps(frames)
@@ -106,7 +108,7 @@ class DecodeState:
         offset = 0 if prefix is None else prefix.shape[1]
         positions = sinusoidal_positions(torch.arange(offset, offset + steps, device=device), lm.cfg.dim)
         state = cls(sequence, forced, pattern.valid_mask(frames).to(device),
-                    lm.new_caches(rows, offset + max(steps, 1)), None if prefix is not None else memory,
+                    lm.new_caches(rows, offset + max(steps, 1), cache_dtype), None if prefix is not None else memory,
                     embeddings, positions.to(embeddings.dtype), rows, offset,
                     prefill_steps(pattern, forced, frames), torch.zeros((), dtype=torch.long, device=device))
         if prefix is not None:
@@ -162,12 +164,14 @@ def _column(t: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
 class DecodeRuntime:
     """How the decode step runs: the fused ops' ``backend``, eagerly, through ``torch.compile`` (``compile``: one
     graph per shape and length bucket, ``attended_span``; the first step in a bucket compiles it) or captured once
-    in a CUDA graph and replayed at every step (``cuda_graph``, CUDA). ``step`` runs one step of a
-    ``DecodeState``."""
+    in a CUDA graph and replayed at every step (``cuda_graph``, CUDA), over a KV cache in the LM's dtype or, under
+    a float32 LM, in 16 bits (``kv_cache``: half the bytes each step reads; the attention widens them as it reads).
+    ``step`` runs one step of a ``DecodeState``."""
 
     backend: Backend = option("auto", "the fused ops' implementation")
     compile: bool = option(False, "run the decode step through torch.compile")
     cuda_graph: bool = option(False, "(CUDA) capture the decode step in a CUDA graph once and replay it")
+    kv_cache: KVCacheDtype = option("model", "the KV cache's dtype: the LM's, or bfloat16/float16 under a float32 LM")
 
     def __post_init__(self):
         check_fields(self)
@@ -180,6 +184,17 @@ class DecodeRuntime:
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs the LM on a CUDA device, it is on {device}")
         resolve_backend(self.backend, device)
+
+    def cache_dtype(self, lm: MusicLM) -> torch.dtype:
+        """The dtype of ``lm``'s KV caches under this runtime; ValueError for a 16-bit cache under a 16-bit LM of
+        another kind (it would round the LM's own keys)."""
+        if self.kv_cache == "model":
+            return lm.dtype
+        dtype = getattr(torch, self.kv_cache)
+        if lm.dtype not in (torch.float32, dtype):
+            raise ValueError(f"a {self.kv_cache} KV cache serves a float32 LM; this LM is {lm.dtype} (kv_cache "
+                             f"'model' keeps the LM's dtype)")
+        return dtype
 
     def step(self, lm: MusicLM, state: DecodeState, step: int, noise: torch.Tensor | None,
              sampling: Sampling) -> None:
@@ -212,7 +227,8 @@ def decode(lm: MusicLM, memory, batch: int, frames: int, pattern: Pattern, sampl
     runs (eager, compiled or CUDA-graphed, and the backend)."""
     device = lm.device
     runtime.check(device)
-    state = DecodeState.allocate(lm, memory, batch, frames, pattern, sampling, prompt, runtime.backend)
+    state = DecodeState.allocate(lm, memory, batch, frames, pattern, sampling, prompt, runtime.backend,
+                                 runtime.cache_dtype(lm))
     greedy = sampling.temperature == 0 or sampling.top_k == 1
     for step in range(state.first_step, state.sequence.shape[-1]):
         noise = None if greedy else gumbel_noise((batch, lm.cfg.num_codebooks, lm.cfg.codebook_size), generator,

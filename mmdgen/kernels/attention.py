@@ -44,8 +44,10 @@ once, and the combine reads ``cdiv(length, chunk)`` splits. A captured graph can
 after writing the new length into the same tensor. The value is not checked on the Triton path (checking
 needs a sync): it is clamped to ``[0, S_max]``, and queries that then see nothing (``length < Q``) return 0.
 
-Dtypes: fp32, bf16, fp16 (fp64 on the PyTorch path); query, keys and values share dtype and device.
-Accumulation fp32 on the Triton path.
+Dtypes: fp32, bf16, fp16 (fp64 on the PyTorch path); keys and values share dtype and device with the query,
+or, under an fp32 query, a 16-bit cache (bf16 or fp16: half the bytes a step reads, the bound of a decode step
+at batch 8): the Triton kernel and the traced loops widen each element as they read it, the PyTorch path copies
+the attended part of the cache to fp32 first. Accumulation fp32 on the Triton path.
 
 Memory and work: reads the visible cache, ``O(B H length hd)`` elements of keys and values, once; positions
 ``>= length`` are never read (stale or NaN data there does not matter), except on the PyTorch path with a
@@ -67,6 +69,7 @@ from mmdgen.kernels.backend import (TRITON_IMPORT_ERROR, choose_backend, describ
                                     traced_on_cpu)
 
 MAX_QUERIES = 16
+HALF_CACHE_DTYPES = (torch.bfloat16, torch.float16)  # a cache under an fp32 query may hold these
 TRITON_BLOCK_N = 64  # cache positions per tile
 TRITON_MIN_CHUNK = 64  # positions per split: multiples of TRITON_BLOCK_N in [MIN, MAX]
 TRITON_MAX_CHUNK = 256
@@ -102,9 +105,13 @@ def _check(query, keys, values, length, key_mask, scale, causal) -> float:
     if s_max < 1:
         raise ValueError("the cache is empty (S_max=0); expected keys [B, H, S_max >= 1, head_dim]")
     for name, t in (("keys", keys), ("values", values)):
-        if t.dtype != query.dtype or t.device != query.device:
-            raise ValueError(f"query and {name} must share dtype and device, got {query.dtype}/{query.device} "
-                             f"and {t.dtype}/{t.device}")
+        if t.device != query.device:
+            raise ValueError(f"query and {name} must share a device, got {query.device} and {t.device}")
+    if keys.dtype != values.dtype:
+        raise ValueError(f"keys and values must share a dtype, got {keys.dtype} and {values.dtype}")
+    if keys.dtype != query.dtype and not (query.dtype == torch.float32 and keys.dtype in HALF_CACHE_DTYPES):
+        raise ValueError(f"keys and values must have the query's dtype ({query.dtype}), or bfloat16/float16 under a "
+                         f"float32 query, got {keys.dtype}")
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.shape != (batch, s_max):
             raise ValueError(f"key_mask must have shape [B, S_max] = {(batch, s_max)}, got {describe_shape(key_mask)}")
@@ -179,10 +186,11 @@ def _masked_sdpa(query, keys, values, visible, key_mask, scale):
         keep = key_mask[:, None, None, :]  # [B, 1, 1, S]
         visible = keep if visible is None else visible & keep
         seen = visible.any(dim=-1, keepdim=True)  # [B, 1, Q, 1]; SDPA kernels give the others NaN or 0
-    if traced_on_cpu(query):
+    if traced_on_cpu(query):  # a 16-bit cache is widened inside the fused loops
         out = _traced_attention(query, keys, values, visible, scale)
     else:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale)
+        out = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=visible,
+                                             scale=scale)
     if seen is not None:
         out = out.masked_fill(~seen, 0.0)
     return out
@@ -256,8 +264,11 @@ if TRITON_IMPORT_ERROR is None:
                 if HAS_MASK:
                     live = live & (tl.load(mask_ptr + b * stride_mb + pos, mask=live, other=0) != 0)
                 kv_mask = live[:, None] & d_ok[None, :]
-                k = tl.load(k_base + pos[:, None] * stride_ks + feats[None, :] * stride_kd, mask=kv_mask, other=0.0)
-                v = tl.load(v_base + pos[:, None] * stride_vs + feats[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                # widened to the query's dtype as read (a no-op unless a 16-bit cache serves an fp32 query)
+                k = tl.load(k_base + pos[:, None] * stride_ks + feats[None, :] * stride_kd, mask=kv_mask,
+                            other=0.0).to(q.dtype)
+                v = tl.load(v_base + pos[:, None] * stride_vs + feats[None, :] * stride_vd, mask=kv_mask,
+                            other=0.0).to(q.dtype)
                 if BLOCK_Q == 1:
                     scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
                 else:
