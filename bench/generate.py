@@ -20,7 +20,8 @@ its first run at the timed length compiles
 or captures (its time is reported apart: "first run, compiling"), and the timed runs follow. Ours runs the
 ``Generator``'s default linear layers: on CPU, fp32 weights packed by oneDNN (``mmdgen.model.packing``);
 ``ours-delay-plain*``: the same with ``cpu_linear="plain"`` (``F.linear``, MKL, as transformers runs), to show
-the packing's gain side by side.
+the packing's gain side by side. ``-kvbf16``: the KV cache in bf16 (``DecodeRuntime(kv_cache="bfloat16")``; the
+bound below still counts an fp32 cache).
 
 Per case (its own subprocess on CPU): median over repeats of the whole generation's time, divided by the
 steps: seconds per step, steps/s, the real-time factor (audio seconds / wall seconds), the peak memory the
@@ -70,8 +71,8 @@ MODELS = {  # decoder sizes: tiny and small are lm_config("tiny") / lm_config("s
 TEXT_DIM = 32  # the tiny T5's width (the text projection maps it to the decoder's)
 IMPLS = ("transformers", "transformers-int8", "ours-delay", "ours-delay-compiled", "ours-delay-plain",
          "ours-delay-plain-compiled", "ours-delay-int8",
-         "ours-delay-int8-compiled", "ours-delay-int8-dynamic", "ours-delay-int8-dynamic-compiled", "ours-flatten",
-         "ours-flatten-compiled")
+         "ours-delay-int8-compiled", "ours-delay-int8-dynamic", "ours-delay-int8-dynamic-compiled",
+         "ours-delay-int8-dynamic-kvbf16-compiled", "ours-flatten", "ours-flatten-compiled")
 BASELINES = ("transformers", "transformers-int8")
 CAPTIONS = ["a calm jig on flute", "a fast reel on fiddle with drums", "slow piano ballad in a minor key",
             "upbeat electronic dance track with a heavy bass line", "acoustic guitar and soft vocals",
@@ -133,6 +134,11 @@ def build_ours(model, tokenizer, pattern: str, device: torch.device, cpu_linear:
     return Generator(lm, parts.text, parts.codec, cpu_linear=cpu_linear)
 
 
+def _eager_twin(impl: str) -> str:
+    """The eager case whose run estimates a compiled case's time (a bf16 cache's too: eager it copies to fp32)."""
+    return impl.removesuffix("-compiled").replace("-kvbf16", "")
+
+
 def _sampling(spec: dict):
     from mmdgen.generate import Sampling
 
@@ -189,7 +195,8 @@ class Side:
 
             static = spec["impl"].endswith("-compiled")  # CPU: torch.compile; CUDA: the step in a CUDA graph
             self.generator.runtime = DecodeRuntime(compile=static and device.type != "cuda",
-                                                   cuda_graph=static and device.type == "cuda")
+                                                   cuda_graph=static and device.type == "cuda",
+                                                   kv_cache="bfloat16" if "-kvbf16" in spec["impl"] else "model")
             del model  # the text encoder lives on in the generator; the transformers decoder goes
         gc.collect()
 
@@ -224,7 +231,7 @@ class Side:
         if self.spec["impl"] not in BASELINES:
             lm = self.generator.lm
             memory = self.generator._memory(self.texts, self.guided)
-            caches = lm.new_caches(self.rows, steps)  # static: the same buffers serve every position
+            caches = lm.new_caches(self.rows, steps, self.generator.runtime.cache_dtype(lm))  # static: every position
             tokens = torch.full((self.rows, k, 1), special, dtype=torch.long, device=self.device)
 
             def prepare(position):
@@ -521,8 +528,8 @@ def main(argv=None) -> None:
     if args is None:
         return
     for impl in args.impls:
-        if impl.endswith("-compiled") and impl.removesuffix("-compiled") not in args.impls:
-            parser.error(f"{impl} needs {impl.removesuffix('-compiled')} in --impls too (its time estimate)")
+        if impl.endswith("-compiled") and _eager_twin(impl) not in args.impls:
+            parser.error(f"{impl} needs {_eager_twin(impl)} in --impls too (its time estimate)")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -573,7 +580,7 @@ def main(argv=None) -> None:
                         "guidance": guidance, "sampling": args.sampling, "top_k": args.top_k, "device": str(device),
                         "threads": args.threads}
                 if impl.endswith("-compiled"):
-                    eager = results[impl.removesuffix("-compiled")]
+                    eager = results[_eager_twin(impl)]
                     spec["eager_estimate_seconds"] = eager.get("estimate_seconds", float("inf"))
                 result = results[impl] = run_case(__file__, measure, spec, device)
                 steps = CODEBOOKS * args.frames if impl.startswith("ours-flatten") else args.frames + CODEBOOKS - 1
