@@ -3,10 +3,11 @@ process group (as torchrun would: RANK, WORLD_SIZE and LOCAL_RANK set)."""
 
 import gc
 import os
-import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from mmdgen.cli import leave_now
 
 
 def spawn_gloo_ranks(worker, world: int, init_file, *args) -> None:
@@ -26,6 +27,4 @@ def _rank(rank: int, worker, world: int, init_file: str, args: tuple) -> None:
     # After a good run the interpreter's exit can still abort (gloo, torch 2.14: "terminate called without an
     # active exception", SIGABRT, seen about once in 50 runs of two ranks, after both had destroyed their group):
     # the worker's results are written, so the process leaves without running the exit's destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_now(0)

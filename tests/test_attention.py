@@ -81,10 +81,11 @@ def test_matches_the_float64_reference(backend, device, as_tensor, batch, heads,
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5), (out.double() - expected).abs().max()
 
 
-def _padding_mask():
-    """Row 0: holes and padding; row 1: only the last visible position; row 2: nothing (a null condition)."""
-    mask = torch.zeros(3, 70, dtype=torch.bool)
-    mask[0, :45] = True
+def _padding_mask(width: int = 70, visible: int = 45):
+    """Row 0: ``visible`` positions with holes, then padding; row 1: only position 49; row 2: nothing (a null
+    condition)."""
+    mask = torch.zeros(3, width, dtype=torch.bool)
+    mask[0, :visible] = True
     mask[0, [3, 17, 30]] = False
     mask[1, 49] = True
     return mask
@@ -131,11 +132,8 @@ def test_a_16_bit_cache_under_an_fp32_query(backend, device, as_tensor, num_quer
     cache is fp32 summation order (and 3xTF32 for Q > 1 on Triton): tolerances at fp32 level, not half."""
     query, keys, values = _inputs(3, 2, num_queries, 150, 24, seed=num_queries * 7 + int(causal))
     keys, values = (keys * 3).to(cache_dtype), values.to(cache_dtype)
-    mask = torch.zeros(3, 150, dtype=torch.bool)  # row 0: holes and padding; row 1: one position; row 2: none
-    mask[0, :120] = True
-    mask[0, [5, 64, 99]] = False
-    mask[1, 100] = True
-    length = 131  # past two Triton chunks
+    mask = _padding_mask(150, visible=120)  # row 0 visible across two Triton chunks
+    length = 131
     out = _ours(backend, device, query, keys, values, length, as_tensor, key_mask=mask, causal=causal)
     assert out.dtype == torch.float32
     expected = reference_attention(query, keys.float(), values.float(), length, mask, causal=causal)

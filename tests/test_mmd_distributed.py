@@ -56,8 +56,8 @@ def test_two_gloo_ranks_match_the_concatenated_batch(tmp_path):
     assert len(cases) >= 2
     # the single-process loss and gradient on the concatenated batch, computed here, outside any process group
     references = [_loss_and_grad(_latents(), case, torch.Generator().manual_seed(7)) for case in cases]
-    spawn_gloo_ranks(_worker, len(CLIPS_PER_RANK), tmp_path / "init", str(tmp_path), cases, references)
     world = len(CLIPS_PER_RANK)
+    spawn_gloo_ranks(_worker, world, tmp_path / "init", str(tmp_path), cases, references)
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case, result in zip(cases, report):

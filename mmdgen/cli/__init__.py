@@ -64,11 +64,17 @@ def entry() -> None:
     code = main()
     world = os.environ.get("WORLD_SIZE", "").strip()
     if world.isdigit() and int(world) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave_now(code)
     sys.exit(code)
+
+
+def leave_now(code: int) -> None:
+    """End the process with ``code`` once logging and the standard streams are flushed, without the interpreter's
+    exit destructors (a gloo process's exit can abort after a good run: see ``entry``)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _refuse(prog: str, error: Exception) -> int:
