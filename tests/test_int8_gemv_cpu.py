@@ -130,9 +130,13 @@ def test_no_compiler_or_an_unwritable_cache_leave_the_other_paths(fresh_build, t
     gemv_cpu._load.cache_clear()
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv(gemv_cpu.CACHE_ENV, str(blocked / "kernels"))
-    with pytest.warns(UserWarning, match="building the int8 CPU loop failed"):
-        _other_paths_serve(str(blocked))
+    for cache in (blocked, blocked / "kernels"):
+        gemv_cpu._library.cache_clear()
+        gemv_cpu._load.cache_clear()
+        monkeypatch.setenv(gemv_cpu.CACHE_ENV, str(cache))
+        with pytest.warns(UserWarning, match=f"the kernel cache {cache} .*: {blocked} is a file; expected a "
+                                             "folder"):
+            _other_paths_serve(str(blocked))
 
 
 def test_the_library_is_built_once_and_found_again(fresh_build):

@@ -161,6 +161,11 @@ def _build(compiler: str, again: bool = False) -> Path:
     identity = "\n".join((SOURCE, _compiler_identity(compiler), " ".join(FLAGS)))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     cache = _cache_dir()
+    for folder in (cache, *cache.parents):  # the first that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise RuntimeError(f"the kernel cache {cache} ({CACHE_ENV}): {folder} is a file; expected a folder")
+            break
     library = cache / f"int8_gemv-{digest}.so"
     if library.is_file() and not again:
         return library
