@@ -425,6 +425,15 @@ def kv_read_bytes(size: str, rows: int, steps: int, text_positions: int) -> dict
             "kv_bytes_per_step": self_attention + cross_attention}
 
 
+def row_bound(rate: float, counts: dict, kv: dict, impl: str) -> float:
+    """The memory-read bound of ``impl`` in steps/s: int8 rows read one byte per weight (plus one fp32 scale per
+    output channel: under 0.5% here), ``-kvbf16`` rows their self-attention cache in 2 bytes per element (the
+    text's cross-attention memory stays fp32)."""
+    weights = counts["int8_read_bytes_per_step"] if "int8" in impl else counts["read_bytes_per_step"]
+    self_attention = kv["self_attention_kv_bytes_per_step"] * (0.5 if "-kvbf16" in impl else 1.0)
+    return rate / (weights + self_attention + kv["cross_attention_kv_bytes_per_step"])
+
+
 def text_positions(batch: int) -> int:
     """The padded token count of the batch's captions (the cross-attention memory's length), as both sides
     tokenize them."""
@@ -441,7 +450,8 @@ def bounds(rate: float, args, guidance: float | None, rows: list[dict]) -> tuple
                  f"{args.copy_gib:g} GiB fp32 tensor, bytes read + written / time); a step reads each weight it uses "
                  "once (fp32; layers without the cross-attention k/v, final norm, K heads; not the embeddings or the "
                  "text projection) and the keys and values it attends (fp32, every layer and row: the self-attention "
-                 "cache up to the filled length, averaged over the clip, and the text's cross-attention memory)"]
+                 "cache up to the filled length, averaged over the clip, in bf16 for -kvbf16 rows, and the text's "
+                 "cross-attention memory)"]
     out = {}
     for size in args.models:
         counts = parameter_counts(size)
@@ -459,21 +469,21 @@ def bounds(rate: float, args, guidance: float | None, rows: list[dict]) -> tuple
                     continue
                 steps = measured[0]["steps"]
                 kv = kv_read_bytes(size, 2 * batch if guidance is not None else batch, steps, text_positions(batch))
-                bound = rate / (counts["read_bytes_per_step"] + kv["kv_bytes_per_step"])
-                # int8 rows read one byte per weight (plus one fp32 scale per output channel: under 0.5% here)
-                int8_bound = rate / (counts["int8_read_bytes_per_step"] + kv["kv_bytes_per_step"])
-                achieved = {row["impl"]: row["result"]["steps_per_s"] / (int8_bound if "int8" in row["impl"]
-                                                                         else bound)
+                bound, int8_bound = (row_bound(rate, counts, kv, impl) for impl in ("", "int8"))
+                achieved = {row["impl"]: row["result"]["steps_per_s"] / row_bound(rate, counts, kv, row["impl"])
                             for row in measured if "steps_per_s" in row["result"]}
                 out[size]["cases"][f"B{batch} {pattern}"] = dict(
                     kv, batch=batch, pattern=pattern, steps=steps, bound_steps_per_s=bound,
-                    int8_bound_steps_per_s=int8_bound, achieved_fraction=achieved)
+                    int8_bound_steps_per_s=int8_bound,
+                    int8_bf16_cache_bound_steps_per_s=row_bound(rate, counts, kv, "int8-kvbf16"),
+                    achieved_fraction=achieved)
                 lines.append(f"  B{batch} {pattern} ({steps} steps): KV read {kv['kv_bytes_per_step'] / 1e6:.1f} MB "
                              f"per step (self {kv['self_attention_kv_bytes_per_step'] / 1e6:.1f}, cross "
                              f"{kv['cross_attention_kv_bytes_per_step'] / 1e6:.2f}) -> bound {bound:.1f} steps/s, "
                              f"int8 {int8_bound:.1f}")
                 if achieved:
-                    lines.append("    achieved / bound (int8 rows: / int8 bound): " + ", ".join(
+                    lines.append("    achieved / bound (int8 rows: / int8 bound; -kvbf16 rows: their cache in bf16): "
+                                 + ", ".join(
                         f"{impl} {value:.2f}" for impl, value in achieved.items()))
     return lines, out
 

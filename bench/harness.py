@@ -152,6 +152,22 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def fbgemm_packed(qweight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's packed copy of int8 codes [N, K] with per-channel scales [N]: the weight of
+    ``torch.ops.quantized.linear_dynamic(x, packed, FBGEMM_REDUCE_RANGE)``, what ``torch.ao``'s dynamic int8
+    linear runs (a baseline; mmdgen's own dynamic product does not use it)."""
+    import warnings
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.14; fbgemm's packing takes one
+        warnings.simplefilter("ignore", UserWarning)
+        per_channel = torch._make_per_channel_quantized_tensor(
+            qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(per_channel, None)
+
+
+FBGEMM_REDUCE_RANGE = True  # torch.ao's default on x86: 7-bit activations, per tensor
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1 (sizes, repeats, threads), or a one-line usage error naming it."""
     import argparse

@@ -1,14 +1,15 @@
-"""What one int8-dynamic linear call costs besides its matrix product, on CPU: the per-call overheads that add up
-over the ~200 linear calls of a MusicGen-small decode step.
+"""What one int8 linear call costs besides its matrix product, on CPU: the per-call overheads that add up over the
+~200 linear calls of a MusicGen-small decode step.
 
 Side by side in one run, on a layer small enough (``--features`` square, 2 rows, one thread) that the product
 itself is a few microseconds, median time of one call over ``--calls`` calls, for:
 
-- ``fbgemm``: ``quantized::linear_dynamic`` on the packed weight (the floor: fbgemm's own fixed cost);
-- ``fbgemm + table``: the same after ``packed_dynamic_weight``'s side-table lookup;
-- ``custom_op``: the op behind ``torch.library.custom_op`` (what mmdgen used before);
-- ``library op``: ``torch.ops.mmdgen.int8_dynamic_linear``, a plain library definition with a CPU kernel (what
-  the compiled decode step calls now).
+- ``fbgemm``: ``quantized::linear_dynamic`` on a prepacked weight (a C++ op from end to end: the floor of a
+  dispatched call, and what transformers + torch.ao dynamic int8 pays per layer);
+- ``C loop, ctypes``: ``int8_gemv_cpu``'s dynamic C function called through ctypes on preallocated tensors;
+- ``library op``: ``torch.ops.mmdgen.int8_gemv_dynamic``, the plain library definition around it (checks, the
+  output tensor, the ctypes call: what the compiled decode step calls);
+- ``custom_op``: the same function behind ``torch.library.custom_op`` (why the op is a plain definition).
 
 Prints a table and writes ``bench/results/int8_dispatch-<device>.json`` and the text as ``.txt``.
 
@@ -22,9 +23,10 @@ import statistics
 import time
 
 import torch
-from harness import RESULTS, device_name, positive_int, write_json
+from harness import FBGEMM_REDUCE_RANGE, RESULTS, device_name, fbgemm_packed, positive_int, write_json
 
-from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, packed_dynamic_weight, quantize_weight
+from mmdgen.kernels import int8_gemv_cpu
+from mmdgen.kernels.int8_linear import quantize_weight
 
 
 def _median_call_us(call, calls: int, rounds: int) -> float:
@@ -40,10 +42,10 @@ def _median_call_us(call, calls: int, rounds: int) -> float:
 
 
 def _custom_op():
-    """The same kernel behind ``torch.library.custom_op``, defined here for the comparison only."""
-    @torch.library.custom_op("mmdgen_bench::int8_dynamic_linear", mutates_args=())
+    """The library op's function behind ``torch.library.custom_op``, defined here for the comparison only."""
+    @torch.library.custom_op("mmdgen_bench::int8_gemv_dynamic", mutates_args=())
     def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale), DYNAMIC_REDUCE_RANGE)
+        return int8_gemv_cpu.int8_gemv_dynamic(x, qweight, scale)
 
     return linear
 
@@ -60,18 +62,23 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     qweight, scale = quantize_weight(torch.randn(args.features, args.features))
     x = torch.randn(args.rows, args.features)
-    packed = packed_dynamic_weight(qweight, scale)
+    if not int8_gemv_cpu.kernel_ready():
+        parser.error(f"the C loop cannot run here: {int8_gemv_cpu.unavailable_reason()}")
+    packed = fbgemm_packed(qweight, scale)
+    function = int8_gemv_cpu._load()[0]["dynamic"]
+    out = torch.empty(args.rows, args.features)
+    pointers = (x.data_ptr(), args.rows, args.features, qweight.data_ptr(), args.features, scale.data_ptr(), None,
+                out.data_ptr())
     custom = _custom_op()
     methods = {
-        "fbgemm": lambda: torch.ops.quantized.linear_dynamic(x, packed, DYNAMIC_REDUCE_RANGE),
-        "fbgemm + table": lambda: torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale),
-                                                                     DYNAMIC_REDUCE_RANGE),
+        "fbgemm": lambda: torch.ops.quantized.linear_dynamic(x, packed, FBGEMM_REDUCE_RANGE),
+        "C loop, ctypes": lambda: function(*pointers),
+        "library op": lambda: torch.ops.mmdgen.int8_gemv_dynamic(x, qweight, scale, None),
         "custom_op": lambda: custom(x, qweight, scale),
-        "library op": lambda: torch.ops.mmdgen.int8_dynamic_linear(x, qweight, scale),
     }
     device = device_name(torch.device("cpu"))
-    lines = [f"one int8-dynamic linear call, {args.rows} x {args.features} -> {args.features}, on {device}; "
-             f"median over {args.rounds} rounds of {args.calls} calls",
+    lines = [f"one dynamic int8 linear call ({int8_gemv_cpu.kernel_variant('dynamic')} loop), {args.rows} x "
+             f"{args.features} -> {args.features}, on {device}; median over {args.rounds} rounds of {args.calls} calls",
              f"{'method':16} {'us/call':>8} {'over fbgemm':>12}"]
     results = {}
     with torch.no_grad():

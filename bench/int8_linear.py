@@ -16,8 +16,8 @@ K -> N (attention 1024 -> 1024, feed-forward 1024 -> 4096 and 4096 -> 1024, a he
   reject; measured to see what packing would buy);
 - int8 with dynamic activations: fbgemm's ``quantized::linear_dynamic`` over prepacked weights (what
   ``torch.ao.nn.quantized.dynamic.Linear`` runs, ``reduce_range=True``: 7-bit activations, per tensor), and
-  mmdgen's ``mode="int8-dynamic"`` (the same op behind mmdgen's custom op and packed-weight table; every pool
-  copy is packed before the timing, as a model's layers are at their first call).
+  mmdgen's ``mode="int8-dynamic"`` (each row rounded to int8 on its own step; the C loop of
+  ``int8_gemv_cpu.int8_gemv_dynamic``, or ``torch._int_mm`` with one level where it cannot run).
 
 Weights are read from memory, not from the cache, as in a decode step (which reads every weight once): each
 weight family (fp32, bf16, the int8 codes, torchao's, fbgemm's packed) is a pool of copies of at least
@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, child, device_name, isolated, write_json
+from harness import FBGEMM_REDUCE_RANGE, RESULTS, child, device_name, fbgemm_packed, isolated, write_json
 
 SHAPES = ("1024x1024", "1024x4096", "4096x1024", "1024x2048", "512x2048")
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -167,10 +167,7 @@ def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[
         pools["onednn"] = Pool([(torch.ops.onednn.qlinear_prepack(q, [3 * x.shape[0], x.shape[1]]), s)
                                 for q, s in pools["int8"].copies])
     if "fbgemm" in families:
-        pools["fbgemm"] = Pool([ours._pack(q, s) for q, s in pools["int8"].copies])
-    if "mmdgen-int8-dynamic" in methods:
-        for q, s in pools["int8"].copies:
-            ours.packed_dynamic_weight(q, s)
+        pools["fbgemm"] = Pool([fbgemm_packed(q, s) for q, s in pools["int8"].copies])
     if "torchao" in families:
         try:
             pools["torchao"] = Pool([_torchao_linear(_variant(weight, i))
@@ -193,7 +190,7 @@ def build(weight: torch.Tensor, x: torch.Tensor, cold_bytes: int, methods: list[
         "mmdgen-int8-3-levels": lambda qs: ours._torch_int8_linear(x, qs[0], qs[1], levels=3),
         "mmdgen-int8-c-loop": lambda qs: int8_gemv_cpu.int8_gemv(x, qs[0], qs[1]),
         "onednn-prepacked-levels": lambda packed: _onednn_levels(x, *packed),
-        "fbgemm-dynamic": lambda packed: torch.ops.quantized.linear_dynamic(x, packed, True),
+        "fbgemm-dynamic": lambda packed: torch.ops.quantized.linear_dynamic(x, packed, FBGEMM_REDUCE_RANGE),
         "mmdgen-int8-dynamic": lambda qs: ours.int8_linear(x, qs[0], qs[1], backend="torch", mode="int8-dynamic"),
     }
     if not int8_gemv_cpu.kernel_ready():

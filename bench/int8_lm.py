@@ -18,12 +18,14 @@ Speed: ``mmdgen.generate.loop.decode`` at batch 1 with guidance (2 rows), top-k 
 
     python bench/int8_lm.py                                   # small, 20 frames, int8 and int8-dynamic
     python bench/int8_lm.py --preset tiny --frames 10 --repeats 2
+    python bench/int8_lm.py --kv-caches model bfloat16        # and each model over a bf16 KV cache
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import time
@@ -40,6 +42,7 @@ from mmdgen.model.quantize import quantize_lm
 from mmdgen.train.lm import IGNORE, teacher_forcing
 
 TEXT_STEPS = 16
+KV_LABELS = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def conditioning(lm: MusicLM, guided: bool):
@@ -51,12 +54,13 @@ def conditioning(lm: MusicLM, guided: bool):
     return states, mask
 
 
-def generate(lm: MusicLM, frames: int, sampling: Sampling, compile: bool = False) -> torch.Tensor:
+def generate(lm: MusicLM, frames: int, sampling: Sampling, compile: bool = False,
+             kv_cache: str = "model") -> torch.Tensor:
     pattern = make_pattern(lm.cfg.pattern, lm.cfg.num_codebooks, lm.cfg.delays)
     with torch.no_grad():
         memory = lm.cross_memory(*conditioning(lm, sampling.guidance_scale is not None))
         return decode(lm, memory, 1, frames, pattern, sampling, generator=torch.Generator().manual_seed(0),
-                      runtime=DecodeRuntime(compile=compile))
+                      runtime=DecodeRuntime(compile=compile, kv_cache=kv_cache))
 
 
 @torch.no_grad()
@@ -76,26 +80,27 @@ def nll(logp: torch.Tensor, targets: torch.Tensor) -> list[float]:
     return (-logp.gather(-1, targets[..., None])[..., 0]).mean(dim=1).tolist()
 
 
-def quality(reference: MusicLM, lm: MusicLM, codes: torch.Tensor, frames: int) -> dict:
+def quality(reference: MusicLM, lm: MusicLM, codes: torch.Tensor, frames: int, kv_cache: str) -> dict:
     ref_logp, targets = teacher_forced(reference, codes)
     logp, _ = teacher_forced(lm, codes)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(dim=1)
     greedy = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean(dim=1)
     greedy_sampling = Sampling(guidance_scale=3.0, temperature=0.0)
-    free_ref, free = generate(reference, frames, greedy_sampling), generate(lm, frames, greedy_sampling)
+    free_ref = generate(reference, frames, greedy_sampling)
+    free = generate(lm, frames, greedy_sampling, kv_cache=kv_cache)
     differ = (free_ref != free).any(dim=1)[0].nonzero()
     return {"nll": nll(logp, targets), "kl": kl.tolist(),
             "greedy_agreement": greedy.tolist(), "free_running_agreement": float((free_ref == free).float().mean()),
             "first_different_frame": int(differ[0]) if len(differ) else None}
 
 
-def step_seconds(lm: MusicLM, frames: int, repeats: int, compile: bool) -> dict:
+def step_seconds(lm: MusicLM, frames: int, repeats: int, compile: bool, kv_cache: str) -> dict:
     sampling = Sampling()  # guidance 3, top-k 250
-    generate(lm, frames, sampling, compile=compile)  # warm-up (compiles the step)
+    generate(lm, frames, sampling, compile=compile, kv_cache=kv_cache)  # warm-up (compiles the step)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        generate(lm, frames, sampling, compile=compile)
+        generate(lm, frames, sampling, compile=compile, kv_cache=kv_cache)
         times.append((time.perf_counter() - start) / (frames + lm.cfg.num_codebooks - 1))
     return {"median_s": statistics.median(times), "times": times}
 
@@ -106,6 +111,9 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["int8", "int8-dynamic"])
+    parser.add_argument("--kv-caches", nargs="+", default=["model"], choices=["model", "bfloat16", "float16"],
+                        help="the KV cache's dtype per row (model: the LM's; a 16-bit cache changes the free-running "
+                             "codes and the step times, not the teacher-forced columns, which use no cache)")
     parser.add_argument("--head-gain", type=float, default=1.0, help="multiply the heads' weights (sharper logits)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -124,21 +132,22 @@ def main(argv=None) -> None:
              f"{torch.__version__}: {args.frames} frames; step times: batch 1 with guidance, median of {args.repeats}"]
     sampled = generate(reference, args.frames, Sampling())
     rows = {}
-    header = (f"{'model':<13} {'step eager':>10} {'compiled':>9}  {'NLL per codebook':<27} {'KL(fp32||q) mean':>16} "
+    header = (f"{'model':<21} {'step eager':>10} {'compiled':>9}  {'NLL per codebook':<27} {'KL(fp32||q) mean':>16} "
               f"{'greedy agree':>12} {'free-run':>8} {'1st diff':>8}")
     lines += [header, "-" * len(header)]
     print("\n".join(lines), flush=True)
-    for label, lm in models.items():
-        row = {"eager": step_seconds(lm, args.frames, args.repeats, compile=False)}
+    for (mode, lm), kv_cache in itertools.product(models.items(), args.kv_caches):
+        label = mode if kv_cache == "model" else f"{mode} kv {KV_LABELS[kv_cache]}"
+        row = {"kv_cache": kv_cache, "eager": step_seconds(lm, args.frames, args.repeats, False, kv_cache)}
         if not args.no_compile:
-            row["compiled"] = step_seconds(lm, args.frames, args.repeats, compile=True)
-        if lm is not reference:
-            row["quality"] = quality(reference, lm, sampled, args.frames)
+            row["compiled"] = step_seconds(lm, args.frames, args.repeats, True, kv_cache)
+        if lm is not reference or kv_cache != "model":
+            row["quality"] = quality(reference, lm, sampled, args.frames, kv_cache)
         rows[label] = row
         q = row.get("quality")
         row["nll"] = q["nll"] if q else nll(*teacher_forced(reference, sampled))
         compiled = f"{1e3 * row['compiled']['median_s']:>7.1f}ms" if "compiled" in row else f"{'-':>9}"
-        line = (f"{label:<13} {1e3 * row['eager']['median_s']:>8.1f}ms {compiled}  "
+        line = (f"{label:<21} {1e3 * row['eager']['median_s']:>8.1f}ms {compiled}  "
                 f"{' '.join(f'{v:.4f}' for v in row['nll']):<27} "
                 + (f"{statistics.mean(q['kl']):>16.2e} {statistics.mean(q['greedy_agreement']):>12.3f} "
                    f"{q['free_running_agreement']:>8.3f} {str(q['first_different_frame']):>8}" if q else ""))

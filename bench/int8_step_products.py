@@ -1,5 +1,6 @@
 """The int8 products of one decode step, alone, on CPU: every linear layer of a MusicGen-sized decoder (random
-int8 codes) applied once to ``--rows`` rows, as the compiled step does at batch 1 (2 rows with guidance).
+int8 codes) applied once to ``--rows`` rows, as the compiled step does (2 rows: batch 1 with guidance; 16: batch
+8).
 
 Side by side in one run, median time of the whole set over ``--repeats`` rounds (each round runs every method
 once, in a new random order: ``harness.interleaved_median_seconds``):
@@ -11,8 +12,14 @@ once, in a new random order: ``harness.interleaved_median_seconds``):
   rows: inductor's loops, no library call) inside one ``torch.compile`` graph, the layers as MusicLM has them;
 - ``traced, q/k/v and heads fused``: the same with each layer's q/k/v as one [3 dim, dim] weight and the K heads
   as one: what fusing the weights themselves would give;
-- ``fbgemm``: ``quantized::linear_dynamic`` on prepacked weights, called directly (int8-dynamic's kernel, and
-  transformers + torch.ao dynamic int8's).
+- ``dynamic C loop`` and ``dynamic C loop, compiled``: ``int8_gemv_cpu.int8_gemv_dynamic`` (int8-dynamic's path:
+  each row rounded to int8, int8 dot products), eager and in one graph;
+- ``dynamic, int_mm``: the same numbers through ``torch._int_mm`` (its path where the C loop cannot run);
+- ``fbgemm``: ``quantized::linear_dynamic`` on prepacked weights, called directly (transformers + torch.ao
+  dynamic int8's kernel: activations rounded per tensor to 7 bits).
+
+Methods that do not serve ``--rows`` rows are left out (the weight-only C loop past 4 rows, the traced loops
+past 2).
 
 The products are chained as in the decoder: each layer's input is the output of the one before (q, k and v share
 theirs), so that a compiled graph cannot merge the loops of layers that would run one after the other in a step.
@@ -24,6 +31,7 @@ written). Prints a table and writes ``bench/results/int8_step_products-<device>.
 
     python bench/int8_step_products.py                  # MusicGen-small: 24 layers, width 1024, FFN 4096
     python bench/int8_step_products.py --layers 8 --dim 512 --ffn 2048 --rows 1
+    python bench/int8_step_products.py --rows 16 --out bench/results/int8_step_products-cpu-rows16.json
     ATEN_CPU_CAPABILITY=avx2 python bench/int8_step_products.py --out bench/results/int8_step_products-cpu-avx2.json
 """
 
@@ -32,11 +40,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import (RESULTS, available_bytes, device_name, interleaved_median_seconds, median_seconds, output_path,
-                     positive_int, write_json)
+from harness import (FBGEMM_REDUCE_RANGE, RESULTS, available_bytes, device_name, fbgemm_packed,
+                     interleaved_median_seconds, median_seconds, output_path, positive_int, write_json)
 
 from mmdgen.kernels import int8_gemv_cpu
-from mmdgen.kernels.int8_linear import DYNAMIC_REDUCE_RANGE, TRACED_GEMV_MAX_ROWS, _traced_gemv, packed_dynamic_weight
+from mmdgen.kernels.int8_linear import (CPU_GEMV_MAX_ROWS, DYNAMIC_LEVELS, TRACED_GEMV_MAX_ROWS, _torch_int8_linear,
+                                        _traced_gemv)
 
 
 def _layer_shapes(layers: int, dim: int, ffn: int, heads: int, codes: int, fused: bool) -> list[tuple[int, int]]:
@@ -80,14 +89,11 @@ def main(argv=None) -> None:
     parser.add_argument("--ffn", type=positive_int, default=4096)
     parser.add_argument("--heads", type=positive_int, default=4, help="output heads (codebooks)")
     parser.add_argument("--codes", type=positive_int, default=2048, help="codes per codebook")
-    parser.add_argument("--rows", type=positive_int, default=2, help="rows (2: batch 1 with guidance)")
+    parser.add_argument("--rows", type=positive_int, default=2, help="rows (2: batch 1 with guidance, 16: batch 8)")
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--out", type=output_path, default=RESULTS / "int8_step_products-cpu.json",
                         help="JSON path (the table goes beside it as .txt)")
     args = parser.parse_args(argv)
-    if args.rows > TRACED_GEMV_MAX_ROWS:
-        parser.error(f"--rows {args.rows}: the traced loops serve up to {TRACED_GEMV_MAX_ROWS} rows "
-                     "(int8_linear.TRACED_GEMV_MAX_ROWS); more rows are measured by bench/int8_linear.py")
     shape_args = (args.layers, args.dim, args.ffn, args.heads, args.codes)
     # both sets of codes and fbgemm's packed copy, with room to spare
     needed = 5 * sum(out * inp for out, inp in _layer_shapes(*shape_args, False))
@@ -109,15 +115,20 @@ def main(argv=None) -> None:
 
     methods = {}
     if int8_gemv_cpu.kernel_ready():
-        methods["C loop"] = chained(int8_gemv_cpu.int8_gemv, False)
-        methods["C loop, compiled"] = torch.compile(methods["C loop"], fullgraph=True, dynamic=False)
+        loops = {"C loop": int8_gemv_cpu.int8_gemv} if args.rows <= CPU_GEMV_MAX_ROWS else {}
+        loops["dynamic C loop"] = int8_gemv_cpu.int8_gemv_dynamic
+        for name, product in loops.items():
+            methods[name] = chained(product, False)
+            methods[f"{name}, compiled"] = torch.compile(methods[name], fullgraph=True, dynamic=False)
     else:
         print(f"no C loop: {int8_gemv_cpu.unavailable_reason()}")
-    for fused, name in ((False, "traced"), (True, "traced, q/k/v and heads fused")):
-        methods[name] = torch.compile(chained(_traced_gemv, fused), fullgraph=True, dynamic=False)
-    packed = {id(q): packed_dynamic_weight(q, s) for q, s in sets[False]}
+    if args.rows <= TRACED_GEMV_MAX_ROWS:
+        for fused, name in ((False, "traced"), (True, "traced, q/k/v and heads fused")):
+            methods[name] = torch.compile(chained(_traced_gemv, fused), fullgraph=True, dynamic=False)
+    methods["dynamic, int_mm"] = chained(lambda h, q, s: _torch_int8_linear(h, q, s, DYNAMIC_LEVELS), False)
+    packed = {id(q): fbgemm_packed(q, s) for q, s in sets[False]}
     methods["fbgemm"] = chained(lambda h, q, s: torch.ops.quantized.linear_dynamic(h.contiguous(), packed[id(q)],
-                                                                                     DYNAMIC_REDUCE_RANGE), False)
+                                                                                     FBGEMM_REDUCE_RANGE), False)
     weights = sets[False]
     device = device_name(torch.device("cpu"))
     capability = torch.backends.cpu.get_cpu_capability()  # ATEN_CPU_CAPABILITY lowers it: inductor's and our loops

@@ -1,8 +1,9 @@
-"""The C loop of the weight-only int8 product on x86 CPUs (``mmdgen.kernels.int8_gemv_cpu``): every variant this
-CPU runs against a float64 reference over awkward shapes (K below, at and past the 64, 16, 32 and 8 code steps and
-their tails; odd N; 1 to 5 rows, odd rows paired with themselves; one and two threads); ``int8_linear`` taking it
-for up to ``CPU_GEMV_MAX_ROWS`` rows eagerly and inside ``torch.compile``; and the build's failures (no compiler,
-a compiler that fails, an unwritable cache) leaving the other paths, a reason, and nothing half-written."""
+"""The C loops of the int8 products on x86 CPUs (``mmdgen.kernels.int8_gemv_cpu``): every variant this CPU runs
+against a float64 reference (weight-only) or an int64 reference of the rounding rule (dynamic: bit for bit) over
+awkward shapes (K below, at and past the 64, 16, 32 and 8 code steps and their tails; odd N, N off the tiles of
+codes; rows off the tiles of 2 and 4; one and two threads); ``int8_linear`` taking them eagerly and inside
+``torch.compile``; and the build's failures (no compiler, a compiler that fails, an unwritable cache) leaving the
+other paths, a reason, and nothing half-written."""
 
 import os
 import stat
@@ -17,6 +18,7 @@ from mmdgen.kernels.int8_linear import int8_linear as int8_product
 from mmdgen.kernels.int8_linear import quantize_weight
 
 SUPPORTED = {"avx512": torch.cpu._is_avx512_supported, "avx2": torch.cpu._is_avx2_supported}
+TINY = torch.finfo(torch.float32).tiny
 
 
 @pytest.fixture
@@ -66,6 +68,95 @@ def test_every_variant_this_cpu_runs_matches_float64_over_awkward_shapes():
                             assert err < 1e-6, (variant, rows, in_features, out_features, float(err))
     finally:
         torch.set_num_threads(threads)
+
+
+def _dynamic_reference(x, qweight, scale, bias):
+    """The dynamic product's rule, written out: each row's step in fp32, its units rounded (ties to even) from the
+    fp32 quotient, the sums exact in int64, then fp32 scaling; NaN for rows holding NaN or inf."""
+    step = x.abs().amax(dim=1, keepdim=True).clamp_min(TINY) / 127
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
+    units = torch.where(finite, torch.round(x / step), 0).long()
+    sums = units @ qweight.long().T
+    out = sums.float() * torch.where(finite, step, float("nan")) * scale
+    return out if bias is None else out + bias
+
+
+def _dynamic_variants(library):
+    variants = ["avx2"] if SUPPORTED["avx2"]() else []
+    if SUPPORTED["avx512"]() and library.mmdgen_cpu_has_avx512_vnni():
+        variants.append("vnni")
+    assert variants, "an x86 CPU without AVX2"
+    return variants
+
+
+def test_every_dynamic_variant_this_cpu_runs_is_the_rounding_rule_bit_for_bit():
+    library, reason = gemv_cpu._library()
+    assert library is not None, reason
+    threads = torch.get_num_threads()
+    try:
+        for variant in _dynamic_variants(library):
+            function = gemv_cpu.variant_function(library, variant, "dynamic")
+            for rows in (1, 2, 3, 4, 5, 8, 9, 17):
+                for in_features in (1, 7, 15, 16, 17, 63, 64, 65, 127, 130, 1000):
+                    for out_features, use_threads in ((1, 1), (3, 2), (5, 1), (129, 2)):
+                        torch.set_num_threads(use_threads)
+                        x, qweight, scale, bias = _case(rows, in_features, out_features, rows * 7919 + in_features)
+                        x[0] *= 1e-3  # rows of very different sizes: each keeps its own step
+                        for b in (bias, None):
+                            out = torch.full((rows, out_features), float("nan"))
+                            assert function(x.data_ptr(), rows, in_features, qweight.data_ptr(), out_features,
+                                            scale.data_ptr(), None if b is None else b.data_ptr(),
+                                            out.data_ptr()) == 0
+                            expected = _dynamic_reference(x, qweight, scale, b)
+                            assert torch.equal(out, expected), (variant, rows, in_features, out_features)
+                            # and the rule is the product to within half a step per activation
+                            step = x.double().abs().amax(dim=1, keepdim=True) / 127
+                            bound = step / 2 @ (qweight.double().abs() * scale.double()[:, None]).sum(1, True).T
+                            error = (out.double() - _reference(x, qweight, scale, b)).abs()
+                            assert bool((error <= 1.001 * bound + 1e-5).all()), (variant, rows, in_features)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dynamic_rows_of_zeros_nan_and_inf_and_one_huge_value():
+    library, reason = gemv_cpu._library()
+    assert library is not None, reason
+    x, qweight, scale, bias = _case(6, 70, 9, 4)
+    x[1] = 0
+    x[2, 3] = float("nan")
+    x[3, 69] = float("inf")  # in the tail past the vector steps
+    x[4, 5] = -float("inf")
+    x[5, 10] = 3e38  # finite: the other units of its row round to 0
+    for variant in _dynamic_variants(library):
+        function = gemv_cpu.variant_function(library, variant, "dynamic")
+        out = torch.empty(6, 9)
+        function(x.data_ptr(), 6, 70, qweight.data_ptr(), 9, scale.data_ptr(), bias.data_ptr(), out.data_ptr())
+        assert torch.equal(out[1], bias) and bool(out[2:5].isnan().all()), variant
+        torch.testing.assert_close(out, _dynamic_reference(x, qweight, scale, bias), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 33])
+def test_int8_linear_takes_the_dynamic_loop_for_any_rows_eager_and_compiled(monkeypatch, rows):
+    """The same numbers through the C loop, eagerly and compiled, and through torch._int_mm where the loop does not
+    run (ATEN_CPU_CAPABILITY=default, or no compiler)."""
+    ready = gemv_cpu.kernel_ready()
+    x, qweight, scale, bias = _case(rows, 130, 129, rows)
+    calls = []
+    original = gemv_cpu.int8_gemv_dynamic
+    monkeypatch.setattr(gemv_cpu, "int8_gemv_dynamic", lambda *args: calls.append(args[0].shape) or original(*args))
+
+    def layer(x):  # a product fed by another op of the graph (doubling: exact, so the units are the same)
+        return int8_product(x * 2, qweight, scale, bias, mode="int8-dynamic")
+
+    expected = _dynamic_reference(x * 2, qweight, scale, bias)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
+    monkeypatch.setattr(gemv_cpu, "kernel_ready", lambda: False)
+    fallback = layer(x)
+    for got in (eager, compiled, fallback):
+        assert torch.equal(got, expected)
+    assert len(calls) == (2 if ready else 0)  # the eager call, the trace
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5])

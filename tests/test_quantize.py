@@ -58,7 +58,7 @@ def test_int8_linear_module_follows_the_float_layer(bias):
 
 
 def test_the_dynamic_mode_follows_loads_and_moves():
-    """mode "int8-dynamic" on CPU: fbgemm's packed copy of the codes follows load_state_dict and casts."""
+    """mode "int8-dynamic" on CPU: the products follow load_state_dict and casts (nothing of the old codes kept)."""
     torch.manual_seed(1)
     first, second = (Int8Linear.from_linear(torch.nn.Linear(40, 24), "int8-dynamic") for _ in range(2))
     x = torch.randn(3, 40)
@@ -115,8 +115,9 @@ def test_a_prefix_lm_without_cross_attention_is_quantized(mode):
     with torch.no_grad():
         exact = reference.logits(reference.hidden(tokens, states, mask))
         approximate = lm.logits(lm.hidden(tokens, states, mask))
-    # the dynamic mode also rounds each activation tensor to 7 bits: about 1.7% here, 4x the weight-only error
-    tolerance = LOGITS_RTOL if mode == "int8" else 5 * LOGITS_RTOL
+    # the dynamic mode also rounds each row of activations to int8: about 0.7% here, twice the weight-only error
+    # (fbgemm's 7 bits per tensor, its first version, gave 1.7%)
+    tolerance = LOGITS_RTOL if mode == "int8" else 2 * LOGITS_RTOL
     assert 1e-4 < (torch.linalg.norm(approximate - exact) / torch.linalg.norm(exact)).item() < tolerance
 
 

@@ -66,7 +66,8 @@ def test_the_traced_int8_product_matches_float64(monkeypatch, rows, in_features,
 
 
 def test_the_dynamic_mode_and_eager_calls_keep_their_paths(monkeypatch):
-    """int8-dynamic stays fbgemm's (activations quantised) when compiled; an eager call never traces."""
+    """int8-dynamic keeps its rounded activations when compiled (the traced weight-only loop is not taken); an
+    eager call never traces."""
     qweight, scale = quantize_weight(torch.randn(9, 33))
     x = torch.randn(2, 33)
     traced = _spy(monkeypatch, int8_linear, "_traced_gemv")

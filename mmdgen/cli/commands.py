@@ -254,8 +254,8 @@ class GenerateOptions:
                                      "step")
     quantize: Quantization = option("none", "int8 weights for the decoder and heads: int8 (weight-only: the float "
                                             "model's results to int8 rounding; on CPU with --compile the fastest at "
-                                            "batch 1), int8-dynamic (CPU: activations in 8 bits too, the fastest at "
-                                            "larger batches, least exact)")
+                                            "batch 1), int8-dynamic (CPU: each row of activations rounded to int8 "
+                                            "too, the fastest at larger batches, least exact)")
     cpu_linear: CpuLinear = option("auto", "a float model's linear layers on CPU: packed (weights held in oneDNN's "
                                            "packed layout: the same results to fp32 rounding, several times faster "
                                            "on some CPUs), plain (torch's F.linear, MKL), auto (packed where oneDNN "

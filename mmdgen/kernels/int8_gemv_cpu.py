@@ -1,8 +1,9 @@
-"""The weight-only int8 product of a few rows on x86 CPUs: a C loop with four accumulators per row, built at first use.
+"""The int8 products of the decode step's rows on x86 CPUs: two C loops, built at first use.
 
-``y[m, n] = scale[n] * sum_k x[m, k] * qweight[n, k] + bias[n]``. Shapes: ``x`` ``[M, K]`` fp32, ``qweight``
-``[N, K]`` int8, ``scale`` ``[N]`` fp32, ``bias`` ``[N]`` fp32 or None; output ``[M, N]`` fp32 (to fp32
-accuracy: the codes are converted to fp32 exactly and multiplied by x in fp32 fused multiply-adds).
+Weight-only (``int8_gemv``, a few rows): ``y[m, n] = scale[n] * sum_k x[m, k] * qweight[n, k] + bias[n]``.
+Shapes: ``x`` ``[M, K]`` fp32, ``qweight`` ``[N, K]`` int8, ``scale`` ``[N]`` fp32, ``bias`` ``[N]`` fp32 or None;
+output ``[M, N]`` fp32 (to fp32 accuracy: the codes are converted to fp32 exactly and multiplied by x in fp32
+fused multiply-adds).
 
 Why: a decode step at batch 1 (2 rows with guidance) reads every int8 weight once, so it is bound by memory, and
 its hundreds of products are small enough that a library call's fixed cost shows. Inside ``torch.compile``
@@ -18,12 +19,29 @@ ms, 10.2 ms without the prefetch). One thread alone is bound by the arithmetic (
 
 Memory bound: ``N K`` bytes of codes, ``4 M K`` of x, ``4 M N`` written; nothing else is allocated.
 
+Dynamic (``int8_gemv_dynamic``, any number of rows; same shapes): each row of x is first rounded to int8 units
+of its own step, ``step[m] = max_k |x[m, k]| / 127`` (at least ``FLT_MIN / 127``), ``u = round(x / step)``
+(ties to even, as ``torch.round``), then ``y[m, n] = (sum_k u[m, k] * qweight[n, k]) * step[m] * scale[n] +
+bias[n]``, the sum exact in int32 (K up to ``DYNAMIC_MAX_K``): bit for bit what ``int8_linear``'s ``torch._int_mm``
+path computes with one level. A row holding NaN or inf gives NaN outputs. Why: at batch 8 with guidance (16 rows)
+the weight-only loop is bound by its fp32 multiply-adds, not by memory; int8 dot-product instructions do 4 (AVX2:
+2) times the work per instruction. With AVX-512 VNNI (``vpdpbusd``: 64 unsigned-by-signed byte products summed
+into 16 int32 lanes) the codes are the unsigned side, flipped to ``c + 128``, and ``128 * sum_k u[m, k]`` is taken
+off each sum. A tile multiplies one row of codes (up to 4 rows of x: memory bound) or four (more rows: each
+codes vector feeds 16 products) by 4 rows of units, 64 codes a step, the last step masked; each row of codes is
+prefetched 8 KB ahead (without it the loop ran 2-3 times slower), and read again from L1 for the next 4 rows.
+Without VNNI (torch's capability AVX2, or an AVX-512 CPU without it): the codes widened to int16 times int16
+units (``vpmaddwd``, pairs of products into int32), one or two rows of codes by 4 rows of units (16 registers).
+OpenMP splits the rows of codes over the threads after each thread has rounded its share of the rows of x.
+Memory: reads the codes once, the units (``M K`` bytes, int16 on AVX2: allocated per call) again per tile.
+
 Build: the C source below, compiled with the system's C compiler (``$CC``, else ``cc``; ``-O3 -fopenmp``)
 into ``$MMDGEN_KERNEL_CACHE`` (default ``~/.cache/mmdgen/kernels``) under a name that hashes the source, the
 compiler's version and the flags; written to a temporary file and renamed, so a concurrent or interrupted build
-never leaves half a library. Loaded with ctypes and registered as the library op ``mmdgen::int8_gemv`` (with a
-fake kernel: ``torch.compile`` keeps it in its graph as one call). The variant follows torch's CPU capability
-(``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` lowers): AVX-512 or AVX2; anything
+never leaves half a library. Loaded with ctypes and registered as the library ops ``mmdgen::int8_gemv`` and
+``mmdgen::int8_gemv_dynamic`` (with fake kernels: ``torch.compile`` keeps each in its graph as one call). The
+variant follows torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``, which
+``ATEN_CPU_CAPABILITY`` lowers): AVX-512 (the dynamic loop with VNNI where the CPU has it) or AVX2; anything
 else (``DEFAULT``, non-x86 machines), no compiler or a failed build leaves ``kernel_variant()`` None and
 ``unavailable_reason()`` saying why, and ``int8_linear`` takes its other paths.
 """
@@ -44,8 +62,12 @@ from pathlib import Path
 import torch
 
 SOURCE = r"""
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw")))
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -136,11 +158,262 @@ void mmdgen_int8_gemv_avx2(const float *x, int64_t M, int64_t K, const int8_t *c
                            const float *scale, const float *bias, float *y) {
     gemv(pair_avx2, x, M, K, codes, N, scale, bias, y);
 }
+
+/* ---- The dynamic product: each row of x rounded to int8 units of its own step, int32 dot products ---- */
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define ROWS_PER_TILE 4    /* rows of x a tile multiplies by the same codes */
+#define FEW_ROWS 4         /* up to this many rows a tile takes one row of codes (memory bound); more take several */
+
+int mmdgen_cpu_has_avx512_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+}
+
+/* max |x| / 127 over a row (at least FLT_MIN / 127, as int8_linear's _split_rows); NaN when the row holds NaN or
+   inf, so that its outputs are NaN */
+AVX2 static float row_step(const float *x, int64_t K) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 largest = _mm256_setzero_ps(), poison = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+        poison = _mm256_add_ps(poison, _mm256_mul_ps(v, _mm256_setzero_ps()));  /* NaN for NaN or inf */
+    }
+    float lanes[8], bad[8], top = 0.0f, nan_sum = 0.0f;
+    _mm256_storeu_ps(lanes, largest);
+    _mm256_storeu_ps(bad, poison);
+    for (int i = 0; i < 8; ++i) { top = lanes[i] > top ? lanes[i] : top; nan_sum += bad[i]; }
+    for (; k < K; ++k) { const float a = fabsf(x[k]); top = a > top ? a : top; nan_sum += x[k] * 0.0f; }
+    if (nan_sum != nan_sum) return NAN;
+    return (top > FLT_MIN ? top : FLT_MIN) / 127.0f;
+}
+
+/* x / step rounded to the nearest integer, ties to even (the default rounding mode, as torch.round) */
+AVX2 static inline __m256i units8(const float *x, __m256 step) {
+    return _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x), step));
+}
+
+/* One row as int8 units (zero beyond K up to padded), for vpdpbusd; returns the sum of the units. */
+AVX2 static int32_t quantize_int8(const float *x, int64_t K, int64_t padded, void *out, float *step_out) {
+    int8_t *units = out;
+    const float step = row_step(x, K);
+    *step_out = step;
+    memset(units, 0, padded);
+    if (step != step) return 0;
+    const __m256 steps = _mm256_set1_ps(step);
+    __m256i total = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  /* 16 units: two vectors of int32 packed to int16, then to int8 */
+        const __m256i a = units8(x + k, steps), b = units8(x + k + 8, steps);
+        total = _mm256_add_epi32(total, _mm256_add_epi32(a, b));
+        const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+        const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+        _mm_storeu_si128((__m128i *)(units + k), bytes);
+    }
+    int32_t lanes[8], sum = 0;
+    _mm256_storeu_si256((__m256i *)lanes, total);
+    for (int i = 0; i < 8; ++i) sum += lanes[i];
+    for (; k < K; ++k) { units[k] = (int8_t)nearbyintf(x[k] / step); sum += units[k]; }
+    return sum;
+}
+
+/* One row as int16 units (zero beyond K up to padded), for vpmaddwd; returns 0 (no offset to correct). */
+AVX2 static int32_t quantize_int16(const float *x, int64_t K, int64_t padded, void *out, float *step_out) {
+    int16_t *units = out;
+    const float step = row_step(x, K);
+    *step_out = step;
+    memset(units, 0, padded * sizeof(int16_t));
+    if (step != step) return 0;
+    const __m256 steps = _mm256_set1_ps(step);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256i a = units8(x + k, steps), b = units8(x + k + 8, steps);
+        _mm256_storeu_si256((__m256i *)(units + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; k < K; ++k) units[k] = (int16_t)nearbyintf(x[k] / step);
+    return 0;
+}
+
+/* A tile: sums[j * ROWS_PER_TILE + i] = codes row j . units row i, for j < its rows of codes, i < ROWS_PER_TILE. */
+typedef void (*tile_fn)(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums);
+
+/* AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes and sums each four products into an int32 lane.
+   The codes are the unsigned side, flipped to c + 128 (XOR 0x80); the row's sum of units, times 128, is taken
+   off afterwards (PLAN_VNNI's offset). 64 codes a step; the last step masked (the units are zero past K). */
+#define VNNI_TILE_BEGIN                                                                                          \
+    const __m512i flip = _mm512_set1_epi8((char)0x80);                                                         \
+    const int8_t *x0 = units[0], *x1 = units[1], *x2 = units[2], *x3 = units[3];                               \
+    for (int64_t k = 0; k < K; k += 64) {                                                                      \
+        const __mmask64 m = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;                                       \
+        const __m512i v0 = _mm512_loadu_si512(x0 + k), v1 = _mm512_loadu_si512(x1 + k);                      \
+        const __m512i v2 = _mm512_loadu_si512(x2 + k), v3 = _mm512_loadu_si512(x3 + k);
+#define VNNI_CODES_ROW(j)                                                                                      \
+        {                                                                                                      \
+            _mm_prefetch((const char *)(w##j + k + PREFETCH_BYTES), _MM_HINT_T0);                              \
+            const __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w##j + k), flip);                   \
+            a##j##0 = _mm512_dpbusd_epi32(a##j##0, c, v0);                                                     \
+            a##j##1 = _mm512_dpbusd_epi32(a##j##1, c, v1);                                                     \
+            a##j##2 = _mm512_dpbusd_epi32(a##j##2, c, v2);                                                     \
+            a##j##3 = _mm512_dpbusd_epi32(a##j##3, c, v3);                                                     \
+        }
+#define VNNI_ACCUMULATORS(j)                                                                                   \
+    const int8_t *w##j = codes[j];                                                                             \
+    __m512i a##j##0 = _mm512_setzero_si512(), a##j##1 = a##j##0, a##j##2 = a##j##0, a##j##3 = a##j##0;
+#define VNNI_SUMS(j)                                                                                           \
+    sums[4 * j] = _mm512_reduce_add_epi32(a##j##0);                                                            \
+    sums[4 * j + 1] = _mm512_reduce_add_epi32(a##j##1);                                                        \
+    sums[4 * j + 2] = _mm512_reduce_add_epi32(a##j##2);                                                        \
+    sums[4 * j + 3] = _mm512_reduce_add_epi32(a##j##3);
+
+VNNI static void tile1_vnni(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums) {
+    VNNI_ACCUMULATORS(0)
+    VNNI_TILE_BEGIN
+        VNNI_CODES_ROW(0)
+    }
+    VNNI_SUMS(0)
+}
+
+VNNI static void tile4_vnni(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums) {
+    VNNI_ACCUMULATORS(0) VNNI_ACCUMULATORS(1) VNNI_ACCUMULATORS(2) VNNI_ACCUMULATORS(3)
+    VNNI_TILE_BEGIN
+        VNNI_CODES_ROW(0) VNNI_CODES_ROW(1) VNNI_CODES_ROW(2) VNNI_CODES_ROW(3)
+    }
+    VNNI_SUMS(0) VNNI_SUMS(1) VNNI_SUMS(2) VNNI_SUMS(3)
+}
+
+/* AVX2: 16 codes widened to int16, vpmaddwd with 16 int16 units (pairs of products summed into int32 lanes),
+   added up in int32; 16 registers hold at most two rows of codes by four rows of units. The last step reads
+   the codes through a zero-padded copy. */
+#define AVX2_STEP(j, from)                                                                                     \
+    {                                                                                                          \
+        const __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(from)));                     \
+        a##j##0 = _mm256_add_epi32(a##j##0, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x0 + k)))); \
+        a##j##1 = _mm256_add_epi32(a##j##1, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x1 + k)))); \
+        a##j##2 = _mm256_add_epi32(a##j##2, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x2 + k)))); \
+        a##j##3 = _mm256_add_epi32(a##j##3, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x3 + k)))); \
+    }
+#define AVX2_ACCUMULATORS(j)                                                                                   \
+    const int8_t *w##j = codes[j];                                                                             \
+    __m256i a##j##0 = _mm256_setzero_si256(), a##j##1 = a##j##0, a##j##2 = a##j##0, a##j##3 = a##j##0;
+#define AVX2_SUMS(j)                                                                                           \
+    sums[4 * j] = sum8i(a##j##0);                                                                              \
+    sums[4 * j + 1] = sum8i(a##j##1);                                                                          \
+    sums[4 * j + 2] = sum8i(a##j##2);                                                                          \
+    sums[4 * j + 3] = sum8i(a##j##3);
+#define AVX2_TILE(NAME, ROWS, EACH_ROW)                                                                        \
+AVX2 static void NAME(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums) {       \
+    const int16_t *x0 = units[0], *x1 = units[1], *x2 = units[2], *x3 = units[3];                              \
+    EACH_ROW(AVX2_ACCUMULATORS)                                                                                \
+    int64_t k = 0;                                                                                             \
+    for (; k + 64 <= K;) { /* 64 codes a prefetch */                                                           \
+        EACH_ROW(AVX2_PREFETCH)                                                                                \
+        for (const int64_t end = k + 64; k < end; k += 16) { EACH_ROW(AVX2_FROM_CODES) }                       \
+    }                                                                                                          \
+    for (; k + 16 <= K; k += 16) { EACH_ROW(AVX2_FROM_CODES) }                                                 \
+    if (k < K) {                                                                                               \
+        int8_t tail[ROWS][16] = {{0}};                                                                         \
+        EACH_ROW(AVX2_COPY_TAIL)                                                                               \
+        EACH_ROW(AVX2_FROM_TAIL)                                                                               \
+    }                                                                                                          \
+    EACH_ROW(AVX2_SUMS)                                                                                        \
+}
+#define AVX2_PREFETCH(j) _mm_prefetch((const char *)(w##j + k + PREFETCH_BYTES), _MM_HINT_T0);
+#define AVX2_FROM_CODES(j) AVX2_STEP(j, w##j + k)
+#define AVX2_COPY_TAIL(j) memcpy(tail[j], w##j + k, K - k);
+#define AVX2_FROM_TAIL(j) AVX2_STEP(j, tail[j])
+#define ONE_ROW(DO) DO(0)
+#define TWO_ROWS(DO) DO(0) DO(1)
+
+AVX2 static inline int32_t sum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+AVX2_TILE(tile1_avx2, 1, ONE_ROW)
+AVX2_TILE(tile2_avx2, 2, TWO_ROWS)
+
+/* How a variant quantises the rows and which tiles it runs. */
+struct plan {
+    int32_t (*quantize)(const float *x, int64_t K, int64_t padded, void *units, float *step);
+    int64_t unit_bytes, pad;  /* bytes per unit; the units' rows padded to a multiple of pad */
+    tile_fn few, many;        /* the tiles for up to FEW_ROWS rows and for more */
+    int64_t few_codes, many_codes;  /* their rows of codes */
+    int32_t offset;           /* subtracted from a sum per unit of the row's sum of units */
+};
+
+static const struct plan PLAN_VNNI = {quantize_int8, 1, 64, tile1_vnni, tile4_vnni, 1, 4, 128};
+static const struct plan PLAN_AVX2 = {quantize_int16, 2, 16, tile1_avx2, tile2_avx2, 1, 2, 0};
+
+/* y [M, N] = (units [M, K] . codes [N, K]^T, exact in int32) * step [M] * scale [N] + bias [N] (bias may be
+   NULL); x, codes, scale, bias, y contiguous. Returns 0, or -1 when the units' memory cannot be allocated. */
+static int dynamic(const struct plan *p, const float *x, int64_t M, int64_t K, const int8_t *codes, int64_t N,
+                   const float *scale, const float *bias, float *y) {
+    const int64_t padded = (K + p->pad - 1) / p->pad * p->pad, row_bytes = padded * p->unit_bytes;
+    char *units = aligned_alloc(64, (M * row_bytes + 63) / 64 * 64);
+    float *steps = malloc(M * sizeof(float));
+    int32_t *unit_sums = malloc(M * sizeof(int32_t));
+    if (!units || !steps || !unit_sums) {
+        free(units); free(steps); free(unit_sums);
+        return -1;
+    }
+    const tile_fn tile = M <= FEW_ROWS ? p->few : p->many;
+    const int64_t tile_codes = M <= FEW_ROWS ? p->few_codes : p->many_codes;
+    #pragma omp parallel if (M * N * K >= (1 << 16))
+    {
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m)
+            unit_sums[m] = p->quantize(x + m * K, K, padded, units + m * row_bytes, steps + m);
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += tile_codes) {
+            const int8_t *rows_of_codes[4];
+            int64_t ns[4];
+            for (int64_t j = 0; j < tile_codes; ++j) {  /* past N: the last row again (its sums written twice) */
+                ns[j] = n0 + j < N ? n0 + j : N - 1;
+                rows_of_codes[j] = codes + ns[j] * K;
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_TILE) {
+                const void *rows_of_units[ROWS_PER_TILE];
+                int64_t ms[ROWS_PER_TILE];
+                for (int i = 0; i < ROWS_PER_TILE; ++i) {  /* past M: likewise */
+                    ms[i] = m0 + i < M ? m0 + i : M - 1;
+                    rows_of_units[i] = units + ms[i] * row_bytes;
+                }
+                int32_t sums[4 * ROWS_PER_TILE];
+                tile(rows_of_codes, rows_of_units, K, sums);
+                for (int64_t j = 0; j < tile_codes; ++j)
+                    for (int i = 0; i < ROWS_PER_TILE; ++i) {
+                        const int64_t m = ms[i], n = ns[j];
+                        const float v = (float)(sums[j * ROWS_PER_TILE + i] - p->offset * unit_sums[m]) * steps[m]
+                                        * scale[n];
+                        y[m * N + n] = bias ? v + bias[n] : v;
+                    }
+            }
+        }
+    }
+    free(units); free(steps); free(unit_sums);
+    return 0;
+}
+
+int mmdgen_int8_dynamic_vnni(const float *x, int64_t M, int64_t K, const int8_t *codes, int64_t N,
+                             const float *scale, const float *bias, float *y) {
+    return dynamic(&PLAN_VNNI, x, M, K, codes, N, scale, bias, y);
+}
+
+int mmdgen_int8_dynamic_avx2(const float *x, int64_t M, int64_t K, const int8_t *codes, int64_t N,
+                             const float *scale, const float *bias, float *y) {
+    return dynamic(&PLAN_AVX2, x, M, K, codes, N, scale, bias, y);
+}
 """
 
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 CACHE_ENV = "MMDGEN_KERNEL_CACHE"
 VARIANTS = {"AVX512": "avx512", "AVX2": "avx2"}  # torch's CPU capability -> the C function's suffix
+DYNAMIC_VARIANTS = ("vnni", "avx2")  # the dynamic product's loops: AVX-512 VNNI, AVX2
+DYNAMIC_MAX_K = (2**31 - 1) // (255 * 127)  # the VNNI sums of flipped codes (c + 128) times units stay in int32
 
 
 def _cache_dir() -> Path:
@@ -207,18 +480,21 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, reason
 
 
-def variant_function(library: ctypes.CDLL, variant: str):
-    """The C function of ``variant`` (a value of ``VARIANTS``) with its argument types."""
-    function = getattr(library, f"mmdgen_int8_gemv_{variant}")
+def variant_function(library: ctypes.CDLL, variant: str, product: str = "gemv"):
+    """The C function of ``product`` (``"gemv"``, weight-only, variants ``VARIANTS``; ``"dynamic"``, variants
+    ``DYNAMIC_VARIANTS``) in ``variant``, with its argument types. The dynamic one returns 0, or -1 when its
+    scratch memory cannot be allocated."""
+    function = getattr(library, f"mmdgen_int8_{product}_{variant}")
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer]
-    function.restype = None
+    function.restype = ctypes.c_int if product == "dynamic" else None
     return function
 
 
 @functools.cache
-def _load() -> tuple[object | None, str | None, str | None]:
-    """(the C function, its variant, None) or (None, None, why not), for torch's CPU capability."""
+def _load() -> tuple[dict | None, dict | None, str | None]:
+    """({product: C function}, {product: variant}, None) or (None, None, why not), for torch's CPU capability:
+    AVX-512 runs the dynamic product with VNNI where the CPU has it, else its AVX2 loop."""
     capability = torch.backends.cpu.get_cpu_capability()
     variant = VARIANTS.get(capability)
     if variant is None:
@@ -226,62 +502,69 @@ def _load() -> tuple[object | None, str | None, str | None]:
     library, reason = _library()
     if library is None:
         return None, None, reason
-    return variant_function(library, variant), variant, None
+    dynamic = "vnni" if variant == "avx512" and library.mmdgen_cpu_has_avx512_vnni() else "avx2"
+    variants = {"gemv": variant, "dynamic": dynamic}
+    return {product: variant_function(library, name, product) for product, name in variants.items()}, variants, None
 
 
-def kernel_variant() -> str | None:
-    """``"avx512"`` or ``"avx2"``: the loop this process runs (built now if needed), or None when it cannot."""
-    return _load()[1]
+def kernel_variant(product: str = "gemv") -> str | None:
+    """The loop of ``product`` this process runs (built now if needed): ``"avx512"`` or ``"avx2"`` (weight-only),
+    ``"vnni"`` or ``"avx2"`` (dynamic); None when it cannot."""
+    variants = _load()[1]
+    return None if variants is None else variants[product]
 
 
 def unavailable_reason() -> str | None:
-    """Why the C loop cannot run here, or None when it can."""
+    """Why the C loops cannot run here, or None when they can."""
     return _load()[2]
 
 
 @torch.compiler.assume_constant_result
 def kernel_ready() -> bool:
-    """Whether ``int8_gemv`` runs here. Under ``torch.compile`` the answer is found (and the library built) while
-    the graph is traced, and kept as a constant of the graph."""
+    """Whether ``int8_gemv`` and ``int8_gemv_dynamic`` run here. Under ``torch.compile`` the answer is found (and
+    the library built) while the graph is traced, and kept as a constant of the graph."""
     return _load()[0] is not None
 
 
-# A plain library definition, not ``torch.library.custom_op``: its Python wrapper costs a few microseconds a
-# call, and a decode step makes ~200 of these (see int8_linear's ``mmdgen::int8_dynamic_linear``)
+# Plain library definitions, not ``torch.library.custom_op``: its Python wrapper costs a few microseconds a
+# call, and a decode step makes ~200 of these
 _LIBRARY = torch.library.Library("mmdgen", "FRAGMENT")
 _LIBRARY.define("int8_gemv(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
+_LIBRARY.define("int8_gemv_dynamic(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor")
 
 
-def _int8_gemv_cpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    function = _load()[0]
-    if function is None:
-        raise RuntimeError(f"mmdgen::int8_gemv cannot run: {unavailable_reason()}")
+def _run(product: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+         bias: torch.Tensor | None) -> torch.Tensor:
+    functions = _load()[0]
+    if functions is None:
+        raise RuntimeError(f"mmdgen::{OPS[product]} cannot run: {unavailable_reason()}")
     # the C loop reads raw memory: a tensor of another dtype or size would be read past its end
     out_features = qweight.shape[0] if qweight.dim() == 2 else -1
     if not (x.dtype == scale.dtype == torch.float32 and qweight.dtype == torch.int8 and x.dim() == 2
             and out_features >= 0 and x.shape[1] == qweight.shape[1] and scale.shape == (out_features,)
             and (bias is None or (bias.dtype == torch.float32 and bias.shape == (out_features,)))):
-        raise ValueError(f"mmdgen::int8_gemv: expected x [M, K] float32, qweight [N, K] int8, scale and bias [N] "
-                         f"float32; got x {x.dtype} {tuple(x.shape)}, qweight {qweight.dtype} "
+        raise ValueError(f"mmdgen::{OPS[product]}: expected x [M, K] float32, qweight [N, K] int8, scale and bias "
+                         f"[N] float32; got x {x.dtype} {tuple(x.shape)}, qweight {qweight.dtype} "
                          f"{tuple(qweight.shape)}, scale {scale.dtype} {tuple(scale.shape)}, bias "
                          f"{'None' if bias is None else f'{bias.dtype} {tuple(bias.shape)}'}")
+    if product == "dynamic" and x.shape[1] > DYNAMIC_MAX_K:
+        raise ValueError(f"mmdgen::{OPS[product]}: K={x.shape[1]} input features overflow its int32 sums; "
+                         f"expected K <= {DYNAMIC_MAX_K}")
     x, qweight, scale = x.contiguous(), qweight.contiguous(), scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     rows, in_features = x.shape
     out = x.new_empty(rows, qweight.shape[0])
-    if rows:
-        function(x.data_ptr(), rows, in_features, qweight.data_ptr(), qweight.shape[0], scale.data_ptr(),
-                 None if bias is None else bias.data_ptr(), out.data_ptr())
+    if rows and functions[product](x.data_ptr(), rows, in_features, qweight.data_ptr(), qweight.shape[0],
+                                   scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr()):
+        raise MemoryError(f"mmdgen::{OPS[product]}: no memory for the int8 units of x {tuple(x.shape)}")
     return out
 
 
-_LIBRARY.impl("int8_gemv", _int8_gemv_cpu, "CPU")
-
-
-@torch.library.register_fake("mmdgen::int8_gemv", lib=_LIBRARY)
-def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qweight.shape[0])
+OPS = {"gemv": "int8_gemv", "dynamic": "int8_gemv_dynamic"}
+for _product, _op in OPS.items():
+    _LIBRARY.impl(_op, functools.partial(_run, _product), "CPU")
+    torch.library.register_fake(f"mmdgen::{_op}", lib=_LIBRARY)(
+        lambda x, qweight, scale, bias: x.new_empty(x.shape[0], qweight.shape[0]))
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -289,3 +572,11 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """``x`` ``[M, K]`` fp32 times the int8 codes ``[N, K]`` scaled by ``scale`` ``[N]`` fp32, plus ``bias``
     ``[N]`` fp32: ``[M, N]`` fp32, on CPU where ``kernel_ready()``. Other dtypes or sizes: ValueError."""
     return torch.ops.mmdgen.int8_gemv(x, qweight, scale, bias)
+
+
+def int8_gemv_dynamic(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As ``int8_gemv``, with each row of ``x`` first rounded to int8 units of its own step (``max |x| / 127``)
+    and the products summed exactly in int32: ``(units @ qweight.T) * step * scale + bias``. K up to
+    ``DYNAMIC_MAX_K``; a row holding NaN or inf gives NaN outputs."""
+    return torch.ops.mmdgen.int8_gemv_dynamic(x, qweight, scale, bias)

@@ -11,8 +11,9 @@ Shapes. ``x`` ``[..., K]``, ``qweight`` ``[N, K]`` int8, ``scale`` ``[N]`` float
 ``quantize_weight``), ``bias`` ``[N]`` float or None. Output ``[..., N]`` in x's dtype.
 
 Two modes (``MODES``), the same on CUDA, different on CPU: ``"int8"`` is weight-only (the result is that of the
-dequantised weight, to fp32 accuracy); ``"int8-dynamic"`` also quantises the activations to 7 bits on the fly on
-CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
+dequantised weight, to fp32 accuracy); ``"int8-dynamic"`` also rounds each row of activations to int8 on the fly
+on CPU, so that the products run on the CPU's int8 dot-product instructions (faster there at 16 rows and more,
+less accurate).
 
 - Triton (CUDA, or CPU through ``TRITON_INTERPRET=1``), both modes: program ``(n block, m block, split)`` walks
   its chunk of K in ``TRITON_BLOCK_K`` steps, loads a ``[TRITON_BLOCK_N, TRITON_BLOCK_K]`` tile of int8 codes,
@@ -51,14 +52,15 @@ CPU, as fbgemm's dynamic quantisation does (faster there, less accurate).
   is one chain of dependent vector adds (about half the speed of memory), so with more rows the loop does not
   speed up per row: at 4 rows the same products took 16.3 ms against fbgemm's 11.3 ms, at 16 rows 75 ms against
   17.3 ms; more rows take the path above.
-- PyTorch, ``"int8-dynamic"`` on CPU: fbgemm's dynamic int8 linear (``quantized::linear_dynamic``, what
-  ``torch.ao.nn.quantized.dynamic.Linear`` runs): the activations are quantised per tensor, asymmetric, to 7 bits
-  (``reduce_range``, safe on x86 CPUs without VNNI), so each is within ``(max(x_max, 0) - min(x_min, 0)) / 254``
-  of its value. fbgemm wants the weight prepacked: the packed copy is made at the first call and kept in a side
-  table keyed by the codes' memory, and used again while the codes and scales are the same tensors, unchanged
-  (their version counters); a new or modified tensor is packed again, and an entry goes when its codes are freed.
-  The op is wrapped as the library op ``mmdgen::int8_dynamic_linear`` taking plain tensors, so that
-  ``torch.compile`` captures it in a full graph (fbgemm's packed object cannot be a graph input).
+- PyTorch, ``"int8-dynamic"`` on CPU: each row of x rounded to int8 units of its own step (``step = max |x_row|
+  / 127``, ties to even, so each activation is within ``step / 2`` of its value), the units times the codes summed
+  exactly in int32, then ``* step * scale + bias``. A row's result does not depend on the other rows. Through the
+  C loop of ``int8_gemv_cpu`` (``mmdgen::int8_gemv_dynamic``: AVX-512 VNNI, 64 int8 products an instruction, or
+  AVX2) for any number of rows, eager or compiled, K up to ``int8_gemv_cpu.DYNAMIC_MAX_K``; elsewhere through
+  ``torch._int_mm`` (``DYNAMIC_LEVELS = 1`` level of the path above), with the same results. Why not fbgemm's
+  dynamic linear (what ``torch.ao``'s dynamic quantisation runs, and this mode's first version): it rounds the
+  whole tensor to 7 bits (a step twice as coarse at best, and one row's outlier coarsens every other row), keeps
+  a packed copy of the codes, and was slower (``bench/int8_step_products.py``).
 - PyTorch, float64 x (a reference) or tensors off the CPU (a fallback: ``torch._int_mm`` on CUDA needs more
   than 16 rows, and Triton is the CUDA path), both modes: a float product with the dequantised weight, which
   materialises that weight in x's dtype.
@@ -67,14 +69,11 @@ Memory: reads the codes once per M block (Triton) or once (PyTorch; the C loop r
 pair of rows), ``N * K`` bytes, plus x and the output;
 no dequantised weight is ever stored (except by the float64 and off-CPU fallback). Extra memory: Triton, the
 partials ``splits * M * N`` fp32 when K is split; PyTorch ``"int8"``, the ``3 M K`` int8 levels and a
-``3 M N`` int32 product; ``"int8-dynamic"``, fbgemm's packed copy of the codes (``N K`` bytes) for as long as
-the codes live. No gradient (inference only): int8 weights are not trained.
+``3 M N`` int32 product; ``"int8-dynamic"``, the rows' units (``M K`` bytes, int16 on AVX2). No gradient
+(inference only): int8 weights are not trained.
 """
 
 from __future__ import annotations
-
-import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +83,7 @@ from mmdgen.kernels.backend import TRITON_IMPORT_ERROR, dot_precision, resolve_b
 
 MODES = ("int8", "int8-dynamic")
 WEIGHT_ONLY_LEVELS = 3  # int8 levels per activation row of the weight-only CPU path
-DYNAMIC_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 (non-VNNI) kernels
+DYNAMIC_LEVELS = 1  # the dynamic mode: one int8 level per row (the C loop's own rounding)
 TORCH_MAX_K = (2**31 - 1) // (127 * 127)  # products summed in int32 without overflow
 CPU_GEMV_MAX_ROWS = 4  # rows of the weight-only CPU path that take the C loop (int8_gemv_cpu), eager or compiled
 TRACED_GEMV_MAX_ROWS = 2  # rows of the compiled weight-only CPU path without the C loop (4: slower than fbgemm)
@@ -116,68 +115,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (weight.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
     qweight = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return qweight, scale
-
-
-# ----------------------------------------------------------------------------------------------
-# fbgemm's packed weights (mode "int8-dynamic" on CPU)
-# ----------------------------------------------------------------------------------------------
-
-# (codes' address, shape, strides) -> (weak reference to the codes, their version, scales' address and version,
-# packed weight)
-_PACKED: dict[tuple, tuple] = {}
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place change); None for inference tensors, which have
-    none (their packed weight is never reused)."""
-    return None if t.is_inference() else t._version
-
-
-def _pack(qweight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
-    with warnings.catch_warnings():  # quantized tensors are deprecated in torch 2.14; fbgemm's packing takes one
-        warnings.simplefilter("ignore", UserWarning)
-        per_channel = torch._make_per_channel_quantized_tensor(
-            qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(per_channel, None)
-
-
-def packed_dynamic_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
-    """fbgemm's packed copy of ``qweight`` [N, K] int8 with ``scale`` [N] (CPU): from the side table while both
-    are the same, unchanged tensors, else packed now (and kept, if their versions can be tracked)."""
-    key = (qweight.data_ptr(), tuple(qweight.shape), qweight.stride())
-    versions = (_version(qweight), scale.data_ptr(), _version(scale))
-    entry = _PACKED.get(key)
-    if entry is not None and entry[0]() is not None and entry[1] == versions and None not in versions:
-        return entry[2]
-    packed = _pack(qweight, scale)
-    if None not in versions:
-        if entry is None:  # the entry goes with the codes (a later entry under the same key reuses the finaliser)
-            weakref.finalize(qweight, _PACKED.pop, key, None)
-        _PACKED[key] = (weakref.ref(qweight), versions, packed)
-    return packed
-
-
-# A plain library definition with a CPU kernel, not ``torch.library.custom_op``: the latter's Python wrapper
-# (autograd and schema handling) adds about 5 us a call to fbgemm's own 10 us, the plain op about 2.7 us
-# (bench/int8_dispatch.py, quiet), and a decode step of MusicGen-small makes 196 of these calls
-_LIBRARY = torch.library.Library("mmdgen", "FRAGMENT")
-_LIBRARY.define("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale) -> Tensor")
-
-
-def _dynamic_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fbgemm's dynamic int8 linear: x [M, K] fp32 -> [M, N] fp32, without the bias."""
-    return torch.ops.quantized.linear_dynamic(x, packed_dynamic_weight(qweight, scale), DYNAMIC_REDUCE_RANGE)
-
-
-_LIBRARY.impl("int8_dynamic_linear", _dynamic_linear_cpu, "CPU")
-
-
-@torch.library.register_fake("mmdgen::int8_dynamic_linear", lib=_LIBRARY)
-def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qweight.shape[0])
-
-
-_dynamic_linear = torch.ops.mmdgen.int8_dynamic_linear
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +181,9 @@ def _torch_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
                          f"PyTorch path; expected K <= {TORCH_MAX_K}")
     rows = x.shape[0]
     parts, step = _split_rows(x.float(), levels)
-    products = torch._int_mm(parts, qweight.T).view(levels, rows, qweight.shape[0]).float()
+    # torch 2.14's CPU _int_mm returns wrong sums when K = 1 (any M, N > 1): an int32 product serves there
+    products = torch._int_mm(parts, qweight.T) if x.shape[1] > 1 else parts.int() @ qweight.int().T
+    products = products.view(levels, rows, qweight.shape[0]).float()
     total = products[0]
     for level in range(1, levels):
         total = total.add_(products[level], alpha=254.0 ** -level)
@@ -275,8 +214,11 @@ def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         return int8_gemv_cpu.int8_gemv(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
     elif mode == "int8" and 0 < x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
         out = _traced_gemv(x, qweight, scale)
+    elif mode == "int8-dynamic" and x.shape[1] <= int8_gemv_cpu.DYNAMIC_MAX_K and int8_gemv_cpu.kernel_ready():
+        float_bias = None if bias is None else bias.float()
+        return int8_gemv_cpu.int8_gemv_dynamic(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
     elif mode == "int8-dynamic":
-        out = _dynamic_linear(x.float().contiguous(), qweight, scale)
+        out = _torch_int8_linear(x, qweight, scale, DYNAMIC_LEVELS)
     else:
         out = _torch_int8_linear(x, qweight, scale, WEIGHT_ONLY_LEVELS)
     if bias is not None:
@@ -414,10 +356,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     ``bias`` ``[N]`` or None; returns ``[..., N]`` in x's dtype. Inference only: no gradient.
 
     ``mode``: ``"int8"`` (weight-only: the result of the dequantised weight, to fp32 accuracy) or
-    ``"int8-dynamic"`` (on CPU the activations are quantised to 7 bits per tensor as well, through fbgemm, which
-    keeps a packed copy of the codes while they live: much faster, less accurate; the Triton path is the same in
-    both modes). ``backend``: ``"auto"`` (Triton on CUDA, PyTorch otherwise; env ``MMDGEN_BACKEND``; float64 x
-    goes to PyTorch), ``"triton"``, ``"torch"``.
+    ``"int8-dynamic"`` (on CPU each row of x is rounded to int8 as well, to its own step ``max |x_row| / 127``:
+    faster at many rows, less accurate; the Triton path is the same in both modes). ``backend``: ``"auto"`` (Triton
+    on CUDA, PyTorch otherwise; env ``MMDGEN_BACKEND``; float64 x goes to PyTorch), ``"triton"``, ``"torch"``.
     """
     _check(x, qweight, scale, bias, mode)
     chosen = resolve_backend(backend, x.device)

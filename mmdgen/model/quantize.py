@@ -6,13 +6,13 @@ scale per output channel (``mmdgen.kernels.int8_linear``). The code embeddings, 
 norms stay float. A decode step reads every weight once, so it reads a quarter of the bytes of fp32.
 
 Modes (``mmdgen.kernels.int8_linear.MODES``): ``"int8"``, weight-only (the result of the dequantised weight to fp32
-accuracy); ``"int8-dynamic"``, on CPU the activations are also quantised, to 7 bits per tensor by fbgemm (much
-faster there, less accurate; fbgemm's packed copy of each layer's codes is kept beside the model while it
-lives). On CUDA both run the same Triton kernel. The mode is recorded as ``lm.quantization`` for the model's
-config (a float model has no such attribute: ``getattr(lm, "quantization", None)``); it is not part of the state
-dict, which holds the codes and scales as ``<layer>.qweight`` (int8) and ``<layer>.scale`` (fp32), so that
-``quantize_lm(MusicLM(cfg), mode)`` followed by ``load_state_dict`` restores a saved quantized model exactly
-without quantising again.
+accuracy); ``"int8-dynamic"``, on CPU each row of activations is also rounded to int8, to its own step, and the
+products run on int8 dot-product instructions (faster there at batch 8 and more, less accurate; a row's result
+does not depend on the batch's other rows). On CUDA both run the same Triton kernel. The mode is recorded as
+``lm.quantization`` for the model's config (a float model has no such attribute: ``getattr(lm, "quantization",
+None)``); it is not part of the state dict, which holds the codes and scales as ``<layer>.qweight`` (int8) and
+``<layer>.scale`` (fp32), so that ``quantize_lm(MusicLM(cfg), mode)`` followed by ``load_state_dict`` restores a
+saved quantized model exactly without quantising again.
 
 Inference only: ``Int8Linear`` has no parameters and ``int8_linear`` no gradient.
 """
