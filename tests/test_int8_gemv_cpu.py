@@ -159,6 +159,12 @@ def test_int8_linear_takes_the_dynamic_loop_for_any_rows_eager_and_compiled(monk
     assert len(calls) == (2 if ready else 0)  # the eager call, the trace
 
 
+def test_dynamic_products_past_the_loops_k_take_int_mm_with_the_same_rule():
+    x, qweight, scale, bias = _case(2, gemv_cpu.DYNAMIC_MAX_K + 1, 3, 11)
+    got = int8_product(x, qweight, scale, bias, mode="int8-dynamic")
+    assert torch.equal(got, _dynamic_reference(x, qweight, scale, bias))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4, 5])
 def test_int8_linear_takes_the_loop_for_few_rows_eager_and_compiled(monkeypatch, rows):
     """Where torch's CPU capability is AVX2 or AVX-512 (ATEN_CPU_CAPABILITY=default lowers it: the traced loops
@@ -239,7 +245,8 @@ def test_the_library_is_built_once_and_found_again(fresh_build):
     assert library.name.startswith("int8_gemv-") and library.suffix == ".so" and os.access(library, os.R_OK)
 
 
-def test_the_op_refuses_what_the_c_loop_would_read_out_of_bounds():
+@pytest.mark.parametrize("op", [gemv_cpu.int8_gemv, gemv_cpu.int8_gemv_dynamic], ids=["gemv", "dynamic"])
+def test_the_ops_refuse_what_the_c_loops_would_read_out_of_bounds(op):
     if not gemv_cpu.kernel_ready():  # only reachable where the loop runs (ATEN_CPU_CAPABILITY=default: it does not)
         assert torch.backends.cpu.get_cpu_capability() not in gemv_cpu.VARIANTS
         return
@@ -250,8 +257,14 @@ def test_the_op_refuses_what_the_c_loop_would_read_out_of_bounds():
                         ((x, qweight, scale[:23], bias), "scale torch.float32 (23,)"),
                         ((x, qweight, scale, bias.half()), "bias torch.float16 (24,)"),
                         ((x[0], qweight, scale, None), "x torch.float32 (40,)")):
-        with pytest.raises(ValueError, match=r"expected x \[M, K\] float32.*" + shown.replace("(", r"\(").replace(")", r"\)")):
-            gemv_cpu.int8_gemv(*args)
+        shown = shown.replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=r"expected x \[M, K\] float32.*" + shown):
+            op(*args)
+    if op is gemv_cpu.int8_gemv_dynamic:  # past DYNAMIC_MAX_K its int32 sums could overflow
+        wide = gemv_cpu.DYNAMIC_MAX_K + 1
+        with pytest.raises(ValueError, match=f"K={wide} input features overflow its int32 sums; expected K <= "
+                                             f"{gemv_cpu.DYNAMIC_MAX_K}"):
+            op(torch.ones(1, wide), torch.ones(1, wide, dtype=torch.int8), torch.ones(1))
 
 
 def test_a_damaged_library_in_the_cache_is_built_again(fresh_build, tmp_path, monkeypatch):
