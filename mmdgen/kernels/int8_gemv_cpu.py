@@ -254,14 +254,17 @@ typedef void (*tile_fn)(const int8_t *const *codes, const void *const *units, in
             a##j##2 = _mm512_dpbusd_epi32(a##j##2, c, v2);                                                     \
             a##j##3 = _mm512_dpbusd_epi32(a##j##3, c, v3);                                                     \
         }
-#define VNNI_ACCUMULATORS(j)                                                                                   \
+/* a tile's row j of codes, its four accumulators (vector type V, zeroed by ZERO), and their sums (REDUCE) */
+#define ACCUMULATORS(j, V, ZERO)                                                                               \
     const int8_t *w##j = codes[j];                                                                             \
-    __m512i a##j##0 = _mm512_setzero_si512(), a##j##1 = a##j##0, a##j##2 = a##j##0, a##j##3 = a##j##0;
-#define VNNI_SUMS(j)                                                                                           \
-    sums[4 * j] = _mm512_reduce_add_epi32(a##j##0);                                                            \
-    sums[4 * j + 1] = _mm512_reduce_add_epi32(a##j##1);                                                        \
-    sums[4 * j + 2] = _mm512_reduce_add_epi32(a##j##2);                                                        \
-    sums[4 * j + 3] = _mm512_reduce_add_epi32(a##j##3);
+    V a##j##0 = ZERO(), a##j##1 = a##j##0, a##j##2 = a##j##0, a##j##3 = a##j##0;
+#define SUMS(j, REDUCE)                                                                                        \
+    sums[4 * j] = REDUCE(a##j##0);                                                                             \
+    sums[4 * j + 1] = REDUCE(a##j##1);                                                                         \
+    sums[4 * j + 2] = REDUCE(a##j##2);                                                                         \
+    sums[4 * j + 3] = REDUCE(a##j##3);
+#define VNNI_ACCUMULATORS(j) ACCUMULATORS(j, __m512i, _mm512_setzero_si512)
+#define VNNI_SUMS(j) SUMS(j, _mm512_reduce_add_epi32)
 
 VNNI static void tile1_vnni(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums) {
     VNNI_ACCUMULATORS(0)
@@ -292,14 +295,8 @@ VNNI static void tile4_vnni(const int8_t *const *codes, const void *const *units
         a##j##2 = _mm256_add_epi32(a##j##2, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x2 + k)))); \
         a##j##3 = _mm256_add_epi32(a##j##3, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x3 + k)))); \
     }
-#define AVX2_ACCUMULATORS(j)                                                                                   \
-    const int8_t *w##j = codes[j];                                                                             \
-    __m256i a##j##0 = _mm256_setzero_si256(), a##j##1 = a##j##0, a##j##2 = a##j##0, a##j##3 = a##j##0;
-#define AVX2_SUMS(j)                                                                                           \
-    sums[4 * j] = sum8i(a##j##0);                                                                              \
-    sums[4 * j + 1] = sum8i(a##j##1);                                                                          \
-    sums[4 * j + 2] = sum8i(a##j##2);                                                                          \
-    sums[4 * j + 3] = sum8i(a##j##3);
+#define AVX2_ACCUMULATORS(j) ACCUMULATORS(j, __m256i, _mm256_setzero_si256)
+#define AVX2_SUMS(j) SUMS(j, sum8i)
 #define AVX2_TILE(NAME, ROWS, EACH_ROW)                                                                        \
 AVX2 static void NAME(const int8_t *const *codes, const void *const *units, int64_t K, int32_t *sums) {       \
     const int16_t *x0 = units[0], *x1 = units[1], *x2 = units[2], *x3 = units[3];                              \
