@@ -3,6 +3,7 @@
 LM's context; rows are refilled as they finish. The prompts-file job on it: an exact manifest, a killed job
 resumes with the uninterrupted clips, ranks sharing a job make the one-process job."""
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -18,6 +19,7 @@ from mmdgen.generate import Generator, Sampling
 from mmdgen.generate.batch import Request, generate_batch
 from mmdgen.generate.continuous import ClipRequest, decode_continuously
 from mmdgen.model.lm import MusicLM, lm_config
+from mmdgen.model.quantize import quantize_lm
 from tests.tiny_parts import tiny_parts
 
 TEXTS = ["a calm jig on flute", "a fast reel on fiddle with drums and a loud bass line", "piano",
@@ -80,6 +82,18 @@ def test_a_16_bit_kv_cache_serves_continuous_batching_and_the_fixed_batch_loop_a
     assert len(allocated) == 4 and all(args[-1] == torch.bfloat16 for args in allocated)
     with pytest.raises(ValueError, match="kv_cache must be one of model, bfloat16, float16, got 'fp8'"):
         Generator(generator.lm, generator.text, generator.codec, kv_cache="fp8")
+
+
+def test_an_int8_dynamic_lm_keeps_each_clip_equal_to_its_prompt_alone(generator):
+    """int8-dynamic rounds each row of activations on its own step, so a clip still does not depend on the rows
+    beside it (a rounding per tensor, as fbgemm's, would tie every row's codes to its neighbours')."""
+    quantized = Generator(quantize_lm(copy.deepcopy(generator.lm), "int8-dynamic"), generator.text, generator.codec)
+    sampling = SAMPLINGS["sampled-guided"]
+    clips = _clips([0.2, 0.06, 0.14, 0.1])
+    finished = list(decode_continuously(quantized, clips, sampling, rows=3))
+    assert sorted(index for index, _ in finished) == list(range(len(clips)))
+    for index, codes in finished:
+        assert torch.equal(codes, _alone(quantized, clips[index], sampling)), index
 
 
 def test_more_rows_than_clips(generator):

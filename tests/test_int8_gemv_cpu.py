@@ -205,6 +205,8 @@ def _other_paths_serve(reason_part: str) -> None:
     x, qweight, scale, bias = _case(2, 65, 9, 3)
     torch.testing.assert_close(int8_product(x, qweight, scale, bias, mode="int8").double(),
                                _reference(x, qweight, scale, bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(int8_product(x, qweight, scale, bias, mode="int8-dynamic"),
+                       _dynamic_reference(x, qweight, scale, bias))
 
 
 def test_a_compiler_that_fails_leaves_a_reason_a_warning_and_no_library(fresh_build, tmp_path, monkeypatch):
