@@ -159,6 +159,21 @@ def test_int8_linear_takes_the_dynamic_loop_for_any_rows_eager_and_compiled(monk
     assert len(calls) == (2 if ready else 0)  # the eager call, the trace
 
 
+def test_the_ops_sum_nothing_to_the_bias_when_k_is_zero():
+    if not gemv_cpu.kernel_ready():  # only reachable where the loop runs (ATEN_CPU_CAPABILITY=default: it does not)
+        assert torch.backends.cpu.get_cpu_capability() not in gemv_cpu.VARIANTS
+        return
+    bias = torch.randn(5)
+    for op in (gemv_cpu.int8_gemv, gemv_cpu.int8_gemv_dynamic):
+        out = op(torch.randn(3, 0), torch.zeros(5, 0, dtype=torch.int8), torch.rand(5), bias)
+        assert torch.equal(out, bias.expand(3, 5)), op
+
+
+def test_an_unknown_product_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown product 'int4'; expected one of gemv, dynamic"):
+        gemv_cpu.kernel_variant("int4")
+
+
 def test_dynamic_products_past_the_loops_k_take_int_mm_with_the_same_rule():
     x, qweight, scale, bias = _case(2, gemv_cpu.DYNAMIC_MAX_K + 1, 3, 11)
     got = int8_product(x, qweight, scale, bias, mode="int8-dynamic")

@@ -347,7 +347,8 @@ static const struct plan PLAN_AVX2 = {2, 16, tile1_avx2, tile2_avx2, 1, 2, 0};
 static int dynamic(const struct plan *p, const float *x, int64_t M, int64_t K, const int8_t *codes, int64_t N,
                    const float *scale, const float *bias, float *y) {
     const int64_t padded = (K + p->pad - 1) / p->pad * p->pad, row_bytes = padded * p->unit_bytes;
-    char *units = aligned_alloc(64, (M * row_bytes + 63) / 64 * 64);
+    /* a multiple of 64 bytes, and at least 64 (K = 0: aligned_alloc of 0 bytes may return NULL) */
+    char *units = aligned_alloc(64, M * row_bytes > 0 ? (M * row_bytes + 63) / 64 * 64 : 64);
     float *steps = malloc(M * sizeof(float));
     int32_t *unit_sums = malloc(M * sizeof(int32_t));
     if (!units || !steps || !unit_sums) {
@@ -504,6 +505,8 @@ def _load() -> tuple[dict | None, dict | None, str | None]:
 def kernel_variant(product: str = "gemv") -> str | None:
     """The loop of ``product`` this process runs (built now if needed): ``"avx512"`` or ``"avx2"`` (weight-only),
     ``"vnni"`` or ``"avx2"`` (dynamic); None when it cannot."""
+    if product not in OPS:
+        raise ValueError(f"kernel_variant: unknown product {product!r}; expected one of {', '.join(OPS)}")
     variants = _load()[1]
     return None if variants is None else variants[product]
 

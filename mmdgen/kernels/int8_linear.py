@@ -205,22 +205,27 @@ def _traced_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
     return torch.stack([(row * codes).sum(-1) for row in x.unbind(0)]) * scale.float()
 
 
+def _c_loop(x: torch.Tensor, mode: str):
+    """The C loop of ``int8_gemv_cpu`` that serves ``x`` [M, K] (CPU, float) in ``mode``, or None: weight-only for
+    1 to ``CPU_GEMV_MAX_ROWS`` rows, dynamic for any rows up to its K."""
+    if not int8_gemv_cpu.kernel_ready():
+        return None
+    if mode == "int8":
+        return int8_gemv_cpu.int8_gemv if 0 < x.shape[0] <= CPU_GEMV_MAX_ROWS else None
+    return int8_gemv_cpu.int8_gemv_dynamic if x.shape[1] <= int8_gemv_cpu.DYNAMIC_MAX_K else None
+
+
 def _torch_path(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 mode: str) -> torch.Tensor:
     if x.dtype == torch.float64 or x.device.type != "cpu":
         out = _dequantised_linear(x, qweight, scale)
-    elif mode == "int8" and 0 < x.shape[0] <= CPU_GEMV_MAX_ROWS and int8_gemv_cpu.kernel_ready():
+    elif (loop := _c_loop(x, mode)) is not None:
         float_bias = None if bias is None else bias.float()
-        return int8_gemv_cpu.int8_gemv(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
+        return loop(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
     elif mode == "int8" and 0 < x.shape[0] <= TRACED_GEMV_MAX_ROWS and traced_on_cpu(x):
         out = _traced_gemv(x, qweight, scale)
-    elif mode == "int8-dynamic" and x.shape[1] <= int8_gemv_cpu.DYNAMIC_MAX_K and int8_gemv_cpu.kernel_ready():
-        float_bias = None if bias is None else bias.float()
-        return int8_gemv_cpu.int8_gemv_dynamic(x.float(), qweight, scale.float(), float_bias).to(x.dtype)
-    elif mode == "int8-dynamic":
-        out = _torch_int8_linear(x, qweight, scale, DYNAMIC_LEVELS)
     else:
-        out = _torch_int8_linear(x, qweight, scale, WEIGHT_ONLY_LEVELS)
+        out = _torch_int8_linear(x, qweight, scale, WEIGHT_ONLY_LEVELS if mode == "int8" else DYNAMIC_LEVELS)
     if bias is not None:
         out = out + bias
     return out.to(x.dtype)
